@@ -1,0 +1,274 @@
+"""Mixtral: on-disk names, shapes, and an explicit decoder-layer forward.
+
+The forward is written out in plain torch (RMSNorm, rotary embeddings, grouped-query attention
+with an optional sliding window, top-k softmax routing) so that the compression pipeline can
+capture the inputs of every linear and swap in quantised weights between steps. All maths runs
+in the dtype of its inputs (float32 in the pipeline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from moequant.arch.base import LinearInfo, MoEConfig
+from moequant.errors import MoequantError
+
+ATTN_ROLES = ("q", "k", "v", "o")
+EXPERT_ROLES = ("w1", "w2", "w3")
+
+
+def parse_mixtral_config(raw: dict) -> MoEConfig:
+    """Normalise a Mixtral ``config.json`` (top-level ``rope_theta`` or ``rope_parameters``)."""
+    try:
+        hidden = int(raw["hidden_size"])
+        heads = int(raw["num_attention_heads"])
+        rope = raw.get("rope_parameters") or {}
+        scaling = raw.get("rope_scaling") or {}
+        theta = rope.get("rope_theta", raw.get("rope_theta", 1e6))
+        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+        return MoEConfig(
+            model_type=raw.get("model_type", "mixtral"),
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_layers=int(raw["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            num_experts=int(raw["num_local_experts"]),
+            top_k=int(raw["num_experts_per_tok"]),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+            vocab_size=int(raw["vocab_size"]),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+            sliding_window=int(raw["sliding_window"]) if raw.get("sliding_window") else None,
+            rope_theta=float(theta),
+            rope_type=str(rope_type),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        )
+    except KeyError as exc:
+        raise MoequantError(f"config.json lacks {exc.args[0]!r}, which a Mixtral config must have") from exc
+
+
+@dataclass
+class ExpertWeights:
+    """One expert's three matrices: ``w1``/``w3`` ``[I, H]`` (gate, up) and ``w2`` ``[H, I]``."""
+
+    w1: torch.Tensor
+    w3: torch.Tensor
+    w2: torch.Tensor
+
+
+@dataclass
+class LayerWeights:
+    """The float weights of one decoder layer, keyed by role."""
+
+    input_norm: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate: torch.Tensor
+    experts: list[ExpertWeights] = field(default_factory=list)
+
+
+class MixtralAdapter:
+    """Names and maths of ``MixtralForCausalLM`` checkpoints."""
+
+    family = "mixtral"
+    architectures = ("MixtralForCausalLM",)
+
+    def __init__(self, raw_config: dict) -> None:
+        self.raw_config = raw_config
+        self.config = parse_mixtral_config(raw_config)
+        self._inv_freq: torch.Tensor | None = None
+        self._attention_scaling = 1.0
+
+    # -- names ---------------------------------------------------------------------------
+    def layer_prefix(self, layer: int) -> str:
+        return f"model.layers.{layer}."
+
+    def attention_name(self, layer: int, role: str) -> str:
+        return f"model.layers.{layer}.self_attn.{role}_proj"
+
+    def expert_name(self, layer: int, expert: int, role: str) -> str:
+        return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{role}"
+
+    def router_name(self, layer: int) -> str:
+        return f"model.layers.{layer}.block_sparse_moe.gate"
+
+    def norm_names(self, layer: int) -> tuple[str, str]:
+        p = self.layer_prefix(layer)
+        return p + "input_layernorm.weight", p + "post_attention_layernorm.weight"
+
+    def layer_linears(self, layer: int) -> list[LinearInfo]:
+        c = self.config
+        q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        shapes = {"q": (q_out, c.hidden_size), "k": (kv_out, c.hidden_size), "v": (kv_out, c.hidden_size),
+                  "o": (c.hidden_size, q_out)}
+        out = [LinearInfo(self.attention_name(layer, r), "attention", r, *shapes[r], layer=layer) for r in ATTN_ROLES]
+        for e in range(c.num_experts):
+            out.append(LinearInfo(self.expert_name(layer, e, "w1"), "expert", "w1", c.intermediate_size,
+                                  c.hidden_size, layer, e))
+            out.append(LinearInfo(self.expert_name(layer, e, "w2"), "expert", "w2", c.hidden_size,
+                                  c.intermediate_size, layer, e))
+            out.append(LinearInfo(self.expert_name(layer, e, "w3"), "expert", "w3", c.intermediate_size,
+                                  c.hidden_size, layer, e))
+        out.append(LinearInfo(self.router_name(layer), "router", "gate", c.num_experts, c.hidden_size, layer))
+        return out
+
+    def global_linears(self) -> list[LinearInfo]:
+        c = self.config
+        out = [LinearInfo("model.embed_tokens", "embedding", "embed", c.vocab_size, c.hidden_size)]
+        if not c.tie_word_embeddings:
+            out.append(LinearInfo("lm_head", "lm_head", "lm_head", c.vocab_size, c.hidden_size))
+        return out
+
+    @property
+    def embed_name(self) -> str:
+        return "model.embed_tokens.weight"
+
+    @property
+    def final_norm_name(self) -> str:
+        return "model.norm.weight"
+
+    @property
+    def lm_head_name(self) -> str:
+        return self.embed_name if self.config.tie_word_embeddings else "lm_head.weight"
+
+    # -- maths ---------------------------------------------------------------------------
+    def rotary(self, seqlen: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos``, ``sin`` of shape ``[T, head_dim]`` in float32 for positions ``0..T-1``."""
+        if self._inv_freq is None:
+            self._inv_freq, self._attention_scaling = self._rope_inv_freq()
+        pos = torch.arange(seqlen, dtype=torch.float32, device=device)
+        freqs = torch.outer(pos, self._inv_freq.to(device))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self._attention_scaling, emb.sin() * self._attention_scaling
+
+    def _rope_inv_freq(self) -> tuple[torch.Tensor, float]:
+        c = self.config
+        if c.rope_type == "default":
+            exponent = torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim
+            return 1.0 / (c.rope_theta**exponent), 1.0
+        try:
+            from transformers import MixtralConfig
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            hf_config = MixtralConfig(**{k: v for k, v in self.raw_config.items() if k != "architectures"})
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[c.rope_type](hf_config, "cpu")
+        except Exception as exc:
+            raise MoequantError(f"rope type {c.rope_type!r} in config.json is not supported") from exc
+        return inv_freq.float(), float(scaling)
+
+    def attention(self, h: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Causal grouped-query self-attention up to (not including) ``o_proj``.
+
+        Args:
+            h: normed hidden states ``[B, T, H]``.
+            wq, wk, wv: ``[nh*hd, H]``, ``[nkv*hd, H]``, ``[nkv*hd, H]``.
+            cos, sin: ``[T, hd]`` from :meth:`rotary`.
+
+        Returns:
+            ``[B, T, nh*hd]``, the input of ``o_proj``.
+        """
+        c = self.config
+        b, t, _ = h.shape
+        q = F.linear(h, wq).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
+        k = F.linear(h, wk).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = F.linear(h, wv).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        cos, sin = cos[:t].to(h.dtype), sin[:t].to(h.dtype)
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        rep = c.num_heads // c.num_kv_heads
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if c.sliding_window is not None and t > c.sliding_window:
+            mask = _sliding_causal_mask(t, c.sliding_window, h.device)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return ctx.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim)
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm over the last dimension, computed in float32."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        return weight.to(x.dtype) * xf.to(x.dtype)
+
+    def route(self, h: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k softmax routing.
+
+        Args:
+            h: ``[T, H]`` normed hidden states; gate: ``[E, H]`` router weight.
+
+        Returns:
+            ``probs [T, E]`` (float32 softmax over all experts), ``topk_ids [T, k]`` and
+            ``topk_weights [T, k]`` (renormalised over the chosen k, float32).
+        """
+        logits = F.linear(h, gate.to(h.dtype)).float()
+        probs = torch.softmax(logits, dim=-1)
+        top_w, top_ids = torch.topk(probs, self.config.top_k, dim=-1)
+        if self.config.norm_topk_prob:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        return probs, top_ids, top_w
+
+    @staticmethod
+    def expert_mlp(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+        """``w2 (silu(w1 x) * w3 x)`` for ``x [t, H]``; returns ``[t, H]``."""
+        return F.linear(F.silu(F.linear(x, w.w1)) * F.linear(x, w.w3), w.w2)
+
+    def moe(self, h: torch.Tensor, top_ids: torch.Tensor, top_w: torch.Tensor,
+            experts: list[ExpertWeights]) -> torch.Tensor:
+        """Sparse MoE block output ``[T, H]`` for routed tokens ``h [T, H]``."""
+        out = torch.zeros_like(h)
+        for e, w in enumerate(experts):
+            token, slot = torch.where(top_ids == e)
+            if token.numel() == 0:
+                continue
+            y = self.expert_mlp(h[token], w) * top_w[token, slot, None].to(h.dtype)
+            out.index_add_(0, token, y)
+        return out
+
+    def layer_forward(self, x: torch.Tensor, w: LayerWeights, cos: torch.Tensor,
+                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoder layer on ``x [B, T, H]``; returns the output and ``topk_ids [B*T, k]``."""
+        h = self.norm(x, w.input_norm)
+        x = x + F.linear(self.attention(h, w.q, w.k, w.v, cos, sin), w.o)
+        h2 = self.norm(x, w.post_norm).reshape(-1, x.shape[-1])
+        _, top_ids, top_w = self.route(h2, w.gate)
+        x = x + self.moe(h2, top_ids, top_w, w.experts).view_as(x)
+        return x, top_ids
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _sliding_causal_mask(t: int, window: int, device: torch.device) -> torch.Tensor:
+    i = torch.arange(t, device=device)[:, None]
+    j = torch.arange(t, device=device)[None, :]
+    return (j <= i) & (i - j < window)
+
+
+def load_layer_weights(adapter: MixtralAdapter, get, layer: int) -> LayerWeights:
+    """Gather one layer's weights through ``get(tensor_name) -> Tensor``.
+
+    ``get`` decides dtype, device and whether a quantised module is dequantised, so the same
+    gathering serves original and compressed checkpoints.
+    """
+    in_norm, post_norm = adapter.norm_names(layer)
+    attn = {r: get(adapter.attention_name(layer, r) + ".weight") for r in ATTN_ROLES}
+    experts = [
+        ExpertWeights(*(get(adapter.expert_name(layer, e, r) + ".weight") for r in ("w1", "w3", "w2")))
+        for e in range(adapter.config.num_experts)
+    ]
+    return LayerWeights(
+        input_norm=get(in_norm), q=attn["q"], k=attn["k"], v=attn["v"], o=attn["o"],
+        post_norm=get(post_norm), gate=get(adapter.router_name(layer) + ".weight"), experts=experts,
+    )

@@ -1,0 +1,27 @@
+"""Choosing the adapter for a checkpoint's ``config.json``."""
+
+from __future__ import annotations
+
+from moequant.arch.mixtral import MixtralAdapter
+from moequant.errors import MoequantError
+
+ADAPTERS = {"mixtral": MixtralAdapter}
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def adapter_for(config: dict) -> MixtralAdapter:
+    """The adapter for ``config``, or a one-line refusal that says what is supported."""
+    model_type = str(config.get("model_type", "")).lower()
+    archs = config.get("architectures") or []
+    if model_type in ADAPTERS:
+        return ADAPTERS[model_type](config)
+    for cls in ADAPTERS.values():
+        if any(a in cls.architectures for a in archs):
+            return cls(config)
+    label = model_type or (archs[0] if archs else "unknown")
+    if not any(config.get(k) for k in _EXPERT_KEYS):
+        raise MoequantError(
+            f"model type {label!r} is a dense model without experts; moequant compresses Mixture-of-Experts "
+            f"models ({', '.join(sorted(ADAPTERS))})"
+        )
+    raise MoequantError(f"MoE model type {label!r} is not supported yet; supported: {', '.join(sorted(ADAPTERS))}")

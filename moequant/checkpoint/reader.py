@@ -1,0 +1,216 @@
+"""Lazy, per-tensor reading of Hugging Face checkpoints (local folders or hub ids)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from moequant.errors import MoequantError
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_SINGLE = ("pytorch_model.bin", "model.pt", "model.bin")
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+
+
+def resolve_source(model: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local folder for ``model``: the folder itself, or a hub snapshot downloaded on demand.
+
+    Only safetensors, JSON and tokenizer files are fetched from the hub; no code is ever run.
+    """
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise MoequantError(f"{path} is a file; pass the checkpoint folder that holds config.json")
+        return path.resolve()
+    text = str(model)
+    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        raise MoequantError(f"no such folder: {text}; pass a checkpoint folder or a hub id like org/name")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
+        raise MoequantError("reading hub ids needs huggingface_hub; pip install huggingface_hub") from exc
+    try:
+        local = snapshot_download(text, revision=revision, allow_patterns=_HUB_PATTERNS)
+    except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for the user
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MoequantError(
+            f"could not fetch {text} from the hub ({reason}); when offline, pass a local checkpoint folder"
+        ) from exc
+    return Path(local)
+
+
+class CheckpointReader:
+    """Tensors of one checkpoint, read one at a time from memory-mapped safetensors.
+
+    Nothing is loaded at construction but the headers; :meth:`get` reads a single tensor.
+    Pickled weights (``.bin``/``.pt``) are refused unless ``allow_pickle`` is set, in which case
+    they are loaded with ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise MoequantError(f"no such folder: {self.path}")
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise MoequantError(f"{self.path} has no config.json; pass a Hugging Face checkpoint folder")
+        try:
+            self.config: dict = json.loads(config_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise MoequantError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        self._weight_map: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        self._pickled: dict[str, torch.Tensor] | None = None
+        self._discover(allow_pickle)
+
+    def _discover(self, allow_pickle: bool) -> None:
+        index = self.path / SAFE_INDEX
+        single = self.path / SAFE_SINGLE
+        if index.is_file():
+            self._read_index(index)
+        elif single.is_file():
+            self._open(single)
+            for name in self._handles[single].keys():
+                self._weight_map[name] = single
+        else:
+            shards = sorted(self.path.glob("*.safetensors"))
+            if shards:
+                for shard in shards:
+                    self._open(shard)
+                    for name in self._handles[shard].keys():
+                        self._weight_map[name] = shard
+            else:
+                self._discover_pickle(allow_pickle)
+        if not self._weight_map:
+            raise MoequantError(f"{self.path} holds no tensors")
+
+    def _read_index(self, index: Path) -> None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise MoequantError(f"{index} is not a valid safetensors index (needs a weight_map)") from exc
+        for shard_name in sorted(set(weight_map.values())):
+            shard = self.path / shard_name
+            if not shard.is_file():
+                raise MoequantError(f"{index.name} names shard {shard_name}, which is missing from {self.path}")
+            self._open(shard)
+        for name, shard_name in weight_map.items():
+            shard = self.path / shard_name
+            if name not in self._keys(shard):
+                raise MoequantError(f"{index.name} places {name} in {shard_name}, which does not hold it")
+            self._weight_map[name] = shard
+
+    def _discover_pickle(self, allow_pickle: bool) -> None:
+        pickled = [self.path / n for n in PICKLE_SINGLE if (self.path / n).is_file()]
+        if (self.path / PICKLE_INDEX).is_file():
+            pickled = sorted(self.path.glob("pytorch_model-*.bin"))
+        if not pickled:
+            raise MoequantError(f"{self.path} has no model.safetensors, no safetensors index and no shards")
+        if not allow_pickle:
+            raise MoequantError(
+                f"{self.path} holds pickled weights ({pickled[0].name}); convert them to safetensors, "
+                "or pass --allow-pickle if you trust the file"
+            )
+        self._pickled = {}
+        for file in pickled:
+            try:
+                part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                raise MoequantError(f"cannot read {file.name}: {str(exc).splitlines()[0]}") from exc
+            self._pickled.update(part)
+            for name in part:
+                self._weight_map[name] = file
+
+    def _open(self, shard: Path) -> None:
+        try:
+            self._handles[shard] = safe_open(str(shard), framework="pt")
+        except (SafetensorError, OSError) as exc:
+            raise MoequantError(
+                f"shard {shard.name} is truncated or corrupt ({str(exc).splitlines()[0]}); re-download it"
+            ) from exc
+
+    def _keys(self, shard: Path) -> set[str]:
+        return set(self._handles[shard].keys())  # type: ignore[attr-defined]
+
+    # -- queries -------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self._weight_map)
+
+    def has(self, name: str) -> bool:
+        return name in self._weight_map
+
+    def shard_of(self, name: str) -> Path:
+        return self._weight_map[name]
+
+    def files(self) -> list[Path]:
+        return sorted(set(self._weight_map.values()))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        self._require(name)
+        if self._pickled is not None:
+            return tuple(self._pickled[name].shape)
+        return tuple(self._handles[self._weight_map[name]].get_slice(name).get_shape())  # type: ignore[attr-defined]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.get(name).dtype if self._pickled is not None else _st_dtype(
+            self._handles[self._weight_map[name]].get_slice(name).get_dtype()  # type: ignore[attr-defined]
+        )
+
+    def numel(self, name: str) -> int:
+        n = 1
+        for d in self.shape(name):
+            n *= d
+        return n
+
+    def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+            check_finite: bool = False) -> torch.Tensor:
+        """Read one tensor (optionally cast, moved, and checked for NaN/Inf)."""
+        self._require(name)
+        if self._pickled is not None:
+            tensor = self._pickled[name]
+        else:
+            try:
+                tensor = self._handles[self._weight_map[name]].get_tensor(name)  # type: ignore[attr-defined]
+            except SafetensorError as exc:
+                raise MoequantError(
+                    f"cannot read {name} from {self._weight_map[name].name} ({exc}); the shard may be corrupt"
+                ) from exc
+        if device is not None:
+            tensor = tensor.to(device)
+        if dtype is not None:
+            tensor = tensor.to(dtype)
+        if check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = "NaN" if torch.isnan(tensor).any() else "Inf"
+            raise MoequantError(f"tensor {name} in {self._weight_map[name].name} contains {bad} values")
+        return tensor
+
+    def _require(self, name: str) -> None:
+        if name not in self._weight_map:
+            raise MoequantError(f"tensor {name} is missing from the checkpoint at {self.path}")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._weight_map)
+
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files())
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _st_dtype(code: str) -> torch.dtype:
+    return _ST_DTYPES.get(code, torch.float32)

@@ -1,0 +1,1 @@
+"""Quantisation maths: grids, solvers (RTN, GPTQ), Hessians and the GPTQ packed layout."""

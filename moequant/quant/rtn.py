@@ -1,0 +1,43 @@
+"""Round-to-nearest: the data-free solver, and the fallback a recipe may ask for."""
+
+from __future__ import annotations
+
+import torch
+
+from moequant.quant.grid import dequantize, find_params, quantize
+from moequant.quant.types import QuantResult
+
+
+def rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> QuantResult:
+    """Quantise ``W`` by rounding each group to its own grid.
+
+    Args:
+        w: ``[N, K]`` or ``[E, N, K]`` weights (any float dtype).
+        bits: code width (2, 3, 4 or 8).
+        group_size: columns per group ``g`` (``-1``: one group of all ``K``); must divide ``K``.
+        sym: symmetric grid.
+
+    Returns:
+        :class:`QuantResult` with ``codes [.., N, K]``, ``scales``/``zeros [.., K/g, N]``,
+        ``g_idx [K]`` and the relative weight error ``||W - Q|| / ||W||`` per matrix.
+    """
+    w = w.float()
+    *lead, n, k = w.shape
+    g = k if group_size == -1 else group_size
+    n_groups = k // g
+    wg = w.reshape(*lead, n, n_groups, g).transpose(-3, -2)  # [.., G, N, g]
+    scale, zero = find_params(wg, bits, sym)  # [.., G, N]
+    q = quantize(wg, scale[..., None], zero[..., None].float(), bits)
+    deq = dequantize(q, scale[..., None], zero[..., None].float())
+    codes = q.transpose(-3, -2).reshape(*lead, n, k).to(torch.int32)
+    deq = deq.transpose(-3, -2).reshape(*lead, n, k)
+    err = (w - deq).flatten(-2).norm(dim=-1) / w.flatten(-2).norm(dim=-1).clamp(min=1e-30)
+    g_idx = (torch.arange(k, dtype=torch.int32) // g).to(torch.int32)
+    return QuantResult(
+        codes=codes,
+        scales=scale.to(torch.float16),
+        zeros=zero,
+        g_idx=g_idx,
+        error=err,
+        damp=torch.zeros_like(err),
+    )

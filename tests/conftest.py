@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny Mixtral checkpoints written by transformers with the real on-disk names."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+)
+
+
+def make_mixtral(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    """Write a random tiny ``MixtralForCausalLM`` to ``path`` with ``save_pretrained``."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(**{**TINY, **overrides})
+    model = MixtralForCausalLM(config).to(dtype)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory) -> Path:
+    """A 2-layer, 4-expert, top-2, GQA Mixtral in float32 (shared, read-only)."""
+    return make_mixtral(tmp_path_factory.mktemp("ckpt") / "tiny-mixtral")
