@@ -1,0 +1,245 @@
+"""The GPTQ packed layout (checkpoint format "gptq", also called v1).
+
+A layer ``W [N, K]`` quantised to ``b`` bits is stored as:
+
+- ``qweight`` int32 ``[K*b/32, N]``: codes packed along K (the input dim)
+- ``qzeros``  int32 ``[G, N*b/32]``: zero points minus one, packed along N (the output dim)
+- ``scales``  float16 ``[G, N]``
+- ``g_idx``   int32 ``[K]``: group of every input column
+
+Packing rule, for every bit width: a block of values is laid out as one little-endian bit
+stream, value ``i`` at bit offset ``b*i``, cut into consecutive 32-bit words. For ``b`` in
+{2, 4, 8} a block is ``32/b`` values in one word (least significant first); for ``b = 3`` it is
+32 values in 3 words, where value 10 straddles words 0/1 (low 2 bits at the top of word 0) and
+value 21 straddles words 1/2 (low bit at the top of word 1).
+
+Words are computed in int64 and returned as int32 with the same bit pattern (two's complement:
+a word with bit 31 set is negative).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moequant.errors import MoequantError
+from moequant.quant.types import BITS, QuantResult
+
+_WORD = 32
+_MASK32 = (1 << _WORD) - 1
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in BITS:
+        raise MoequantError(
+            f"bits={bits} is not supported by the GPTQ layout: use one of {', '.join(map(str, BITS))}"
+        )
+
+
+def _block(bits: int) -> tuple[int, int]:
+    """``(values, words)`` per packing block: the smallest run of values that fills whole words."""
+    values = _WORD if bits == 3 else _WORD // bits
+    return values, values * bits // _WORD
+
+
+def _placements(bits: int) -> list[tuple[int, int, bool]]:
+    """For each value of a block: ``(word, shift, spills into the next word)``."""
+    values, _ = _block(bits)
+    out = []
+    for i in range(values):
+        offset = bits * i
+        shift = offset % _WORD
+        out.append((offset // _WORD, shift, shift + bits > _WORD))
+    return out
+
+
+def _check_int(t: torch.Tensor, what: str) -> None:
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{what} must be an integer tensor, got {t.dtype}")
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 words in ``[0, 2^32)`` -> int32 with the same bit pattern."""
+    return torch.where(words >= 1 << (_WORD - 1), words - (1 << _WORD), words).to(torch.int32)
+
+
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer values along dim -2 into int32 words.
+
+    Args:
+        values: integer ``[..., R, C]`` with entries in ``[0, 2^bits - 1]``; ``R`` must be a
+            multiple of 32 for 3 bits and of ``32/bits`` otherwise.
+        bits: 2, 3, 4 or 8.
+
+    Returns:
+        int32 ``[..., R*bits/32, C]``.
+    """
+    _check_bits(bits)
+    _check_int(values, "values")
+    if values.dim() < 2:
+        raise ValueError(f"values must have at least 2 dims [R, C], got shape {tuple(values.shape)}")
+    maxq = 2**bits - 1
+    if values.numel():
+        lo, hi = (int(x) for x in torch.aminmax(values))
+        if lo < 0 or hi > maxq:
+            raise ValueError(f"values must lie in [0, {maxq}] for {bits} bits, found [{lo}, {hi}]")
+    *lead, r, c = values.shape
+    per_block, words_per_block = _block(bits)
+    if r % per_block:
+        raise MoequantError(
+            f"cannot pack {r} rows at {bits} bits: the row count must be a multiple of {per_block}"
+        )
+    blocks = values.reshape(*lead, r // per_block, per_block, c)
+    words = torch.zeros(*lead, r // per_block, words_per_block, c, dtype=torch.int64, device=values.device)
+    for i, (w, shift, spills) in enumerate(_placements(bits)):
+        v = blocks[..., i, :].to(torch.int64)
+        words[..., w, :] |= (v << shift) & _MASK32
+        if spills:
+            words[..., w + 1, :] |= v >> (_WORD - shift)
+    return _to_int32(words.reshape(*lead, r // per_block * words_per_block, c))
+
+
+def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_rows`: int32 ``[..., R*bits/32, C]`` -> int32 ``[..., R, C]``."""
+    _check_bits(bits)
+    _check_int(packed, "packed")
+    if packed.dim() < 2:
+        raise ValueError(f"packed must have at least 2 dims, got shape {tuple(packed.shape)}")
+    *lead, rw, c = packed.shape
+    per_block, words_per_block = _block(bits)
+    if rw % words_per_block:
+        raise MoequantError(
+            f"cannot unpack {rw} rows of words at {bits} bits: the count must be a multiple of {words_per_block}"
+        )
+    maxq = 2**bits - 1
+    words = (packed.to(torch.int64) & _MASK32).reshape(*lead, rw // words_per_block, words_per_block, c)
+    out = torch.empty(*lead, rw // words_per_block, per_block, c, dtype=torch.int32, device=packed.device)
+    for i, (w, shift, spills) in enumerate(_placements(bits)):
+        v = words[..., w, :] >> shift
+        if spills:
+            v = v | (words[..., w + 1, :] << (_WORD - shift))
+        out[..., i, :] = v & maxq
+    return out.reshape(*lead, rw // words_per_block * per_block, c)
+
+
+def pack_qweight(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``[..., N, K]`` -> ``qweight`` int32 ``[..., K*bits/32, N]`` (packed along K)."""
+    return pack_rows(codes.transpose(-1, -2), bits).contiguous()
+
+
+def unpack_qweight(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """``qweight [..., K*bits/32, N]`` -> codes int32 ``[..., K, N]`` (K-major, as stored)."""
+    return unpack_rows(qweight, bits)
+
+
+def pack_qzeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """True zero points ``[..., G, N]`` -> ``qzeros`` int32 ``[..., G, N*bits/32]`` storing ``z - 1``.
+
+    Every zero point must lie in ``[1, 2^bits - 1]``: v1 has no field value for ``z = 0``.
+    """
+    _check_bits(bits)
+    _check_int(zeros, "zeros")
+    maxq = 2**bits - 1
+    if zeros.numel():
+        lo, hi = (int(x) for x in torch.aminmax(zeros))
+        if lo < 1 or hi > maxq:
+            raise MoequantError(
+                f"zero points must lie in [1, {maxq}] for the {bits}-bit v1 layout (which stores z - 1), "
+                f"found [{lo}, {hi}]: build the grid with grid.find_params (keeps z >= 1) or use sym=True"
+            )
+    stored = zeros.to(torch.int64) - 1
+    return pack_rows(stored.transpose(-1, -2), bits).transpose(-1, -2).contiguous()
+
+
+def unpack_qzeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """``qzeros [..., G, N*bits/32]`` -> true zero points int32 ``[..., G, N]`` (adds the 1 back)."""
+    return (unpack_rows(qzeros.transpose(-1, -2), bits).transpose(-1, -2) + 1).contiguous()
+
+
+def check_packable(n: int, k: int, bits: int, group_size: int) -> None:
+    """Raise :class:`MoequantError` if a ``[n, k]`` weight cannot be written in the GPTQ layout.
+
+    Requires ``bits`` in {2, 3, 4, 8}, ``n`` and ``k`` multiples of 32, and ``group_size``
+    either -1 or a positive divisor of ``k``.
+    """
+    _check_bits(bits)
+    if k <= 0 or k % _WORD:
+        raise MoequantError(
+            f"in_features K={k} must be a positive multiple of {_WORD} for the GPTQ layout (qweight packs along K)"
+        )
+    if n <= 0 or n % _WORD:
+        raise MoequantError(
+            f"out_features N={n} must be a positive multiple of {_WORD} for the GPTQ layout (qzeros packs along N)"
+        )
+    if group_size != -1 and (group_size <= 0 or k % group_size):
+        raise MoequantError(f"group_size={group_size} must divide in_features K={k} (or be -1 for one group)")
+
+
+def pack_result(result: QuantResult, bits: int) -> dict[str, torch.Tensor]:
+    """Pack one :class:`QuantResult` into the tensors a GPTQ checkpoint stores for a layer.
+
+    For ``codes [N, K]`` with ``G`` groups returns contiguous tensors:
+    ``qweight`` int32 ``[K*bits/32, N]``, ``qzeros`` int32 ``[G, N*bits/32]``,
+    ``scales`` float16 ``[G, N]`` and ``g_idx`` int32 ``[K]``.
+
+    A batch (``codes [E, N, K]``) gives every tensor the leading ``E``, ``g_idx`` included
+    (``[E, K]``), so that ``{name: t[e]}`` is the layer of weight ``e``.
+    """
+    codes = result.codes
+    if codes.dim() < 2:
+        raise ValueError(f"codes must be [..., N, K], got shape {tuple(codes.shape)}")
+    *lead, n, k = codes.shape
+    check_packable(n, k, bits, -1)
+    g = result.scales.shape[-2]
+    expected = (*lead, g, n)
+    if tuple(result.scales.shape) != expected or tuple(result.zeros.shape) != expected:
+        raise ValueError(
+            f"scales {tuple(result.scales.shape)} and zeros {tuple(result.zeros.shape)} must both be {expected}"
+        )
+    g_idx = result.g_idx
+    if g_idx.shape[-1] != k:
+        raise ValueError(f"g_idx has {g_idx.shape[-1]} entries, expected K={k}")
+    if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= g):
+        raise ValueError(
+            f"g_idx values must lie in [0, {g - 1}], found [{int(g_idx.min())}, {int(g_idx.max())}]"
+        )
+    return {
+        "qweight": pack_qweight(codes, bits),
+        "qzeros": pack_qzeros(result.zeros, bits),
+        "scales": result.scales.to(torch.float16).contiguous(),
+        "g_idx": g_idx.to(torch.int32).expand(*lead, k).contiguous(),
+    }
+
+
+def dequantize_packed(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+) -> torch.Tensor:
+    """Dequantised weight float32 ``[..., N, K]``: ``s * (q - z)`` with ``s, z`` from group ``g_idx[k]``.
+
+    Args:
+        qweight: int32 ``[..., K*bits/32, N]``.
+        qzeros: int32 ``[..., G, N*bits/32]`` (v1: stores ``z - 1``).
+        scales: ``[..., G, N]`` (float16 in a checkpoint).
+        g_idx: integer ``[K]``, or ``[..., K]`` with the same leading dims.
+        bits: 2, 3, 4 or 8.
+    """
+    q = unpack_qweight(qweight, bits).float()  # [..., K, N]
+    z = unpack_qzeros(qzeros, bits).float()  # [..., G, N]
+    s = scales.float()
+    if tuple(z.shape) != tuple(s.shape):
+        raise ValueError(f"qzeros unpack to {tuple(z.shape)} but scales are {tuple(s.shape)}")
+    k, n = q.shape[-2:]
+    if s.shape[-1] != n or g_idx.shape[-1] != k:
+        raise ValueError(
+            f"shapes disagree: qweight gives K={k}, N={n}; scales {tuple(s.shape)}; g_idx {tuple(g_idx.shape)}"
+        )
+    idx = g_idx.long()
+    if idx.dim() == 1:
+        s_k, z_k = s.index_select(-2, idx), z.index_select(-2, idx)
+    else:
+        gather = idx[..., None].expand(*idx.shape, n)
+        s_k, z_k = s.gather(-2, gather), z.gather(-2, gather)
+    return (s_k * (q - z_k)).transpose(-1, -2).contiguous()
