@@ -19,6 +19,9 @@ from safetensors.torch import save_file
 from moequant.errors import MoequantError
 
 SHARD_DIR = "shards"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
 
 
 def partial_dir_for(out: Path) -> Path:
@@ -63,6 +66,7 @@ class CheckpointWriter:
         path = self.shard_path(key)
         tmp = path.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
         return path.stat().st_size
 

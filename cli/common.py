@@ -1,0 +1,78 @@
+"""What every command shares: turning user errors into one line and rendering progress."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBar, TextColumn, TimeElapsedColumn, \
+    TimeRemainingColumn
+
+from moequant.errors import MoequantError
+from moequant.progress import Progress
+
+console = Console(stderr=True)
+out = Console()
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a :class:`MoequantError` as one line and exit 1 (``MOEQUANT_DEBUG=1`` shows the traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MoequantError as exc:
+            if os.environ.get("MOEQUANT_DEBUG"):
+                raise
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            console.print("interrupted; a partial compression can be continued with --resume", highlight=False)
+            sys.exit(130)
+
+    return wrapper
+
+
+class RichProgress(Progress):
+    """Renders library progress events as a rich bar with the stage and ETA."""
+
+    def __init__(self) -> None:
+        self._bar: RichBar | None = None
+        self._task = None
+
+    def begin(self, total: int, title: str) -> None:
+        self._bar = RichBar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[stage]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                            TimeRemainingColumn(), console=console, transient=False)
+        self._bar.start()
+        self._task = self._bar.add_task(title, total=total, stage="")
+
+    def stage(self, step: int, name: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, stage=f"layer {step}: {name}")
+
+    def advance(self, step: int, info: dict | None = None) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, stage=f"layer {step}: done")
+
+    def note(self, text: str) -> None:
+        console.print(text, highlight=False)
+
+    def end(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"

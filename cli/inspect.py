@@ -1,0 +1,40 @@
+"""``moequant inspect``: what an original or compressed checkpoint holds."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.table import Table
+
+from moequant.inspection import describe
+from moequant_cli.common import human_bytes, out, user_errors
+
+
+@user_errors
+def inspect(
+    path: str = typer.Argument(..., help="Checkpoint folder (original or compressed) or hub id."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickled .bin weights."),
+) -> None:
+    """Show architecture, layers, experts, parameters, bits per module group and size."""
+    info = describe(path, allow_pickle=allow_pickle)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    state = f"compressed ({info.get('recipe') or 'gptq'})" if info["compressed"] else "original"
+    out.print(f"[bold]{info['path']}[/]: {info['architecture']}, {state}", highlight=False)
+    out.print(
+        f"{info['layers']} layers, {info['experts']} experts (top-{info['experts_per_token']}), hidden "
+        f"{info['hidden_size']}, intermediate {info['intermediate_size']}, heads {info['attention_heads']}/"
+        f"{info['kv_heads']}; {info['parameters']:,} parameters, {human_bytes(info['size_bytes'])}, "
+        f"{info['bits_per_weight']:.2f} bits per weight",
+        highlight=False,
+    )
+    table = Table()
+    for col in ("group", "modules", "parameters", "bits", "stored"):
+        table.add_column(col)
+    for name, g in info["groups"].items():
+        bits = ", ".join(f"{b}-bit x{n}" for b, n in g["bits"].items())
+        table.add_row(name, str(g["modules"]), f"{g['parameters']:,}", bits, human_bytes(g["stored_bytes"]))
+    out.print(table)

@@ -1,0 +1,29 @@
+"""The ``moequant`` command: wiring only; each command lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from moequant_cli import compress, inspect, recipes
+
+app = typer.Typer(
+    name="moequant",
+    help="Compress Mixture-of-Experts language models to low bits with GPTQ, and measure what it cost.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("compress")(compress.compress)
+app.command("inspect")(inspect.inspect)
+app.command("recipes")(recipes.recipes)
+
+for _optional in ("eval_cmd", "compare", "generate", "demo"):
+    try:
+        _module = __import__(f"moequant_cli.{_optional}", fromlist=["register"])
+    except ModuleNotFoundError:
+        continue
+    _module.register(app)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,59 @@
+"""Size arithmetic: bits a module takes in the GPTQ layout, and estimates for whole models."""
+
+from __future__ import annotations
+
+import math
+
+from moequant.arch.registry import adapter_for
+from moequant.recipe import Recipe
+
+MIXTRAL_8X7B = {
+    "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000, "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5, "rope_theta": 1e6, "tie_word_embeddings": False,
+}
+
+
+def packed_bits(n: int, k: int, bits: int, group_size: int) -> int:
+    """Bits of qweight, qzeros, scales (fp16) and g_idx (int32) for a ``[N, K]`` weight."""
+    g = k if group_size == -1 else group_size
+    groups = math.ceil(k / g)
+    return n * k * bits + groups * n * bits + groups * n * 16 + 32 * k
+
+
+def estimate_bits(recipe: Recipe, config: dict) -> dict:
+    """Estimated size of ``config``'s model under ``recipe`` (16-bit for whatever stays unquantised).
+
+    Returns bits per weight overall, bytes, and a short description of attention and expert bits.
+    """
+    adapter = adapter_for(config)
+    c = adapter.config
+    total_bits = 0
+    params = 0
+    seen: dict[str, set[int]] = {"attention": set(), "expert": set()}
+    for layer in range(c.num_layers):
+        for info in adapter.layer_linears(layer):
+            spec = recipe.spec_for(info.name)
+            params += info.numel
+            if spec is None or info.kind == "router":
+                total_bits += 16 * info.numel
+                seen.get(info.kind, set()).add(16)
+            else:
+                total_bits += packed_bits(info.out_features, info.in_features, spec.bits, spec.group_size)
+                seen[info.kind].add(spec.bits)
+        params += 2 * c.hidden_size
+        total_bits += 32 * c.hidden_size
+    for info in adapter.global_linears():
+        spec = recipe.spec_for(info.name)
+        params += info.numel
+        total_bits += 16 * info.numel if spec is None or info.kind == "embedding" else packed_bits(
+            info.out_features, info.in_features, spec.bits, spec.group_size)
+    params += c.hidden_size
+    total_bits += 16 * c.hidden_size
+
+    def describe(bits: set[int]) -> str:
+        return "/".join(f"{b}-bit" for b in sorted(bits)) or "-"
+
+    return {"bits_per_weight": total_bits / params, "bytes": total_bits / 8, "parameters": params,
+            "attention": describe(seen["attention"]), "expert": describe(seen["expert"])}
