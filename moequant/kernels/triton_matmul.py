@@ -1,0 +1,345 @@
+"""Triton matmul that dequantises GPTQ-packed weights in registers.
+
+``y[M, N] = x[M, K] @ W^T`` with ``W [N, K]`` packed as ``qweight int32 [K*b/32, N]``,
+``qzeros int32 [G, N*b/32]`` (``z - 1``), ``scales fp16 [G, N]``. Each program loads a
+``[BLOCK_K, BLOCK_N]`` tile of codes straight from the packed words (value ``k`` of a column is
+stream bits ``[k*b, k*b + b)``; for 3 bits a value may continue into the next word), applies its
+group's scale and zero, and feeds ``tl.dot`` with fp32 accumulation. Split-K programs add their
+partial sums atomically into a float32 buffer, which keeps the GPU busy at decode sizes.
+
+Import this module only after ``TRITON_INTERPRET`` has its final value: Triton decides at
+decoration time whether kernels are compiled or interpreted.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from moequant.errors import MoequantError
+from moequant.kernels.packed import check_bits, effective_group_size
+
+# How a kernel finds the group of input row k.
+GROUPS_PER_TILE = 0  # sorted groups and the whole K tile inside one group: one scale row per tile
+GROUPS_BY_DIVISION = 1  # sorted groups, g = k // group_size per row
+GROUPS_FROM_G_IDX = 2  # any g_idx, read from memory
+
+
+@triton.jit
+def _extract(lo, hi, shift, BITS: tl.constexpr):
+    """The ``BITS``-wide value starting at bit ``shift`` of word ``lo`` (continuing into ``hi``)."""
+    s = shift.to(tl.uint32)
+    v = lo.to(tl.uint32, bitcast=True) >> s
+    if BITS == 3:
+        # Two shifts keep each shift amount below 32 when s == 0.
+        v = v | ((hi.to(tl.uint32, bitcast=True) << 1) << (31 - s))
+    return (v & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _load_codes(qw_ptr, offs_k, offs_n, mask_k, mask_n, k_words, stride_qk, stride_qn, BITS: tl.constexpr):
+    """Codes ``[BLOCK_K, BLOCK_N]`` (int32) of input rows ``offs_k`` and output columns ``offs_n``."""
+    mask = mask_k[:, None] & mask_n[None, :]
+    if BITS == 3:
+        bit = offs_k * 3
+        row = bit // 32
+        shift = bit % 32
+        lo = tl.load(qw_ptr + row[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask, other=0)
+        nxt = row + 1
+        straddles = (shift > 29) & (nxt < k_words)
+        hi = tl.load(
+            qw_ptr + nxt[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+            mask=mask & straddles[:, None],
+            other=0,
+        )
+    else:
+        per_word: tl.constexpr = 32 // BITS
+        row = offs_k // per_word
+        shift = (offs_k % per_word) * BITS
+        lo = tl.load(qw_ptr + row[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask, other=0)
+        hi = lo
+    return _extract(lo, hi, shift[:, None], BITS)
+
+
+@triton.jit
+def _load_zeros(qz_row_ptr, offs_n, mask, n_words, stride_zn, BITS: tl.constexpr):
+    """True zero points (stored + 1) of columns ``offs_n`` in the packed row(s) at ``qz_row_ptr``."""
+    bit = offs_n * BITS
+    col = bit // 32
+    shift = bit % 32
+    lo = tl.load(qz_row_ptr + col * stride_zn, mask=mask, other=0)
+    if BITS == 3:
+        hi = tl.load(
+            qz_row_ptr + (col + 1) * stride_zn, mask=mask & (shift > 29) & (col + 1 < n_words), other=0
+        )
+    else:
+        hi = lo
+    return _extract(lo, hi, shift, BITS) + 1
+
+
+@triton.jit
+def dequant_tile(
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    g_ptr,
+    offs_k,
+    offs_n,
+    mask_k,
+    mask_n,
+    k0,
+    k_words,
+    n_words,
+    stride_qk,
+    stride_qn,
+    stride_zg,
+    stride_zn,
+    stride_sg,
+    stride_sn,
+    group_size,
+    BITS: tl.constexpr,
+    GROUP_MODE: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+):
+    """Dequantised ``W^T`` tile ``[BLOCK_K, BLOCK_N]`` in ``OUT_DTYPE``: ``s * (q - z)`` per group.
+
+    ``k0`` is the tile's first input row (used when ``GROUP_MODE == GROUPS_PER_TILE``).
+    """
+    q = _load_codes(qw_ptr, offs_k, offs_n, mask_k, mask_n, k_words, stride_qk, stride_qn, BITS)
+    if GROUP_MODE == 0:
+        g = k0 // group_size
+        z = _load_zeros(qz_ptr + g * stride_zg, offs_n, mask_n, n_words, stride_zn, BITS)[None, :]
+        s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
+    else:
+        if GROUP_MODE == 1:
+            g = offs_k // group_size
+        else:
+            g = tl.load(g_ptr + offs_k, mask=mask_k, other=0)
+        mask = mask_k[:, None] & mask_n[None, :]
+        z = _load_zeros(qz_ptr + g[:, None] * stride_zg, offs_n[None, :], mask, n_words, stride_zn, BITS)
+        s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=mask, other=0.0)
+    w = (q - z).to(tl.float32) * s.to(tl.float32)
+    return w.to(OUT_DTYPE)
+
+
+@triton.jit
+def _dequant_matmul_kernel(
+    x_ptr,
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    g_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    k_words,
+    n_words,
+    stride_xm,
+    stride_xk,
+    stride_qk,
+    stride_qn,
+    stride_zg,
+    stride_zn,
+    stride_sg,
+    stride_sn,
+    stride_om,
+    stride_on,
+    group_size,
+    k_per_split,
+    BITS: tl.constexpr,
+    GROUP_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_hi
+        a = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        ).to(DOT_DTYPE)
+        w = dequant_tile(
+            qw_ptr, qz_ptr, s_ptr, g_ptr, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
+            stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+            BITS, GROUP_MODE, DOT_DTYPE,
+        )  # fmt: skip
+        if IEEE_FP32:
+            acc += tl.dot(a, w, input_precision="ieee")
+        else:
+            acc += tl.dot(a, w)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    """Tile sizes of one launch. ``block_k`` must be a power of two >= 16; ``split_k`` >= 1."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def device_programs(device: torch.device) -> int:
+    """How many concurrently running programs make the device busy (2 per SM on CUDA, 1 elsewhere)."""
+    if device.type != "cuda":
+        return 1
+    return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pick_block_k(group_size: int, default: int) -> int:
+    """``default``, shrunk to the group size when groups are smaller (keeps a tile in one group)."""
+    if group_size < default and group_size >= 16 and group_size & (group_size - 1) == 0:
+        return group_size
+    return default
+
+
+def split_for(k: int, block_k: int, tiles: int, target_programs: int) -> int:
+    """Split-K factor that brings ``tiles * split`` up to ``target_programs``, at most one split per K block."""
+    k_blocks = triton.cdiv(k, block_k)
+    want = triton.cdiv(target_programs, max(tiles, 1))
+    return max(1, min(want, k_blocks, 32))
+
+
+def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> MatmulConfig:
+    """Tile sizes for ``[m, k] @ [k, n]``: small-M tiles with split-K for decode, larger tiles for prefill."""
+    if m <= 16:
+        bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
+    elif m <= 64:
+        bm, bn, bk, warps, stages = triton.next_power_of_2(m), 64, 128, 4, 3
+    else:
+        bm, bn, bk, warps, stages = 64, 128, 64, 4, 3
+    bk = pick_block_k(group_size, bk)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = split_for(k, bk, tiles, device_programs(device)) if m <= 64 else 1
+    return MatmulConfig(bm, bn, bk, split, warps, stages)
+
+
+def dot_dtype(x_dtype: torch.dtype, device: torch.device) -> tuple[tl.dtype, bool]:
+    """Triton dtype for ``tl.dot`` operands and whether fp32 needs exact ("ieee") products.
+
+    The interpreter computes bf16 dots wrongly, so on CPU bf16 is widened to fp32.
+    """
+    if x_dtype == torch.float16:
+        return tl.float16, False
+    if x_dtype == torch.bfloat16 and device.type == "cuda":
+        return tl.bfloat16, False
+    if x_dtype in (torch.bfloat16, torch.float32):
+        return tl.float32, True
+    raise MoequantError(f"activations of dtype {x_dtype} are not supported: use float16, bfloat16 or float32")
+
+
+def group_mode(sorted_groups: bool, group_size: int, block_k: int) -> int:
+    """The ``GROUP_MODE`` constant for a launch."""
+    if not sorted_groups:
+        return GROUPS_FROM_G_IDX
+    return GROUPS_PER_TILE if group_size % block_k == 0 else GROUPS_BY_DIVISION
+
+
+def check_packed_linear(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bits: int, k: int
+) -> tuple[int, int]:
+    """Raise a MoequantError unless the packed tensors describe a ``[N, k]`` weight; returns ``(N, G)``."""
+    check_bits(bits)
+    if qweight.dim() != 2 or qweight.shape[0] * 32 != k * bits:
+        raise MoequantError(f"qweight {tuple(qweight.shape)} does not hold K={k} inputs at {bits} bits")
+    n = qweight.shape[1]
+    g = scales.shape[0]
+    if tuple(scales.shape) != (g, n) or tuple(qzeros.shape) != (g, n * bits // 32):
+        raise MoequantError(
+            f"scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not match qweight {tuple(qweight.shape)}"
+        )
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
+        raise MoequantError("qweight and qzeros must be int32 tensors")
+    return n, g
+
+
+def dequant_matmul_triton(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    *,
+    sorted_groups: bool = False,
+    config: MatmulConfig | None = None,
+) -> torch.Tensor:
+    """``x @ W^T`` for a packed ``W [N, K]``, dequantising in the kernel.
+
+    Args:
+        x: ``[..., K]`` float16, bfloat16 or float32 activations on the kernel's device.
+        qweight: int32 ``[K*b/32, N]``; qzeros: int32 ``[G, N*b/32]``; scales: ``[G, N]``.
+        g_idx: int32 ``[K]``, or None for ``k // group_size``. A given ``g_idx`` is read by the
+            kernel unless ``sorted_groups`` says it equals ``k // group_size`` (the fast path).
+        bits: 2, 3, 4 or 8.
+        group_size: the group size (-1 for one group over K).
+        config: tile sizes; picked from the shape when None.
+
+    Returns:
+        ``[..., N]`` in ``x.dtype``.
+    """
+    k = x.shape[-1]
+    n, _ = check_packed_linear(qweight, qzeros, scales, bits, k)
+    group_size = effective_group_size(group_size, k)
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    sorted_groups = sorted_groups or g_idx is None
+    if g_idx is not None and g_idx.shape != (k,):
+        raise MoequantError(f"g_idx has shape {tuple(g_idx.shape)}, expected [{k}]")
+    cfg = config or pick_config(m, n, k, group_size, x.device)
+    dtype, ieee = dot_dtype(x.dtype, x.device)
+    mode = group_mode(sorted_groups, group_size, cfg.block_k)
+    if m == 0:
+        return x.new_zeros(*x.shape[:-1], n)
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(k, k_per_split)
+    out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split > 1 else x.new_empty(m, n)
+    g_arg = g_idx if g_idx is not None else qweight  # unread unless GROUP_MODE reads g_idx
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    _dequant_matmul_kernel[grid](
+        x2, qweight, qzeros, scales, g_arg, out,
+        m, n, k, qweight.shape[0], qzeros.shape[1],
+        x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
+        qzeros.stride(0), qzeros.stride(1), scales.stride(0), scales.stride(1),
+        out.stride(0), out.stride(1), group_size, k_per_split,
+        BITS=bits, GROUP_MODE=mode, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        SPLIT_K=split, DOT_DTYPE=dtype, IEEE_FP32=ieee,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -1,0 +1,356 @@
+"""Fused MoE over GPTQ-packed experts: two Triton kernels and the routing bookkeeping.
+
+The ``T * k`` routed slots (slot ``s = t * k + j`` is token ``t``'s ``j``-th expert) are sorted by
+expert and each expert's run is padded to a multiple of ``BLOCK_M``, so that every block of
+``BLOCK_M`` sorted slots belongs to one expert (:func:`moe_align`). Then:
+
+1. ``gate_up``: per block, ``silu(x W1_e^T) * (x W3_e^T)`` from the packed ``w13`` of expert
+   ``e`` -> intermediate ``[T*k, I]`` (in the activation dtype);
+2. ``down``: per block, ``topk_weight * (h W2_e^T)`` -> float32 ``[T*k, H]`` (split-K programs add
+   atomically), and the ``k`` slots of each token are summed afterwards.
+
+Experts without tokens get no blocks and are never read. Import after ``TRITON_INTERPRET`` is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from moequant.kernels.packed import PackedExperts
+from moequant.kernels.reference import check_moe_shapes
+from moequant.kernels.triton_matmul import (
+    dequant_tile,
+    device_programs,
+    dot_dtype,
+    group_mode,
+    pick_block_k,
+    split_for,
+)
+
+
+def moe_align(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort routed slots by expert and pad each expert's run to a multiple of ``block_m``.
+
+    Runs on the ids' device without synchronising.
+
+    Args:
+        topk_ids: int ``[T, k]`` expert of every slot.
+        num_experts: E.
+        block_m: block size of the kernels.
+
+    Returns:
+        ``(sorted_ids, expert_ids, num_post_pad)``:
+
+        - ``sorted_ids`` int32 ``[P]``: slot indices (``t * k + j``) grouped by expert in ascending
+          expert order, stable within an expert; padding entries hold ``T * k``. ``P`` is a
+          multiple of ``block_m`` large enough for any routing.
+        - ``expert_ids`` int32 ``[P / block_m]``: the expert of each block, -1 past the end.
+        - ``num_post_pad`` int32 ``[1]``: how many entries of ``sorted_ids`` are in use.
+    """
+    flat = topk_ids.reshape(-1).long()
+    slots = flat.numel()
+    device = flat.device
+    counts = torch.zeros(num_experts, dtype=torch.long, device=device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    starts = ends - padded
+    first_sorted = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(flat, stable=True)
+    expert_of = flat[order]
+    rank = torch.arange(slots, device=device) - first_sorted[expert_of]
+    capacity = slots + min(num_experts, slots) * (block_m - 1)
+    num_blocks = triton.cdiv(max(capacity, 1), block_m)
+    sorted_ids = torch.full((num_blocks * block_m,), slots, dtype=torch.int32, device=device)
+    sorted_ids[starts[expert_of] + rank] = order.to(torch.int32)
+    block_starts = torch.arange(num_blocks, device=device) * block_m
+    expert_ids = torch.searchsorted(ends, block_starts, right=True)
+    expert_ids = torch.where(expert_ids < num_experts, expert_ids, -1).to(torch.int32)
+    num_post_pad = ends[-1:].to(torch.int32)
+    return sorted_ids, expert_ids, num_post_pad
+
+
+@triton.jit
+def _moe_gate_up_kernel(
+    x_ptr,
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    g_ptr,
+    out_ptr,
+    sorted_ptr,
+    expert_ptr,
+    npad_ptr,
+    num_slots,
+    top_k,
+    H,
+    inter,
+    k_words,
+    n_words,
+    stride_xt,
+    stride_xh,
+    stride_qe,
+    stride_qk,
+    stride_qn,
+    stride_ze,
+    stride_zg,
+    stride_zn,
+    stride_se,
+    stride_sg,
+    stride_sn,
+    stride_ge,
+    stride_os,
+    stride_oi,
+    group_size,
+    BITS: tl.constexpr,
+    GROUP_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(npad_ptr):
+        return
+    e = tl.load(expert_ptr + pid_m).to(tl.int64)
+    slot = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = slot < num_slots
+    tok = slot // top_k
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < inter
+    qw_e = qw_ptr + e * stride_qe
+    qz_e = qz_ptr + e * stride_ze
+    s_e = s_ptr + e * stride_se
+    g_e = g_ptr + e * stride_ge
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < H
+        a = tl.load(
+            x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xh,
+            mask=valid[:, None] & mask_k[None, :],
+            other=0.0,
+        ).to(DOT_DTYPE)
+        w_gate = dequant_tile(
+            qw_e, qz_e, s_e, g_e, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
+            stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+            BITS, GROUP_MODE, DOT_DTYPE,
+        )  # fmt: skip
+        w_up = dequant_tile(
+            qw_e, qz_e, s_e, g_e, offs_k, offs_n + inter, mask_k, mask_n, k0, k_words, n_words,
+            stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+            BITS, GROUP_MODE, DOT_DTYPE,
+        )  # fmt: skip
+        if IEEE_FP32:
+            acc_gate += tl.dot(a, w_gate, input_precision="ieee")
+            acc_up += tl.dot(a, w_up, input_precision="ieee")
+        else:
+            acc_gate += tl.dot(a, w_gate)
+            acc_up += tl.dot(a, w_up)
+    h = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    tl.store(
+        out_ptr + slot[:, None] * stride_os + offs_n[None, :] * stride_oi,
+        h.to(out_ptr.dtype.element_ty),
+        mask=valid[:, None] & mask_n[None, :],
+    )
+
+
+@triton.jit
+def _moe_down_kernel(
+    h_ptr,
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    g_ptr,
+    out_ptr,
+    weight_ptr,
+    sorted_ptr,
+    expert_ptr,
+    npad_ptr,
+    num_slots,
+    inter,
+    H,
+    k_words,
+    n_words,
+    stride_hs,
+    stride_hi,
+    stride_qe,
+    stride_qk,
+    stride_qn,
+    stride_ze,
+    stride_zg,
+    stride_zn,
+    stride_se,
+    stride_sg,
+    stride_sn,
+    stride_ge,
+    stride_os,
+    stride_oh,
+    group_size,
+    k_per_split,
+    BITS: tl.constexpr,
+    GROUP_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    if pid_m * BLOCK_M >= tl.load(npad_ptr):
+        return
+    e = tl.load(expert_ptr + pid_m).to(tl.int64)
+    slot = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = slot < num_slots
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < H
+    qw_e = qw_ptr + e * stride_qe
+    qz_e = qz_ptr + e * stride_ze
+    s_e = s_ptr + e * stride_se
+    g_e = g_ptr + e * stride_ge
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, inter)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_hi
+        a = tl.load(
+            h_ptr + slot[:, None] * stride_hs + offs_k[None, :] * stride_hi,
+            mask=valid[:, None] & mask_k[None, :],
+            other=0.0,
+        ).to(DOT_DTYPE)
+        w = dequant_tile(
+            qw_e, qz_e, s_e, g_e, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
+            stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+            BITS, GROUP_MODE, DOT_DTYPE,
+        )  # fmt: skip
+        if IEEE_FP32:
+            acc += tl.dot(a, w, input_precision="ieee")
+        else:
+            acc += tl.dot(a, w)
+    route_w = tl.load(weight_ptr + slot, mask=valid, other=0.0).to(tl.float32)
+    acc = acc * route_w[:, None]
+    out_ptrs = out_ptr + slot[:, None] * stride_os + offs_n[None, :] * stride_oh
+    out_mask = valid[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc, mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Tile sizes of the two MoE kernels; ``split_k`` applies to the down projection."""
+
+    block_m: int
+    block_n: int
+    block_k_gate_up: int
+    block_k_down: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def pick_moe_config(
+    slots: int, num_experts: int, hidden: int, inter: int, group_w13: int, group_w2: int, device: torch.device
+) -> MoeConfig:
+    """Tiles for ``slots = T * k`` routed slots: small row blocks when experts see few tokens each."""
+    per_expert = slots / max(num_experts, 1)
+    block_m = 16 if per_expert <= 16 else (32 if per_expert <= 64 else 64)
+    block_n = 64
+    bk13 = pick_block_k(group_w13, 64 if block_m == 64 else 128)
+    bk2 = pick_block_k(group_w2, 64 if block_m == 64 else 128)
+    active_blocks = min(num_experts, slots) + triton.cdiv(slots, block_m)
+    tiles = active_blocks * triton.cdiv(hidden, block_n)
+    split = split_for(inter, bk2, tiles, device_programs(device)) if block_m <= 32 else 1
+    return MoeConfig(block_m, block_n, bk13, bk2, split)
+
+
+def _groups(w: PackedExperts, block_k: int) -> tuple[int, torch.Tensor, int]:
+    """``(GROUP_MODE, g_idx, expert stride of g_idx)`` for a launch over ``w``."""
+    stride = w.g_idx.stride(0) if w.g_idx.dim() == 2 else 0
+    return group_mode(w.has_sorted_groups(), w.group_size, block_k), w.g_idx, stride
+
+
+def fused_moe_triton(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: PackedExperts,
+    w2: PackedExperts,
+    *,
+    config: MoeConfig | None = None,
+) -> torch.Tensor:
+    """Sparse-MoE block ``sum_j topk_weights[t, j] * w2_e(silu(w1_e x_t) * w3_e x_t)`` over packed experts.
+
+    Args:
+        x: ``[T, H]`` float16, bfloat16 or float32 on the kernels' device.
+        topk_ids: int ``[T, k]``; topk_weights: ``[T, k]``.
+        w13: gate and up joined along N, ``W13_e [2I, H]``; w2: ``W2_e [H, I]`` (see
+            :class:`~moequant.kernels.packed.PackedExperts`). Whether their ``g_idx`` is sorted is
+            checked once per object (one synchronisation) unless ``sorted_groups`` is already set.
+        config: tile sizes; picked from the shapes when None.
+
+    Returns:
+        ``[T, H]`` in ``x.dtype``.
+    """
+    check_moe_shapes(x, topk_ids, topk_weights, w13, w2)
+    t, hidden = x.shape
+    top_k = topk_ids.shape[1]
+    inter = w2.in_features
+    slots = t * top_k
+    if slots == 0:
+        return x.new_zeros(t, hidden)
+    cfg = config or pick_moe_config(
+        slots, w13.num_experts, hidden, inter, w13.group_size, w2.group_size, x.device
+    )
+    dtype, ieee = dot_dtype(x.dtype, x.device)
+    sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, w13.num_experts, cfg.block_m)
+    num_blocks = expert_ids.numel()
+
+    mode13, g13, gs13 = _groups(w13, cfg.block_k_gate_up)
+    h = x.new_empty(slots, inter)
+    _moe_gate_up_kernel[(num_blocks, triton.cdiv(inter, cfg.block_n))](
+        x, w13.qweight, w13.qzeros, w13.scales, g13, h, sorted_ids, expert_ids, num_post_pad,
+        slots, top_k, hidden, inter, w13.qweight.shape[1], w13.qzeros.shape[2],
+        x.stride(0), x.stride(1),
+        w13.qweight.stride(0), w13.qweight.stride(1), w13.qweight.stride(2),
+        w13.qzeros.stride(0), w13.qzeros.stride(1), w13.qzeros.stride(2),
+        w13.scales.stride(0), w13.scales.stride(1), w13.scales.stride(2),
+        gs13, h.stride(0), h.stride(1), w13.group_size,
+        BITS=w13.bits, GROUP_MODE=mode13, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k_gate_up, DOT_DTYPE=dtype, IEEE_FP32=ieee,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+    mode2, g2, gs2 = _groups(w2, cfg.block_k_down)
+    k_per_split = triton.cdiv(triton.cdiv(inter, cfg.split_k), cfg.block_k_down) * cfg.block_k_down
+    split = triton.cdiv(inter, k_per_split)
+    y = torch.zeros(slots, hidden, device=x.device, dtype=torch.float32)
+    weights = topk_weights.reshape(-1)
+    _moe_down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n), split)](
+        h, w2.qweight, w2.qzeros, w2.scales, g2, y, weights, sorted_ids, expert_ids, num_post_pad,
+        slots, inter, hidden, w2.qweight.shape[1], w2.qzeros.shape[2],
+        h.stride(0), h.stride(1),
+        w2.qweight.stride(0), w2.qweight.stride(1), w2.qweight.stride(2),
+        w2.qzeros.stride(0), w2.qzeros.stride(1), w2.qzeros.stride(2),
+        w2.scales.stride(0), w2.scales.stride(1), w2.scales.stride(2),
+        gs2, y.stride(0), y.stride(1), w2.group_size, k_per_split,
+        BITS=w2.bits, GROUP_MODE=mode2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k_down, SPLIT_K=split, DOT_DTYPE=dtype, IEEE_FP32=ieee,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return y.view(t, top_k, hidden).sum(dim=1).to(x.dtype)

@@ -1,0 +1,107 @@
+"""The Triton dequantising matmul (CPU interpreter) against the plain-torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moequant.errors import MoequantError
+from moequant.kernels.reference import dequant_matmul_ref
+
+BITS = (2, 3, 4, 8)
+
+
+def _x(m: int, k: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize(("k", "n", "group"), [(128, 64, 32), (64, 128, 64)])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_matches_reference(triton_kernels, make_linear, bits, k, n, group, m):
+    tm, _ = triton_kernels
+    lin = make_linear(n, k, bits, group, seed=bits * 7 + m)
+    x = _x(m, k, seed=m)
+    got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=group)
+    want = dequant_matmul_ref(x, **lin, bits=bits)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize(
+    "variant", ["split_k", "rows_span_groups", "shuffled_g_idx", "g_idx_read_but_sorted", "one_group"]
+)
+def test_tilings_and_group_lookups(triton_kernels, make_linear, bits, variant):
+    tm, _ = triton_kernels
+    k, n, m, group = 128, 64, 3, 32
+    cfg, sorted_groups, shuffled = None, True, False
+    if variant == "split_k":
+        cfg = tm.MatmulConfig(block_m=16, block_n=32, block_k=32, split_k=3)
+    elif variant == "rows_span_groups":
+        cfg = tm.MatmulConfig(block_m=16, block_n=64, block_k=128)  # 4 groups inside one K tile
+    elif variant == "shuffled_g_idx":
+        sorted_groups, shuffled = False, True
+    elif variant == "g_idx_read_but_sorted":
+        sorted_groups = False
+    else:
+        group = -1
+    lin = make_linear(n, k, bits, group, seed=bits, shuffled_groups=shuffled)
+    x = _x(m, k, seed=bits)
+    got = tm.dequant_matmul_triton(
+        x, **lin, bits=bits, group_size=group, sorted_groups=sorted_groups, config=cfg
+    )
+    torch.testing.assert_close(got, dequant_matmul_ref(x, **lin, bits=bits), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_half_precision_activations(triton_kernels, make_linear, bits, dtype, tol):
+    tm, _ = triton_kernels
+    lin = make_linear(64, 128, bits, 64, seed=bits)
+    x = _x(3, 128, seed=5).to(dtype)
+    got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=64)
+    assert got.dtype == dtype
+    want = dequant_matmul_ref(x.float(), **lin, bits=bits)
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_leading_dims_and_no_tokens(triton_kernels, make_linear):
+    tm, _ = triton_kernels
+    lin = make_linear(32, 64, 4, 32, seed=0)
+    x = torch.randn(2, 3, 64)
+    got = tm.dequant_matmul_triton(x, **lin, bits=4, group_size=32)
+    assert got.shape == (2, 3, 32)
+    torch.testing.assert_close(got, dequant_matmul_ref(x, **lin, bits=4), rtol=1e-4, atol=1e-4)
+    assert tm.dequant_matmul_triton(x[:0], **lin, bits=4, group_size=32).shape == (0, 3, 32)
+
+
+def test_rejects_mismatched_inputs(triton_kernels, make_linear):
+    tm, _ = triton_kernels
+    lin = make_linear(32, 64, 4, 32, seed=0)
+    with pytest.raises(MoequantError, match="K=96"):
+        tm.dequant_matmul_triton(torch.randn(1, 96), **lin, bits=4, group_size=32)
+    with pytest.raises(MoequantError, match="bits"):
+        tm.dequant_matmul_triton(torch.randn(1, 64), **lin, bits=5, group_size=32)
+    with pytest.raises(MoequantError, match="dtype"):
+        tm.dequant_matmul_triton(torch.randn(1, 64, dtype=torch.float64), **lin, bits=4, group_size=32)
+
+
+def test_split_for_fills_the_device(triton_kernels):
+    tm, _ = triton_kernels
+    # 16 tiles of N on a device that wants 264 programs: split K until the programs suffice.
+    split = tm.split_for(4096, 128, tiles=16, target_programs=264)
+    assert split * 16 >= 264 and (split - 1) * 16 < 264
+    # Never more splits than K blocks, and none when the tiles alone fill the device.
+    assert tm.split_for(256, 128, tiles=1, target_programs=264) == 2
+    assert tm.split_for(4096, 128, tiles=512, target_programs=264) == 1
+
+
+def test_pick_block_k_keeps_a_tile_in_one_group(triton_kernels):
+    tm, _ = triton_kernels
+    assert tm.pick_block_k(32, 128) == 32
+    assert tm.pick_block_k(128, 64) == 64
+    assert tm.pick_block_k(48, 64) == 64  # not a power of two: rows look up their group
+    assert tm.group_mode(True, 48, 64) == tm.GROUPS_BY_DIVISION
+    assert tm.group_mode(True, 128, 64) == tm.GROUPS_PER_TILE
+    assert tm.group_mode(False, 128, 64) == tm.GROUPS_FROM_G_IDX

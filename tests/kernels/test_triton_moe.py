@@ -1,0 +1,116 @@
+"""The fused MoE kernels (CPU interpreter) against the plain-torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moequant.kernels.reference import fused_moe_ref
+
+BITS = (2, 3, 4, 8)
+E, HIDDEN, INTER = 4, 64, 128
+
+
+def _experts(make_experts, bits, shuffled=False):
+    """``(w13, w2)`` for E experts, H=64, I=128; w13 in groups of 32, w2 in groups of 64."""
+    w13 = make_experts(E, 2 * INTER, HIDDEN, bits, 32, seed=bits, shuffled_groups=shuffled)
+    w2 = make_experts(E, HIDDEN, INTER, bits, 64, seed=100 + bits, shuffled_groups=shuffled)
+    return w13, w2
+
+
+def _routing(case: str):
+    """``(x, topk_ids, topk_weights)`` of a named routing case."""
+    gen = torch.Generator().manual_seed(len(case))
+    if case == "uneven_top2":  # expert 0 busy, expert 3 idle, 5 tokens
+        ids = torch.tensor([[0, 2], [0, 1], [2, 0], [0, 1], [1, 0]])
+    elif case == "single_top1":
+        ids = torch.tensor([[3]])
+    else:  # 17 tokens, top-2 from skewed logits (the last expert almost never chosen)
+        logits = torch.randn(17, E, generator=gen) + torch.tensor([1.5, 0.5, 0.0, -3.0])
+        ids = logits.topk(2, dim=-1).indices
+    weights = torch.softmax(torch.randn(ids.shape, generator=gen), dim=-1)
+    x = torch.randn(ids.shape[0], HIDDEN, generator=gen)
+    return x, ids, weights
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("case", ["uneven_top2", "single_top1", "odd17_top2"])
+def test_matches_reference(triton_kernels, make_experts, bits, case):
+    _, tmoe = triton_kernels
+    w13, w2 = _experts(make_experts, bits)
+    x, ids, weights = _routing(case)
+    got = tmoe.fused_moe_triton(x, ids, weights, w13, w2)
+    want = fused_moe_ref(x, ids, weights, w13, w2)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_split_k_and_per_expert_g_idx(triton_kernels, make_experts, bits):
+    _, tmoe = triton_kernels
+    w13, w2 = _experts(make_experts, bits, shuffled=True)
+    assert w13.g_idx.dim() == 2 and not w13.has_sorted_groups()
+    x, ids, weights = _routing("uneven_top2")
+    cfg = tmoe.MoeConfig(block_m=16, block_n=32, block_k_gate_up=32, block_k_down=32, split_k=3)
+    got = tmoe.fused_moe_triton(x, ids, weights, w13, w2, config=cfg)
+    torch.testing.assert_close(got, fused_moe_ref(x, ids, weights, w13, w2), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+def test_half_precision_activations(triton_kernels, make_experts, bits, dtype, tol):
+    _, tmoe = triton_kernels
+    w13, w2 = _experts(make_experts, bits)
+    x, ids, weights = _routing("odd17_top2")
+    got = tmoe.fused_moe_triton(x.to(dtype), ids, weights, w13, w2)
+    assert got.dtype == dtype
+    want = fused_moe_ref(x.to(dtype).float(), ids, weights, w13, w2)
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_experts_without_tokens_are_not_read(triton_kernels, make_experts):
+    _, tmoe = triton_kernels
+    w13, w2 = _experts(make_experts, 4)
+    w13.scales[3] = float("nan")
+    w2.scales[3] = float("nan")
+    x, ids, weights = _routing("uneven_top2")
+    got = tmoe.fused_moe_triton(x, ids, weights, w13, w2)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, fused_moe_ref(x, ids, weights, w13, w2), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("block_m", [4, 16])
+def test_moe_align_groups_slots_by_expert(triton_kernels, block_m):
+    _, tmoe = triton_kernels
+    ids = torch.tensor([[2, 0], [2, 3], [0, 2], [2, 1], [0, 2]])
+    sorted_ids, expert_ids, num_post_pad = tmoe.moe_align(ids, num_experts=5, block_m=block_m)
+    slots = ids.numel()
+    flat = ids.reshape(-1)
+    counts = torch.bincount(flat, minlength=5)
+    used = int(((counts + block_m - 1) // block_m * block_m).sum())
+    assert int(num_post_pad) == used
+    assert sorted_ids.numel() % block_m == 0 and sorted_ids.numel() == expert_ids.numel() * block_m
+    assert (sorted_ids[used:] == slots).all() and (expert_ids[used // block_m :] == -1).all()
+    real = sorted_ids[sorted_ids < slots]
+    assert sorted(real.tolist()) == list(range(slots))
+    for b in range(used // block_m):
+        block = sorted_ids[b * block_m : (b + 1) * block_m]
+        block = block[block < slots].long()
+        assert block.numel() > 0, "no block is all padding"
+        assert (flat[block] == expert_ids[b]).all()
+        assert torch.equal(block, block.sort().values), "slots keep their order within an expert"
+    assert 4 not in expert_ids.tolist(), "an expert without tokens gets no block"
+    assert expert_ids[: used // block_m].tolist() == sorted(expert_ids[: used // block_m].tolist())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", BITS)
+def test_many_tokens_per_expert(triton_kernels, make_experts, bits):
+    _, tmoe = triton_kernels
+    w13, w2 = _experts(make_experts, bits)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(67, HIDDEN, generator=gen)
+    ids = torch.randn(67, E, generator=gen).topk(2, dim=-1).indices
+    weights = torch.rand(67, 2, generator=gen)
+    got = tmoe.fused_moe_triton(x, ids, weights, w13, w2)
+    torch.testing.assert_close(got, fused_moe_ref(x, ids, weights, w13, w2), rtol=1e-4, atol=1e-4)
