@@ -479,6 +479,11 @@ def _global_tensors(run: _Run, hidden: torch.Tensor | None) -> dict:
 def _finish_record(run: _Run, source: Path, calib_info: dict | None, method: str | None, started: float) -> dict:
     a = run.adapter
     all_infos = [i for layer in range(a.config.num_layers) for i in a.layer_linears(layer)] + a.global_linears()
+    for info in all_infos:
+        if info.name not in run.modules and (info.kind != "lm_head" or run.reader.has(info.weight)):
+            run.modules[info.name] = _module_record(info.name, (info.out_features, info.in_features), None, None, None)
+        if info.name in run.modules:
+            run.modules[info.name] = {"kind": info.kind, **run.modules[info.name]}
     source_params = sum(run.reader.numel(n) for n in run.reader.names)
     quant_params = sum(i.numel for i in all_infos if run.specs.get(i.name) is not None)
     out_bytes = sum(run.writer.shard_path(k).stat().st_size

@@ -32,3 +32,27 @@ def make_mixtral(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32, 
 def tiny_mixtral(tmp_path_factory) -> Path:
     """A 2-layer, 4-expert, top-2, GQA Mixtral in float32 (shared, read-only)."""
     return make_mixtral(tmp_path_factory.mktemp("ckpt") / "tiny-mixtral")
+
+
+def add_tokenizer(path: Path, vocab_size: int = 256) -> Path:
+    """Train a small byte-level BPE tokenizer on the bundled text and save it beside a checkpoint."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from moequant.builtin_data import builtin_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([builtin_text("train")[:200_000]], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_tok(tmp_path_factory) -> Path:
+    """The tiny Mixtral with a tokenizer, so GPTQ calibration can run on it (shared, read-only)."""
+    path = make_mixtral(tmp_path_factory.mktemp("ckpt") / "tiny-mixtral-tok", seed=1)
+    return add_tokenizer(path)

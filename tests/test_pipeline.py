@@ -1,0 +1,190 @@
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+
+from moequant.checkpoint.reader import CheckpointReader
+from moequant.checkpoint.weights import tensor_getter
+from moequant.errors import MoequantError
+from moequant.pipeline import CalibSettings, compress
+from moequant.quant.pack import unpack_qzeros
+from moequant.quant.rtn import rtn
+from moequant.recipe import parse_recipe
+from tests.conftest import add_tokenizer, make_mixtral
+
+SMALL = CalibSettings(samples=4, seqlen=64, seed=0)
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_rtn_layout_and_values(tmp_path, tiny_mixtral):
+    before = digest(tiny_mixtral)
+    result = compress(tiny_mixtral, tmp_path / "out", recipe="mixtral-a4e3", method="rtn")
+    assert digest(tiny_mixtral) == before, "the source checkpoint must never be written"
+    out = result.path
+    config = json.loads((out / "config.json").read_text())
+    q = config["quantization_config"]
+    assert (q["quant_method"], q["checkpoint_format"], q["bits"], q["sym"]) == ("gptq", "gptq", 3, True)
+    assert any(v.get("bits") == 4 for v in q["dynamic"].values())
+    assert (out / "recipe.yaml").is_file() and (out / "moequant.json").is_file()
+    reader, source = CheckpointReader(out), CheckpointReader(tiny_mixtral)
+    name = "model.layers.1.block_sparse_moe.experts.2.w2"
+    assert reader.shape(name + ".qweight") == (256 * 3 // 32, 128)
+    assert reader.shape(name + ".qzeros") == (2, 128 * 3 // 32)
+    assert reader.dtype(name + ".scales") == torch.float16
+    assert not reader.has(name + ".weight")
+    for kept in ("model.layers.0.block_sparse_moe.gate.weight", "model.embed_tokens.weight", "lm_head.weight",
+                 "model.layers.0.input_layernorm.weight", "model.norm.weight"):
+        assert torch.equal(reader.get(kept), source.get(kept))
+    expected = rtn(source.get(name + ".weight"), 3, 128, True).dequantize()
+    assert torch.equal(tensor_getter(reader)(name + ".weight"), expected)
+    record = result.record
+    assert record["modules"][name]["bits"] == 3 and record["modules"][name]["method"] == "rtn"
+    gate = record["modules"]["model.layers.0.block_sparse_moe.gate"]
+    assert (gate["kind"], gate["bits"], gate["method"]) == ("router", 16, "keep")
+    totals = record["totals"]
+    assert totals["compression_ratio"] > 4 and 3 < totals["bits_per_weight_quantised"] < 4
+
+
+def test_gptq_beats_rtn_and_records_every_expert(tmp_path, tiny_mixtral_tok):
+    gptq = compress(tiny_mixtral_tok, tmp_path / "g", recipe="mixtral-a4e2", calib=SMALL).record
+    rtn_rec = compress(tiny_mixtral_tok, tmp_path / "r", recipe="mixtral-a4e2", method="rtn", calib=SMALL).record
+    assert gptq["calibration"]["tokens"] == SMALL.samples * SMALL.seqlen
+    for layer in gptq["layers"]:
+        assert sum(layer["routing_histogram"]) == SMALL.samples * SMALL.seqlen * 2
+    experts = {n: m for n, m in gptq["modules"].items() if ".experts." in n}
+    assert len(experts) == 2 * 4 * 3
+    assert all(m["method"] == "gptq" and m["error_kind"] == "output" and "calibration" in m for m in experts.values())
+    assert all(m["tokens"] >= 0 for m in experts.values())
+    attn = [n for n in gptq["modules"] if "self_attn" in n]
+    assert all(gptq["modules"][n]["error"] < rtn_rec["modules"][n]["error"] for n in attn[:4])
+    mean = lambda rec, names: sum(rec["modules"][n]["error"] for n in names) / len(names)  # noqa: E731
+    assert mean(gptq, list(experts)) < mean(rtn_rec, list(experts))
+
+
+def test_tiny_calibration_leaves_no_expert_behind(tmp_path, tiny_mixtral_tok):
+    calib = CalibSettings(samples=1, seqlen=32, seed=3)
+    rec = compress(tiny_mixtral_tok, tmp_path / "o", recipe="mixtral-a4e3", calib=calib).record
+    starved = rec["starved_experts"]
+    assert starved, "32 tokens over 4 experts cannot reach min_tokens=64"
+    assert all(s["policy"] == "augmented" for s in starved)
+    get = tensor_getter(CheckpointReader(tmp_path / "o"))
+    for name, module in rec["modules"].items():
+        if ".experts." not in name:
+            continue
+        assert module["calibration"] in ("routed", "augmented")
+        w = get(name + ".weight")
+        assert (w.abs().sum(dim=1) > 0).all(), f"{name} has an all-zero row"
+
+
+def test_routed_policy_records_plain_rounding_for_empty_experts(tmp_path, tiny_mixtral_tok):
+    recipe = parse_recipe(
+        "name: routed\nexpert_calibration: routed\nmin_tokens: 100000\nrules:\n"
+        "  - match: '.*experts\\.\\d+\\.w[123]'\n    bits: 4\n"
+    )
+    rec = compress(tiny_mixtral_tok, tmp_path / "o", recipe=recipe, calib=CalibSettings(samples=1, seqlen=4)).record
+    for layer in rec["layers"]:
+        for e, count in enumerate(layer["routing_histogram"]):
+            module = rec["modules"][f"model.layers.{layer['layer']}.block_sparse_moe.experts.{e}.w1"]
+            if count == 0:
+                assert module["method"] == "rtn" and "no tokens" in module["calibration"]
+            else:
+                assert module["method"] == "gptq"
+
+
+def test_resume_is_byte_identical(tmp_path):
+    src = add_tokenizer(make_mixtral(tmp_path / "src", seed=5, num_hidden_layers=3))
+    full = compress(src, tmp_path / "full", calib=SMALL)
+    with pytest.raises(MoequantError, match="continue with --resume"):
+        compress(src, tmp_path / "part", calib=SMALL, stop_after_layers=1)
+    assert not (tmp_path / "part").exists()
+    with pytest.raises(MoequantError, match="pass --resume"):
+        compress(src, tmp_path / "part", calib=SMALL)
+    resumed = compress(src, tmp_path / "part", calib=SMALL, resume=True)
+    a, b = digest(full.path), digest(resumed.path)
+    assert a.pop("moequant.json") and b.pop("moequant.json")
+    assert a == b
+    strip = lambda r: {k: v for k, v in r.items() if k != "timing"}  # noqa: E731
+    assert strip(json.loads((full.path / "moequant.json").read_text())) == \
+        strip(json.loads((resumed.path / "moequant.json").read_text()))
+
+
+def test_resume_refuses_other_settings(tmp_path, tiny_mixtral_tok):
+    with pytest.raises(MoequantError):
+        compress(tiny_mixtral_tok, tmp_path / "o", calib=SMALL, stop_after_layers=1)
+    with pytest.raises(MoequantError, match="other settings"):
+        compress(tiny_mixtral_tok, tmp_path / "o", calib=CalibSettings(samples=2, seqlen=64), resume=True)
+
+
+def test_sharded_source_and_old_config_style(tmp_path, tiny_mixtral):
+    from transformers import MixtralForCausalLM
+
+    MixtralForCausalLM.from_pretrained(tiny_mixtral).save_pretrained(tmp_path / "src", max_shard_size="300KB")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    a = compress(tmp_path / "src", tmp_path / "a", method="rtn")
+    b = compress(tiny_mixtral, tmp_path / "b", method="rtn")
+    ra, rb = CheckpointReader(a.path), CheckpointReader(b.path)
+    assert sorted(ra.names) == sorted(rb.names)
+    assert all(torch.equal(ra.get(n), rb.get(n)) for n in ra.names)
+
+
+def test_asymmetric_zero_points_never_underflow(tmp_path, tiny_mixtral_tok):
+    recipe = parse_recipe("name: asym\nsym: false\nrules:\n  - match: '.*(proj|w[123])'\n    bits: 2\n    group_size: 32\n")
+    out = compress(tiny_mixtral_tok, tmp_path / "o", recipe=recipe, calib=SMALL).path
+    reader = CheckpointReader(out)
+    for name in reader.names:
+        if name.endswith(".qzeros"):
+            zeros = unpack_qzeros(reader.get(name), 2)
+            assert zeros.min() >= 1 and zeros.max() <= 3
+
+
+def test_refusals(tmp_path, tiny_mixtral):
+    with pytest.raises(MoequantError, match="inside the source"):
+        compress(tiny_mixtral, tiny_mixtral / "out", method="rtn")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(MoequantError, match="already exists"):
+        compress(tiny_mixtral, tmp_path / "exists", method="rtn")
+    if not torch.cuda.is_available():
+        with pytest.raises(MoequantError, match="no CUDA device"):
+            compress(tiny_mixtral, tmp_path / "x", method="rtn", device="cuda")
+    with pytest.raises(MoequantError, match="unknown method"):
+        compress(tiny_mixtral, tmp_path / "x", method="awq")
+
+
+def test_missing_expert_and_nan_are_named(tmp_path, tiny_mixtral):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_mixtral, src)
+    tensors = load_file(str(src / "model.safetensors"))
+    missing = tensors.pop("model.layers.1.block_sparse_moe.experts.3.w3.weight")
+    save_file(tensors, str(src / "model.safetensors"))
+    with pytest.raises(MoequantError, match=r"model\.layers\.1\.block_sparse_moe\.experts\.3\.w3\.weight is missing"):
+        compress(src, tmp_path / "o", method="rtn")
+    missing[0, 0] = float("nan")
+    tensors["model.layers.1.block_sparse_moe.experts.3.w3.weight"] = missing
+    save_file(tensors, str(src / "model.safetensors"))
+    with pytest.raises(MoequantError, match=r"experts\.3\.w3\.weight .* contains NaN"):
+        compress(src, tmp_path / "o2", method="rtn")
+    assert not (tmp_path / "o2").exists()
+
+
+def test_dense_model_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path / "llama")
+    with pytest.raises(MoequantError, match="dense model without experts"):
+        compress(tmp_path / "llama", tmp_path / "o", method="rtn")
+
+
+def test_compressed_checkpoint_is_not_compressed_again(tmp_path, tiny_mixtral):
+    out = compress(tiny_mixtral, tmp_path / "o", method="rtn").path
+    with pytest.raises(MoequantError, match="already quantised"):
+        compress(out, tmp_path / "o2", method="rtn")

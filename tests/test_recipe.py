@@ -1,0 +1,85 @@
+import pytest
+
+from moequant.arch.mixtral import MixtralAdapter
+from moequant.errors import MoequantError
+from moequant.pipeline import plan
+from moequant.recipe import builtin_names, load_recipe, parse_recipe
+from moequant.sizes import MIXTRAL_8X7B, estimate_bits
+
+BASE = """
+name: t
+rules:
+  - match: '.*\\.self_attn\\.(q|k|v|o)_proj'
+    bits: 4
+  - match: '.*experts\\.\\d+\\.w[123]'
+    bits: 3
+"""
+
+
+def test_builtins_load_and_first_match_wins():
+    assert {"mixtral-a4e3", "mixtral-a4e2", "mixtral-a4e4", "mixtral-a8e4"} <= set(builtin_names())
+    r = load_recipe("mixtral-a4e2")
+    expert = r.spec_for("model.layers.3.block_sparse_moe.experts.7.w2")
+    attn = r.spec_for("model.layers.3.self_attn.k_proj")
+    assert (expert.bits, expert.group_size, attn.bits, attn.group_size) == (2, 64, 4, 128)
+    assert r.spec_for("model.layers.3.block_sparse_moe.gate") is None
+    assert r.spec_for("lm_head") is None
+    assert r.spec_for("model.layers.0.self_attn.q_proj", "rtn").method == "rtn"
+
+
+def test_rule_overrides_and_keep():
+    r = parse_recipe(BASE + "  - match: 'lm_head'\n    bits: 8\n    sym: false\n    method: rtn\n")
+    s = r.spec_for("lm_head")
+    assert (s.bits, s.sym, s.method) == (8, False, "rtn")
+    keep = parse_recipe("name: k\nrules:\n  - match: '.*q_proj'\n    bits: 16\n  - match: '.*'\n    bits: 4\n")
+    assert keep.spec_for("model.layers.0.self_attn.q_proj") is None
+    assert keep.spec_for("model.layers.0.self_attn.k_proj").bits == 4
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (BASE.replace("bits: 3", "bits: 5"), r"rules\[1\]\.bits: must be one of 2, 3, 4, 8 or 16 \(got 5\)"),
+        (BASE + "colour: blue\n", r"colour: unknown key; allowed keys are name,"),
+        (BASE.replace("bits: 4", "bits: 4\n    groupsize: 64"), r"rules\[0\]\.groupsize: unknown key"),
+        ("name: t\ngroup_size: 100\n", r"group_size: must be -1 .* multiple of 32 \(got 100\)"),
+        ("name: t\nmethod: awq\n", r"method: must be one of .gptq. or .rtn."),
+        ("rules: []\n", r"name: required"),
+        ("name: t\nrules:\n  - match: '('\n    bits: 4\n", r"not a valid regular expression"),
+        ("- a\n- b\n", r"expected a mapping"),
+    ],
+)
+def test_invalid_recipes_name_file_field_and_allowed(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(MoequantError, match=message) as info:
+        load_recipe(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unknown_recipe_lists_builtins():
+    with pytest.raises(MoequantError, match="built-in recipes: .*mixtral-a4e3"):
+        load_recipe("mixtral-a1e1")
+
+
+def test_plan_refuses_router_and_bad_group():
+    adapter = MixtralAdapter(MIXTRAL_8X7B)
+    router = parse_recipe("name: r\nrules:\n  - match: '.*block_sparse_moe\\..*'\n    bits: 4\n")
+    with pytest.raises(MoequantError, match="would quantise the router"):
+        plan(adapter, router)
+    group = parse_recipe("name: g\nrules:\n  - match: '.*w2'\n    bits: 4\n    group_size: 4096\n")
+    with pytest.raises(MoequantError, match="group_size 4096 does not divide the 14336 input features"):
+        plan(adapter, group)
+    embed = parse_recipe("name: e\nrules:\n  - match: 'model.embed_tokens'\n    bits: 4\n")
+    with pytest.raises(MoequantError, match="embeddings stay 16-bit"):
+        plan(adapter, embed)
+
+
+def test_size_estimates_follow_the_bits():
+    est = {n: estimate_bits(load_recipe(n), MIXTRAL_8X7B) for n in builtin_names()}
+    assert est["mixtral-a4e2"]["bits_per_weight"] < est["mixtral-a4e3"]["bits_per_weight"]
+    assert est["mixtral-a4e3"]["bits_per_weight"] < est["mixtral-a4e4"]["bits_per_weight"]
+    assert est["mixtral-a4e4"]["bits_per_weight"] < est["mixtral-a8e4"]["bits_per_weight"]
+    # Mixtral-8x7B has 46.7B parameters; 4-bit g128 is about 4.2 bits per weight with 16-bit embeddings
+    assert 46.5e9 < est["mixtral-a4e4"]["parameters"] < 46.8e9
+    assert 4.1 < est["mixtral-a4e4"]["bits_per_weight"] < 4.4
