@@ -1,0 +1,93 @@
+"""Bad input gets one line, exit status 1 and no traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from moequant_cli.main import app
+from tests.conftest import make_mixtral
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def assert_one_line_error(code: int, output: str, needle: str) -> None:
+    assert code == 1, output
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    assert "Traceback" not in output
+    assert lines[-1].startswith("error:") and needle in " ".join(lines), output
+
+
+def test_missing_folder(tmp_path):
+    code, output = run("compress", str(tmp_path / "nope"), "-o", str(tmp_path / "out"))
+    assert_one_line_error(code, output, "no such folder")
+
+
+def test_folder_without_config(tmp_path):
+    code, output = run("compress", str(tmp_path), "-o", str(tmp_path.parent / "out-x"))
+    assert_one_line_error(code, output, "has no config.json")
+
+
+def test_bad_recipe_and_device(tmp_path, tiny_mixtral):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: b\nrules:\n  - match: '.*'\n    bits: 5\n")
+    code, output = run("compress", str(tiny_mixtral), "-o", str(tmp_path / "o"), "--recipe", str(bad))
+    assert_one_line_error(code, output, "bits")
+    code, output = run("compress", str(tiny_mixtral), "-o", str(tmp_path / "o"), "--recipe", "nope")
+    assert_one_line_error(code, output, "unknown recipe")
+    if not __import__("torch").cuda.is_available():
+        code, output = run("compress", str(tiny_mixtral), "-o", str(tmp_path / "o"), "--device", "cuda",
+                           "--method", "rtn")
+        assert_one_line_error(code, output, "no CUDA device")
+
+
+def test_existing_output_and_output_in_source(tmp_path, tiny_mixtral):
+    (tmp_path / "o").mkdir()
+    code, output = run("compress", str(tiny_mixtral), "-o", str(tmp_path / "o"), "--method", "rtn")
+    assert_one_line_error(code, output, "--overwrite")
+    code, output = run("compress", str(tiny_mixtral), "-o", str(tiny_mixtral / "o"), "--method", "rtn")
+    assert_one_line_error(code, output, "inside the source")
+
+
+def test_inspect_and_recipes(tmp_path, tiny_mixtral):
+    code, output = run("compress", str(tiny_mixtral), "-o", str(tmp_path / "o"), "--method", "rtn")
+    assert code == 0, output
+    assert "bits per weight" in output
+    code, output = run("inspect", str(tmp_path / "o"), "--json")
+    assert code == 0
+    import json
+
+    info = json.loads(output)
+    assert info["compressed"] and info["groups"]["expert"]["bits"] == {"3": 24}
+    assert info["groups"]["attention"]["bits"] == {"4": 8}
+    code, output = run("inspect", str(tiny_mixtral), "--json")
+    assert not json.loads(output)["compressed"]
+    code, output = run("recipes")
+    assert code == 0 and "mixtral-a4e3" in output and "mixtral-a8e4" in output
+
+
+def test_real_process_exit_status_and_debug_variable(tmp_path):
+    src = make_mixtral(tmp_path / "m", num_hidden_layers=1)
+    (src / "model.safetensors").write_bytes(b"not a safetensors file")
+    cmd = [sys.executable, "-m", "moequant_cli.main", "compress", str(src), "-o", str(tmp_path / "o")]
+    env = {k: v for k, v in os.environ.items() if k != "MOEQUANT_DEBUG"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "model.safetensors is truncated or corrupt" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "MOEQUANT_DEBUG": "1"}, timeout=120)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize("args", [["compress", "--help"], ["inspect", "--help"]])
+def test_help(args):
+    code, output = run(*args)
+    assert code == 0 and "Usage" in output
