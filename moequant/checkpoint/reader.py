@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from moequant.errors import MoequantError
 
@@ -48,8 +47,80 @@ def resolve_source(model: str | os.PathLike, revision: str | None = None) -> Pat
     return Path(local)
 
 
+class SafetensorsFile:
+    """One safetensors file, read with plain positional reads instead of a memory map.
+
+    Reading through ``pread`` keeps only the tensors asked for in memory: a memory map would
+    leave every page it touched counted in the process's resident memory until it is closed.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+            size = os.fstat(self._fd).st_size
+            head = os.pread(self._fd, 8, 0)
+            if len(head) < 8:
+                raise ValueError("file shorter than a safetensors header")
+            header_len = int.from_bytes(head, "little")
+            if header_len > size - 8 or header_len > 100_000_000:
+                raise ValueError("header length runs past the end of the file")
+            header = json.loads(os.pread(self._fd, header_len, 8))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+        except (OSError, ValueError) as exc:
+            raise MoequantError(f"shard {path.name} is truncated or corrupt ({exc}); re-download it") from exc
+        header.pop("__metadata__", None)
+        self._base = 8 + header_len
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        end = 0
+        for name, info in header.items():
+            try:
+                dtype = _ST_DTYPES[info["dtype"]]
+                start, stop = (int(v) for v in info["data_offsets"])
+                shape = tuple(int(d) for d in info["shape"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise MoequantError(f"shard {path.name} has a malformed entry for {name}; re-download it") from exc
+            numel = 1
+            for d in shape:
+                numel *= d
+            if stop - start != numel * _itemsize(dtype):
+                raise MoequantError(f"shard {path.name} is corrupt: {name} does not fit its byte range")
+            self.entries[name] = (dtype, shape, start, stop)
+            end = max(end, stop)
+        if self._base + end != size:
+            raise MoequantError(
+                f"shard {path.name} is truncated or corrupt (expected {self._base + end} bytes, found {size}); "
+                "re-download it"
+            )
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def get(self, name: str) -> torch.Tensor:
+        dtype, shape, start, stop = self.entries[name]
+        buf = bytearray(stop - start)
+        view = memoryview(buf)
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self._fd, [view[done:]], self._base + start + done)
+            if n <= 0:
+                raise MoequantError(f"shard {self.path.name} ended while reading {name}; the file may be truncated")
+            done += n
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 class CheckpointReader:
-    """Tensors of one checkpoint, read one at a time from memory-mapped safetensors.
+    """Tensors of one checkpoint, read one at a time.
 
     Nothing is loaded at construction but the headers; :meth:`get` reads a single tensor.
     Pickled weights (``.bin``/``.pt``) are refused unless ``allow_pickle`` is set, in which case
@@ -68,7 +139,7 @@ class CheckpointReader:
         except json.JSONDecodeError as exc:
             raise MoequantError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
         self._weight_map: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, SafetensorsFile] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         self._discover(allow_pickle)
 
@@ -131,15 +202,10 @@ class CheckpointReader:
                 self._weight_map[name] = file
 
     def _open(self, shard: Path) -> None:
-        try:
-            self._handles[shard] = safe_open(str(shard), framework="pt")
-        except (SafetensorError, OSError) as exc:
-            raise MoequantError(
-                f"shard {shard.name} is truncated or corrupt ({str(exc).splitlines()[0]}); re-download it"
-            ) from exc
+        self._handles[shard] = SafetensorsFile(shard)
 
     def _keys(self, shard: Path) -> set[str]:
-        return set(self._handles[shard].keys())  # type: ignore[attr-defined]
+        return set(self._handles[shard].keys())
 
     # -- queries -------------------------------------------------------------------------
     @property
@@ -159,12 +225,13 @@ class CheckpointReader:
         self._require(name)
         if self._pickled is not None:
             return tuple(self._pickled[name].shape)
-        return tuple(self._handles[self._weight_map[name]].get_slice(name).get_shape())  # type: ignore[attr-defined]
+        return self._handles[self._weight_map[name]].entries[name][1]
 
     def dtype(self, name: str) -> torch.dtype:
-        return self.get(name).dtype if self._pickled is not None else _st_dtype(
-            self._handles[self._weight_map[name]].get_slice(name).get_dtype()  # type: ignore[attr-defined]
-        )
+        self._require(name)
+        if self._pickled is not None:
+            return self._pickled[name].dtype
+        return self._handles[self._weight_map[name]].entries[name][0]
 
     def numel(self, name: str) -> int:
         n = 1
@@ -179,12 +246,7 @@ class CheckpointReader:
         if self._pickled is not None:
             tensor = self._pickled[name]
         else:
-            try:
-                tensor = self._handles[self._weight_map[name]].get_tensor(name)  # type: ignore[attr-defined]
-            except SafetensorError as exc:
-                raise MoequantError(
-                    f"cannot read {name} from {self._weight_map[name].name} ({exc}); the shard may be corrupt"
-                ) from exc
+            tensor = self._handles[self._weight_map[name]].get(name)
         if device is not None:
             tensor = tensor.to(device)
         if dtype is not None:
@@ -204,6 +266,17 @@ class CheckpointReader:
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files())
 
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -211,6 +284,3 @@ _ST_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 
-
-def _st_dtype(code: str) -> torch.dtype:
-    return _ST_DTYPES.get(code, torch.float32)
