@@ -1,0 +1,36 @@
+# Two commands set up a fresh machine: `make demo` (compress the bundled model and show what it
+# cost) and `make test` (the test suite). Each creates its own virtual environment in .venv.
+# TORCH_SPEC picks the PyTorch build, e.g. TORCH_SPEC="torch==2.13.0" for a CPU-only machine
+# that has that build at hand, or a CUDA build from your usual index.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch>=2.4,<3
+EXTRAS ?= dev,triton,plot
+BIN := $(VENV)/bin
+
+.PHONY: env demo test test-all lint clean
+
+$(BIN)/.moequant-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+env: $(BIN)/.moequant-installed
+
+demo: env
+	$(BIN)/moequant demo
+
+test: env
+	$(BIN)/python -m pytest -q
+
+test-all: env
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+lint: env
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
