@@ -18,7 +18,7 @@ def compress(
     recipe: str = typer.Option("mixtral-a4e3", "--recipe", "-r", help="Built-in recipe name or YAML path."),
     method: str = typer.Option(None, "--method", help="Override the recipe's solver: gptq or rtn."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    calib: str = typer.Option("builtin", "--calib", help="Calibration data: builtin, wikitext2, c4 or a text file."),
+    calib: str = typer.Option("builtin", "--calib", help="Calibration data: builtin, wikitext2, c4 or a text file (random: random ids, for timing only)."),
     samples: int = typer.Option(128, "--samples", help="Calibration windows."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per window (capped at the model's positions)."),
     seed: int = typer.Option(0, "--seed", help="Seed for drawing calibration windows."),

@@ -46,6 +46,7 @@ RECIPE_FILE = "recipe.yaml"
 _COPY_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 _GLOBALS_KEY = "globals"
+RANDOM_CALIB = "random"  # uniformly random token ids: for timing runs, never for real calibration
 
 
 @dataclass
@@ -230,9 +231,13 @@ def compress(
 # -- calibration ---------------------------------------------------------------------------
 def _calibration_ids(source: Path, calib: CalibSettings, adapter: MixtralAdapter) -> tuple[torch.Tensor, dict]:
     seqlen = min(calib.seqlen, adapter.config.max_position_embeddings)
-    tokenizer = load_tokenizer(source)
-    tokens = tokenize(tokenizer, load_text(calib.source, "calib"))
-    ids = random_windows(tokens, calib.samples, seqlen, calib.seed)
+    if calib.source == RANDOM_CALIB:
+        gen = torch.Generator().manual_seed(calib.seed)
+        ids = torch.randint(0, adapter.config.vocab_size, (calib.samples, seqlen), generator=gen)
+    else:
+        tokenizer = load_tokenizer(source)
+        tokens = tokenize(tokenizer, load_text(calib.source, "calib"))
+        ids = random_windows(tokens, calib.samples, seqlen, calib.seed)
     info = {"dataset": calib.source, "samples": calib.samples, "seqlen": seqlen, "seed": calib.seed,
             "tokens": int(ids.numel())}
     return ids, info
