@@ -1,0 +1,457 @@
+"""Loading checkpoints as runnable ``transformers`` models, compressed or not.
+
+:func:`load` builds ``MixtralForCausalLM`` on the meta device, swaps every quantised linear for
+a :class:`~moequant.nn.quant_linear.QuantLinear` and every layer's experts for a
+:class:`~moequant.nn.quant_experts.QuantExperts`, allocates the model once on the target device
+and copies each tensor from the memory-mapped shards into place. Packed weights stay packed:
+no full-precision copy of a quantised weight is ever made. A checkpoint without
+``quantization_config`` loads the same way, into a plain model.
+
+:func:`dequantized_model` gives the plain model whose weights are the dequantised codes, the
+float reference that a compressed model must reproduce.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moequant.arch.mixtral import MixtralAdapter
+from moequant.arch.registry import adapter_for
+from moequant.checkpoint.reader import CheckpointReader, resolve_source
+from moequant.checkpoint.weights import PACKED_KEYS, tensor_getter
+from moequant.errors import MoequantError
+from moequant.kernels import dispatch
+from moequant.nn.quant_experts import LinearSpec, QuantExperts, stacked_specs
+from moequant.nn.quant_linear import QuantLinear, packed_shapes
+
+_DTYPE_NAMES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+    "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+_IGNORED_EXTRA = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+# -- the quantisation config ------------------------------------------------------------------
+def module_spec(qcfg: dict | None, name: str) -> LinearSpec | None:
+    """How the GPTQ ``quantization_config`` stores module ``name`` (None: a plain 16-bit weight).
+
+    The first ``dynamic`` pattern that ``re.match``-es the name wins: ``-:pattern`` keeps the
+    module 16-bit, ``+:pattern`` (or no prefix) overrides ``bits``/``group_size`` of the defaults.
+    """
+    if not qcfg:
+        return None
+    spec = LinearSpec(int(qcfg.get("bits", 4)), int(qcfg.get("group_size", 128)))
+    for pattern, override in (qcfg.get("dynamic") or {}).items():
+        skip = pattern.startswith("-:")
+        regex = pattern[2:] if pattern.startswith(("-:", "+:")) else pattern
+        if not re.match(regex, name):
+            continue
+        if skip:
+            return None
+        override = override or {}
+        return LinearSpec(int(override.get("bits", spec.bits)), int(override.get("group_size", spec.group_size)))
+    return spec
+
+
+def check_quantization_config(qcfg: dict) -> None:
+    """Refuse quantisation configs this loader cannot run, with what to do instead."""
+    method = str(qcfg.get("quant_method", "gptq")).lower()
+    if method != "gptq":
+        raise MoequantError(f"quantization_config.quant_method is {method!r}; moequant loads GPTQ checkpoints only")
+    fmt = str(qcfg.get("checkpoint_format", "gptq")).lower()
+    if fmt != "gptq":
+        raise MoequantError(
+            f"quantization_config.checkpoint_format is {fmt!r}; moequant reads the v1 'gptq' format "
+            "(convert gptq_v2 checkpoints to v1 first)"
+        )
+    patterns = [p[2:] if p.startswith(("-:", "+:")) else p for p in (qcfg.get("dynamic") or {})]
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise MoequantError(
+                f"quantization_config.dynamic pattern {pattern!r} is not a valid regular expression ({exc})"
+            ) from exc
+
+
+def linear_specs(adapter: MixtralAdapter, qcfg: dict | None) -> dict[str, LinearSpec | None]:
+    """The storage spec of every attention, expert and ``lm_head`` linear (on-disk module names).
+
+    GPTQ quantises attention and expert projections by default, ``lm_head`` only when the config
+    says ``"lm_head": true``; routers and embeddings never.
+    """
+    specs: dict[str, LinearSpec | None] = {}
+    for layer in range(adapter.config.num_layers):
+        for info in adapter.layer_linears(layer):
+            if info.kind in ("attention", "expert"):
+                specs[info.name] = module_spec(qcfg, info.name)
+    if not adapter.config.tie_word_embeddings:
+        specs["lm_head"] = module_spec(qcfg, "lm_head") if qcfg and qcfg.get("lm_head") else None
+    return specs
+
+
+# -- the plan: which checkpoint tensor goes where ----------------------------------------------
+@dataclass(frozen=True)
+class _Fill:
+    """Copy checkpoint tensor ``disk`` into model tensor ``target`` (optionally a slice of it)."""
+
+    disk: str
+    target: str
+    index: tuple | None = None
+
+
+def _packed_fills(disk_module: str, target_module: str) -> list[_Fill]:
+    return [_Fill(f"{disk_module}.{k}", f"{target_module}.{k}") for k in PACKED_KEYS]
+
+
+def _plain_or_packed(disk_module: str, target_module: str, spec: LinearSpec | None) -> list[_Fill]:
+    if spec is None:
+        return [_Fill(disk_module + ".weight", target_module + ".weight")]
+    return _packed_fills(disk_module, target_module)
+
+
+def _experts_layout(reader: CheckpointReader, adapter: MixtralAdapter, layer: int,
+                    specs: dict[str, LinearSpec | None]) -> tuple[str, list[dict[str, LinearSpec | None]]]:
+    """``("plain" | "stacked" | "per-expert", per-expert role specs)`` of one layer's experts."""
+    c = adapter.config
+    roles = [{r: specs[adapter.expert_name(layer, e, r)] for r in ("w1", "w3", "w2")} for e in range(c.num_experts)]
+    if all(s is None for r in roles for s in r.values()):
+        return "plain", roles
+    if stacked_specs(roles) is None:
+        return "per-expert", roles
+    for e in range(c.num_experts):
+        w1, w3 = (adapter.expert_name(layer, e, r) + ".g_idx" for r in ("w1", "w3"))
+        if reader.has(w1) and reader.has(w3) and reader.shape(w1) == reader.shape(w3):
+            if not torch.equal(reader.get(w1).to(torch.int32), reader.get(w3).to(torch.int32)):
+                return "per-expert", roles
+    return "stacked", roles
+
+
+def _expert_fills(adapter: MixtralAdapter, layer: int, layout: str,
+                  roles: list[dict[str, LinearSpec | None]]) -> list[_Fill]:
+    c = adapter.config
+    inter = c.intermediate_size
+    target = f"model.layers.{layer}.mlp.experts"
+    fills: list[_Fill] = []
+    for e in range(c.num_experts):
+        disk = {r: adapter.expert_name(layer, e, r) for r in ("w1", "w3", "w2")}
+        if layout == "plain":
+            fills += [
+                _Fill(disk["w1"] + ".weight", f"{target}.gate_up_proj", (e, slice(0, inter))),
+                _Fill(disk["w3"] + ".weight", f"{target}.gate_up_proj", (e, slice(inter, 2 * inter))),
+                _Fill(disk["w2"] + ".weight", f"{target}.down_proj", (e,)),
+            ]
+        elif layout == "stacked":
+            bits = roles[e]["w1"].bits
+            halves = {"qweight": inter, "qzeros": inter * bits // 32, "scales": inter}
+            for key, width in halves.items():
+                fills.append(_Fill(f"{disk['w1']}.{key}", f"{target}.w13_{key}", (e, slice(None), slice(0, width))))
+                fills.append(_Fill(f"{disk['w3']}.{key}", f"{target}.w13_{key}",
+                                   (e, slice(None), slice(width, 2 * width))))
+            # w3 shares w1's g_idx (checked when choosing the layout); copying both checks both are there
+            fills.append(_Fill(f"{disk['w1']}.g_idx", f"{target}.w13_g_idx", (e,)))
+            fills.append(_Fill(f"{disk['w3']}.g_idx", f"{target}.w13_g_idx", (e,)))
+            fills += [_Fill(f"{disk['w2']}.{k}", f"{target}.w2_{k}", (e,)) for k in PACKED_KEYS]
+        else:
+            for r in ("w1", "w3", "w2"):
+                fills += _plain_or_packed(disk[r], f"{target}.experts.{e}.{r}", roles[e][r])
+    return fills
+
+
+# -- building the model -----------------------------------------------------------------------
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"``: CUDA when available, else CPU; refuses CUDA where there is none."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise MoequantError(f"unknown device {device!r}; use auto, cpu or cuda") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MoequantError(f"device {device} was asked for but no CUDA device is available; use cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config: dict, device: torch.device) -> torch.dtype:
+    """The compute dtype: ``dtype`` if given, else the checkpoint's on CUDA and float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise MoequantError(f"dtype {dtype} is not a floating-point type; use bfloat16, float16 or float32")
+        return dtype
+    if dtype is not None and str(dtype) != "auto":
+        if str(dtype) not in _DTYPE_NAMES:
+            raise MoequantError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32")
+        return _DTYPE_NAMES[str(dtype)]
+    if device.type != "cuda":
+        return torch.float32
+    stored = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+    return _DTYPE_NAMES.get(stored, torch.bfloat16)
+
+
+def _hf_config(raw: dict, keep_quant: bool):
+    from transformers import MixtralConfig
+
+    fields = {k: v for k, v in raw.items() if keep_quant or k != "quantization_config"}
+    try:
+        return MixtralConfig.from_dict(fields)
+    except Exception as exc:
+        raise MoequantError(f"config.json does not describe a Mixtral model transformers accepts ({exc})") from exc
+
+
+def _skeleton(raw: dict, adapter: MixtralAdapter, specs: dict[str, LinearSpec | None],
+              layouts: list[tuple[str, list]], backend: str, keep_quant: bool) -> nn.Module:
+    """``MixtralForCausalLM`` on the meta device with packed modules in place."""
+    from transformers import MixtralForCausalLM
+
+    config = _hf_config(raw, keep_quant)
+    c = adapter.config
+    with torch.device("meta"):
+        model = MixtralForCausalLM(config)
+        for layer, (layout, roles) in enumerate(layouts):
+            attn = model.model.layers[layer].self_attn
+            for role in ("q", "k", "v", "o"):
+                spec = specs[adapter.attention_name(layer, role)]
+                if spec is not None:
+                    old = getattr(attn, f"{role}_proj")
+                    setattr(attn, f"{role}_proj", QuantLinear(old.in_features, old.out_features, spec.bits,
+                                                              spec.group_size, backend=backend))
+            if layout != "plain":
+                model.model.layers[layer].mlp.experts = QuantExperts(
+                    c.num_experts, c.hidden_size, c.intermediate_size, roles, config.hidden_act, backend,
+                    force_per_expert=layout == "per-expert",
+                )
+        lm_spec = specs.get("lm_head")
+        if lm_spec is not None:
+            model.lm_head = QuantLinear(c.hidden_size, c.vocab_size, lm_spec.bits, lm_spec.group_size,
+                                        backend=backend)
+    return model
+
+
+def _plan(reader: CheckpointReader, adapter: MixtralAdapter, specs: dict[str, LinearSpec | None]
+          ) -> tuple[list[tuple[str, list]], list[_Fill]]:
+    a, c = adapter, adapter.config
+    fills = [_Fill(a.embed_name, "model.embed_tokens.weight"), _Fill(a.final_norm_name, "model.norm.weight")]
+    layouts = []
+    for layer in range(c.num_layers):
+        prefix = f"model.layers.{layer}."
+        in_norm, post_norm = a.norm_names(layer)
+        fills += [_Fill(in_norm, prefix + "input_layernorm.weight"),
+                  _Fill(post_norm, prefix + "post_attention_layernorm.weight"),
+                  _Fill(a.router_name(layer) + ".weight", prefix + "mlp.gate.weight")]
+        for role in ("q", "k", "v", "o"):
+            name = a.attention_name(layer, role)
+            fills += _plain_or_packed(name, name, specs[name])
+        layout = _experts_layout(reader, a, layer, specs)
+        layouts.append(layout)
+        fills += _expert_fills(a, layer, *layout)
+    if not c.tie_word_embeddings:
+        fills += _plain_or_packed("lm_head", "lm_head", specs.get("lm_head"))
+    return layouts, fills
+
+
+def _check_fills(reader: CheckpointReader, fills: list[_Fill], targets: dict[str, torch.Tensor]) -> None:
+    """Every checkpoint tensor is present, has the shape its slot needs and a usable dtype."""
+    missing = [f.disk for f in fills if not reader.has(f.disk)]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise MoequantError(
+            f"the checkpoint at {reader.path} lacks tensor {', '.join(missing[:3])}{more}; re-create it with "
+            "moequant compress"
+        )
+    for f in fills:
+        want = tuple(_slot(targets[f.target], f.index).shape)
+        got = reader.shape(f.disk)
+        if got != want:
+            raise MoequantError(
+                f"tensor {f.disk} has shape {list(got)}, but config.json and quantization_config imply "
+                f"{list(want)}; the checkpoint does not match its config"
+            )
+        dtype = reader.dtype(f.disk)
+        if f.disk.endswith((".qweight", ".qzeros")) and dtype != torch.int32:
+            raise MoequantError(f"tensor {f.disk} is {dtype}, packed GPTQ codes must be int32")
+        if f.disk.endswith(".g_idx") and (dtype.is_floating_point or dtype == torch.bool):
+            raise MoequantError(f"tensor {f.disk} is {dtype}, g_idx must be an integer tensor")
+        if not f.disk.endswith((".qweight", ".qzeros", ".g_idx")) and not dtype.is_floating_point:
+            raise MoequantError(f"tensor {f.disk} is {dtype}, expected a floating-point tensor")
+
+
+def _slot(tensor: torch.Tensor, index: tuple | None) -> torch.Tensor:
+    return tensor if index is None else tensor[index]
+
+
+def _targets(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = dict(model.named_parameters(remove_duplicate=False))
+    out.update(model.named_buffers(remove_duplicate=False))
+    return out
+
+
+def _warn_unused(reader: CheckpointReader, used: set[str], tied: bool) -> None:
+    extra = [n for n in reader.names if n not in used and not _IGNORED_EXTRA.match(n)
+             and not (tied and n == "lm_head.weight")]
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        warnings.warn(f"ignored {len(extra)} checkpoint tensors the model has no place for: "
+                      f"{', '.join(extra[:3])}{more}", stacklevel=4)
+
+
+def _build(path: str | os.PathLike, device: str | torch.device | None, dtype: str | torch.dtype | None,
+           backend: str, dequantize: bool) -> nn.Module:
+    source = resolve_source(path)
+    reader = CheckpointReader(source)
+    raw = reader.config
+    adapter = adapter_for(raw)
+    qcfg = raw.get("quantization_config") or None
+    if qcfg is not None:
+        check_quantization_config(qcfg)
+    dev = resolve_device(device)
+    compute_dtype = resolve_dtype(dtype, raw, dev)
+    if backend not in dispatch.BACKENDS:
+        raise MoequantError(f"unknown kernel backend {backend!r}: use one of {', '.join(dispatch.BACKENDS)}")
+    if backend == "triton":
+        dispatch.resolve_backend(backend, dev)
+
+    specs = linear_specs(adapter, None if dequantize else qcfg)
+    for name, spec in specs.items():
+        if spec is not None:
+            info_shape = _shape_of(adapter, name)
+            try:
+                packed_shapes(*info_shape, spec.bits, spec.group_size)
+            except MoequantError as exc:
+                raise MoequantError(f"quantization_config gives {name} bits={spec.bits}, "
+                                    f"group_size={spec.group_size}, which cannot hold it: {exc}") from exc
+    layouts, fills = _plan(reader, adapter, specs)
+    model = _skeleton(raw, adapter, specs, layouts, backend, keep_quant=not dequantize)
+    targets = _targets(model)
+    covered = {f.target for f in fills}
+    tied = adapter.config.tie_word_embeddings
+    uncovered = [n for n in model.state_dict() if n not in covered and not (tied and n == "lm_head.weight")]
+    if uncovered:
+        raise MoequantError(f"no checkpoint tensor fills {', '.join(uncovered[:3])}; this model layout is not "
+                            "supported")
+    if dequantize:
+        get = tensor_getter(reader, dtype=torch.float32)
+    else:
+        _check_fills(reader, fills, targets)
+
+        def get(name: str) -> torch.Tensor:
+            return reader.get(name)
+
+    model.to(compute_dtype)
+    model.to_empty(device=dev)
+    targets = _targets(model)
+    used: set[str] = set()
+    with torch.no_grad():
+        for f in fills:
+            tensor = get(f.disk)
+            slot = _slot(targets[f.target], f.index)
+            if tuple(tensor.shape) != tuple(slot.shape):
+                raise MoequantError(f"tensor {f.disk} has shape {list(tensor.shape)}, expected {list(slot.shape)}")
+            if f.disk.endswith(".g_idx"):
+                _check_g_idx(f.disk, tensor, targets[f.target.replace("g_idx", "scales")])
+            slot.copy_(tensor)
+            used.add(f.disk)
+            if dequantize and not reader.has(f.disk):
+                used.update(f"{f.disk[: -len('.weight')]}.{k}" for k in PACKED_KEYS)
+        _reset_rotary(model, dev)
+        if tied:
+            model.lm_head.weight = model.model.embed_tokens.weight
+    _warn_unused(reader, used, tied)
+    _load_generation_config(model, source)
+    model.config._name_or_path = str(source)
+    model.config.dtype = compute_dtype
+    return model.eval()
+
+
+def _shape_of(adapter: MixtralAdapter, name: str) -> tuple[int, int]:
+    c = adapter.config
+    if name == "lm_head":
+        return c.vocab_size, c.hidden_size
+    layer = int(name.split(".")[2])
+    for info in adapter.layer_linears(layer):
+        if info.name == name:
+            return info.out_features, info.in_features
+    raise MoequantError(f"unknown module {name}")
+
+
+def _check_g_idx(name: str, g_idx: torch.Tensor, scales: torch.Tensor) -> None:
+    groups = scales.shape[-2]
+    if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        raise MoequantError(f"tensor {name} names groups outside [0, {groups - 1}]; the checkpoint is corrupt")
+
+
+def _reset_rotary(model: nn.Module, device: torch.device) -> None:
+    """Recompute the rotary embedding's (non-persistent) inverse frequencies on ``device``."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
+
+    model.model.rotary_emb = MixtralRotaryEmbedding(config=model.config).to(device)
+
+
+def _load_generation_config(model: nn.Module, source: Path) -> None:
+    if not (source / "generation_config.json").is_file():
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    except Exception as exc:  # a broken generation config should not stop the model from loading
+        warnings.warn(f"ignored generation_config.json ({exc})", stacklevel=4)
+
+
+# -- public API -------------------------------------------------------------------------------
+def load(path: str | os.PathLike, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, backend: str = "auto") -> nn.Module:
+    """A checkpoint folder (compressed by moequant, or an original MoE checkpoint) as a model.
+
+    Args:
+        path: checkpoint folder (``config.json``, safetensors shards) or hub id.
+        device: ``cpu``, ``cuda[:N]``; None or ``auto``: CUDA when available, else CPU.
+        dtype: compute dtype of activations and 16-bit weights. Default: the checkpoint's
+            ``dtype``/``torch_dtype`` (bf16/fp16) on CUDA, float32 on CPU. Packed scales stay
+            float16 whatever the dtype.
+        backend: kernels for packed weights: ``torch`` (any device), ``triton`` (CUDA, or CPU
+            under ``TRITON_INTERPRET=1``) or ``auto`` (Triton on CUDA when available).
+
+    Returns:
+        ``MixtralForCausalLM`` in eval mode: quantised attention projections (and ``lm_head``
+        if quantised) are :class:`QuantLinear`, each layer's ``mlp.experts`` with quantised
+        experts a :class:`QuantExperts`; everything else is the ordinary transformers module.
+        It runs ``model(input_ids=...)`` and ``model.generate(...)``; the tokenizer loads with
+        ``AutoTokenizer.from_pretrained(path)``.
+
+    Raises:
+        MoequantError: missing or mis-shaped tensors (named), unsupported configs, or a backend
+            that cannot run on ``device``.
+    """
+    return _build(path, device, dtype, backend, dequantize=False)
+
+
+def dequantized_model(path: str | os.PathLike, device: str | torch.device | None = None,
+                      dtype: str | torch.dtype | None = None) -> nn.Module:
+    """A plain ``MixtralForCausalLM`` whose weights are the checkpoint's dequantised codes.
+
+    Every packed module ``X`` becomes the float ``X.weight = s * (q - z)`` (via
+    :func:`~moequant.checkpoint.weights.tensor_getter`); same device and dtype defaults as
+    :func:`load`. It holds full-precision weights: use it as a reference, not to save memory.
+    """
+    return _build(path, device, dtype, "torch", dequantize=True)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes held by ``model``'s parameters and buffers (tied tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+

@@ -1,0 +1,265 @@
+"""load(): compressed checkpoints run from packed weights and agree with their dequantised floats."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module is imported
+
+import json  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from torch import nn  # noqa: E402
+
+from moequant.checkpoint.reader import CheckpointReader  # noqa: E402
+from moequant.errors import MoequantError  # noqa: E402
+from moequant.kernels import dispatch  # noqa: E402
+from moequant.loading import dequantized_model, load, model_bytes, module_spec  # noqa: E402
+from moequant.nn.quant_experts import LinearSpec, QuantExperts  # noqa: E402
+from moequant.nn.quant_linear import QuantLinear  # noqa: E402
+from moequant.pipeline import compress  # noqa: E402
+from moequant.recipe import parse_recipe  # noqa: E402
+from tests.conftest import add_tokenizer, make_mixtral  # noqa: E402
+
+RECIPE_STACKED = r"""
+name: test-stacked
+method: rtn
+rules:
+  - match: '.*\.self_attn\.q_proj'
+    bits: 16
+  - match: '.*\.self_attn\.(k|v|o)_proj'
+    bits: 4
+    group_size: 32
+    sym: false
+  - match: '.*\.block_sparse_moe\.experts\.\d+\.w[123]'
+    bits: 3
+    group_size: 64
+"""
+
+RECIPE_MIXED = r"""
+name: test-mixed
+method: rtn
+group_size: 32
+rules:
+  - match: 'model\.layers\.1\.block_sparse_moe\.experts\.\d+\.w[123]'
+    bits: 16
+  - match: '.*\.experts\.0\.w[13]'
+    bits: 4
+  - match: '.*\.experts\.\d+\.w[123]'
+    bits: 2
+    sym: false
+  - match: '.*\.self_attn\.(q|k|v|o)_proj'
+    bits: 8
+  - match: 'lm_head'
+    bits: 8
+    group_size: -1
+"""
+
+
+def _compress(tmp_path_factory, name: str, recipe: str, **overrides):
+    root = tmp_path_factory.mktemp(name)
+    src = make_mixtral(root / "src", seed=3, **overrides)
+    return src, compress(src, root / "out", recipe=parse_recipe(recipe), method="rtn").path
+
+
+@pytest.fixture(scope="module")
+def stacked(tmp_path_factory):
+    """(original, compressed): 4-bit asymmetric k/v/o, 16-bit q, 3-bit experts in groups of 64."""
+    src, out = _compress(tmp_path_factory, "stacked", RECIPE_STACKED)
+    add_tokenizer(out)
+    return src, out
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Mixed expert bits in layer 0, 16-bit experts in layer 1, 8-bit attention and lm_head."""
+    return _compress(tmp_path_factory, "mixed", RECIPE_MIXED)[1]
+
+
+def ids(batch: int = 2, length: int = 11, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -> None:
+    torch.testing.assert_close(got, want, rtol=rel, atol=rel * float(want.abs().max()))
+
+
+def test_logits_equal_the_dequantised_model(stacked):
+    _, out = stacked
+    model = load(out, device="cpu")
+    reference = dequantized_model(out, device="cpu")
+    assert not any(isinstance(m, (QuantLinear, QuantExperts)) for m in reference.modules())
+    x = ids()
+    close(logits(model, x), logits(reference, x))
+
+
+def test_original_checkpoint_loads_like_transformers(stacked):
+    from transformers import MixtralForCausalLM
+
+    src, _ = stacked
+    model = load(src, device="cpu")
+    assert not any(isinstance(m, (QuantLinear, QuantExperts)) for m in model.modules())
+    x = ids(seed=1)
+    close(logits(model, x), logits(MixtralForCausalLM.from_pretrained(src), x), rel=1e-6)
+
+
+def test_generate_matches_the_dequantised_model(stacked):
+    _, out = stacked
+    prompt = ids(batch=1, length=5, seed=2)
+    got = load(out, device="cpu").generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    want = dequantized_model(out, device="cpu").generate(prompt, max_new_tokens=6, min_new_tokens=6,
+                                                         do_sample=False)
+    assert got.shape == (1, 11)
+    assert torch.equal(got, want)
+
+
+def test_quantised_modules_hold_packed_tensors_only(stacked):
+    _, out = stacked
+    model = load(out, device="cpu")
+    attn, moe = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert isinstance(attn.q_proj, nn.Linear) and not isinstance(attn.q_proj, QuantLinear)
+    assert isinstance(attn.k_proj, QuantLinear) and (attn.k_proj.bits, attn.k_proj.group_size) == (4, 32)
+    assert isinstance(moe.experts, QuantExperts) and moe.experts.stacked
+    assert (moe.experts.w13_spec, moe.experts.w2_spec) == (LinearSpec(3, 64), LinearSpec(3, 64))
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if ".experts." in name or re.search(r"\.(k|v|o)_proj\.", name):
+            assert tensor.dtype in (torch.int32, torch.float16), name
+            assert name.endswith(("qweight", "qzeros", "scales", "g_idx")), name
+    # bytes held = packed tensors as stored + every float tensor in float32, w3's g_idx shared with w1
+    reader = CheckpointReader(out)
+    expected = 0
+    for name in reader.names:
+        if name.endswith(".w3.g_idx"):
+            continue
+        t = reader.get(name)
+        packed = name.endswith(("qweight", "qzeros", "scales", "g_idx"))
+        expected += t.numel() * (t.element_size() if packed else 4)
+    rotary = sum(t.numel() * t.element_size() for t in model.model.rotary_emb.buffers())  # not in checkpoints
+    assert model_bytes(model) - rotary == expected
+
+
+def test_mixed_layouts_and_quantised_lm_head(mixed):
+    model = load(mixed, device="cpu")
+    layer0, layer1 = (model.model.layers[i].mlp.experts for i in (0, 1))
+    assert isinstance(layer0, QuantExperts) and not layer0.stacked
+    assert (layer0.experts[0].w1.bits, layer0.experts[0].w2.bits, layer0.experts[1].w1.bits) == (4, 2, 2)
+    assert not isinstance(layer1, QuantExperts) and layer1.gate_up_proj.shape == (4, 512, 128)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.bits == 8
+    x = ids(seed=3)
+    close(logits(model, x), logits(dequantized_model(mixed, device="cpu"), x))
+
+
+def test_tied_embeddings(tmp_path_factory):
+    _, out = _compress(tmp_path_factory, "tied", RECIPE_STACKED, tie_word_embeddings=True, num_hidden_layers=1)
+    model = load(out, device="cpu")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    x = ids(seed=4)
+    close(logits(model, x), logits(dequantized_model(out, device="cpu"), x))
+
+
+def test_bfloat16_keeps_fp16_scales(stacked):
+    _, out = stacked
+    model = load(out, device="cpu", dtype="bfloat16")
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.model.layers[0].mlp.experts.w13_scales.dtype == torch.float16
+    x = ids(seed=5)
+    got = logits(model, x)
+    assert got.dtype == torch.bfloat16
+    want = logits(load(out, device="cpu"), x)
+    torch.testing.assert_close(got.float(), want, rtol=0.1, atol=0.05 * float(want.abs().max()))
+
+
+def _rewrite(folder, name: str, replace=None) -> None:
+    """Drop tensor ``name`` from its shard and the index, or replace it with ``replace``."""
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = folder / index["weight_map"][name]
+    tensors = load_file(str(shard))
+    if replace is None:
+        del tensors[name]
+        del index["weight_map"][name]
+        index_file.write_text(json.dumps(index))
+    else:
+        tensors[name] = replace
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(stacked, tmp_path):
+    broken = shutil.copytree(stacked[1], tmp_path / "broken")
+    name = "model.layers.1.block_sparse_moe.experts.2.w2.qzeros"
+    _rewrite(broken, name)
+    with pytest.raises(MoequantError, match=re.escape(name)):
+        load(broken, device="cpu")
+
+
+def test_misshaped_tensor_is_named(stacked, tmp_path):
+    broken = shutil.copytree(stacked[1], tmp_path / "broken")
+    name = "model.layers.0.self_attn.k_proj.scales"
+    _rewrite(broken, name, torch.ones(5, 64, dtype=torch.float16))
+    with pytest.raises(MoequantError, match=re.escape(name) + r" has shape \[5, 64\].*\[4, 64\]"):
+        load(broken, device="cpu")
+
+
+def test_unsupported_quantisation_is_refused(stacked, tmp_path):
+    other = shutil.copytree(stacked[1], tmp_path / "awq")
+    config = json.loads((other / "config.json").read_text())
+    config["quantization_config"]["quant_method"] = "awq"
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MoequantError, match="GPTQ checkpoints only"):
+        load(other, device="cpu")
+
+
+def test_module_spec_follows_dynamic_rules():
+    qcfg = {"bits": 3, "group_size": 128, "dynamic": {
+        r"-:^model\.layers\.0\.self_attn\.q_proj$": {},
+        r"+:^model\.layers\.\d+\.self_attn\..*$": {"bits": 4, "group_size": 32},
+        r"^model\.layers\.1\..*experts\.0\..*$": {"bits": 8},
+    }}
+    assert module_spec(qcfg, "model.layers.0.self_attn.q_proj") is None
+    assert module_spec(qcfg, "model.layers.1.self_attn.q_proj") == LinearSpec(4, 32)
+    assert module_spec(qcfg, "model.layers.1.block_sparse_moe.experts.0.w1") == LinearSpec(8, 128)
+    assert module_spec(qcfg, "model.layers.1.block_sparse_moe.experts.1.w1") == LinearSpec(3, 128)
+    assert module_spec(None, "model.layers.1.self_attn.q_proj") is None
+
+
+def test_triton_backend_needs_a_way_to_run(stacked, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(MoequantError, match="TRITON_INTERPRET=1"):
+        load(stacked[1], device="cpu", backend="triton")
+    with pytest.raises(MoequantError, match="unknown kernel backend"):
+        load(stacked[1], device="cpu", backend="fast")
+
+
+def test_triton_backend_in_the_interpreter(tmp_path_factory):
+    pytest.importorskip("triton")
+    if not dispatch.triton_available("cpu"):
+        pytest.skip("Triton kernels need TRITON_INTERPRET=1 set before they are imported")
+    _, out = _compress(tmp_path_factory, "triton", RECIPE_STACKED, num_hidden_layers=1)
+    x = ids(batch=1, length=4, seed=6)
+    got = logits(load(out, device="cpu", backend="triton"), x)
+    torch.testing.assert_close(got, logits(load(out, device="cpu", backend="torch"), x), rtol=1e-4, atol=1e-4)
+
+
+def test_generate_command(stacked):
+    from moequant_cli.main import app
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["generate", str(stacked[1]), "--prompt", "The for statement",
+                                 "--max-new-tokens", "5", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("The for statement")
+    assert re.search(r"5 new tokens in [\d.]+ s .*: [\d.]+ tokens/s", result.output.replace("\n", " "))
+    missing = runner.invoke(app, ["generate", str(stacked[0]), "--prompt", "x", "--device", "cpu"])
+    assert missing.exit_code == 1
+    assert "no usable tokenizer" in missing.output and "Traceback" not in missing.output
