@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from moequant_cli import compress, inspect, recipes
+from moequant_cli import compare, compress, demo, eval_cmd, generate, inspect, recipes
 
 app = typer.Typer(
     name="moequant",
@@ -16,12 +16,7 @@ app = typer.Typer(
 app.command("compress")(compress.compress)
 app.command("inspect")(inspect.inspect)
 app.command("recipes")(recipes.recipes)
-
-for _optional in ("eval_cmd", "compare", "generate", "demo"):
-    try:
-        _module = __import__(f"moequant_cli.{_optional}", fromlist=["register"])
-    except ModuleNotFoundError:
-        continue
+for _module in (eval_cmd, compare, generate, demo):
     _module.register(app)
 
 

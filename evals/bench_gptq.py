@@ -1,0 +1,154 @@
+"""GPTQ compression speed, measured against baselines in the same run.
+
+1. solver: the batched expert solver against a plain loop over experts on the same inputs
+   (ratio, and whether the results are equal), via ``evals/bench_gptq_solver.py``;
+2. peer: ``moequant compress`` of the bundled model against llm-compressor's GPTQ with the same
+   bits, group size, symmetry, act-order and calibration windows (needs ``--peer-python``, the
+   interpreter of an environment with ``llmcompressor`` installed); target: at most half the peer's time;
+3. layer: one decoder layer with Mixtral-8x7B's real shapes and random weights, calibrated on
+   random token ids (``--layer-samples`` x 512; 128 on a GPU, fewer on a CPU): seconds and peak
+   resident memory (target on a GPU: under 20 s per layer).
+
+Prints each part and writes ``evals/results/gptq-<device>.json``.
+
+    python evals/bench_gptq.py [--parts solver,peer,layer] [--peer-python /path/to/venv/bin/python]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def part_solver(device: str) -> dict:
+    out = subprocess.run([sys.executable, str(HERE / "bench_gptq_solver.py"), "--device", device],
+                         capture_output=True, text=True, check=True)
+    print(out.stdout)
+    return {"output": out.stdout.strip().splitlines()}
+
+
+def _moequant_cli() -> str:
+    return shutil.which("moequant") or str(Path(sys.executable).parent / "moequant")
+
+
+def _timed(cmd: list[str]) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd[:3])} failed: {proc.stderr[-3000:]}")
+    return time.perf_counter() - t0, proc.stdout
+
+
+def part_peer(peer_python: str | None, recipe: str, samples: int, seqlen: int, device: str) -> dict:
+    from moequant.builtin_data import bundled_model_path
+    from moequant.calib import load_text, load_tokenizer, random_windows, tokenize
+    from moequant.recipe import load_recipe
+
+    if not peer_python:
+        print("peer: skipped (pass --peer-python, an interpreter with llmcompressor installed)")
+        return {"skipped": "no --peer-python"}
+    model = bundled_model_path()
+    rec = load_recipe(recipe)
+    attn = rec.spec_for("model.layers.0.self_attn.q_proj")
+    expert = rec.spec_for("model.layers.0.block_sparse_moe.experts.0.w1")
+    tok = load_tokenizer(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        calib = random_windows(tokenize(tok, load_text("builtin", "calib")), samples, seqlen, 0)
+        save_file({"ids": calib}, str(tmp / "calib.safetensors"))
+        save_file({"ids": calib[:2]}, str(tmp / "eval.safetensors"))
+        ours, _ = _timed([_moequant_cli(), "compress", str(model), "-o", str(tmp / "ours"), "--recipe", recipe,
+                          "--samples", str(samples), "--seqlen", str(seqlen), "--device", device])
+        peer_cmd = [peer_python, str(HERE / "peer_llmcompressor.py"), "--model", str(model), "--calib-ids",
+                    str(tmp / "calib.safetensors"), "--eval-ids", str(tmp / "eval.safetensors"), "--attn-bits",
+                    str(attn.bits), "--expert-bits", str(expert.bits), "--group-size", str(attn.group_size),
+                    "--expert-group-size", str(expert.group_size), "--damp", str(rec.damp), "--skip-original"]
+        if not rec.act_order:
+            peer_cmd.append("--no-act-order")
+        peer_wall, stdout = _timed(peer_cmd)
+    peer = json.loads(stdout.strip().splitlines()[-1])
+    result = {"recipe": recipe, "samples": samples, "seqlen": seqlen, "moequant_s": round(ours, 2),
+              "peer_wall_s": round(peer_wall, 2), "peer_oneshot_s": round(peer["seconds"], 2),
+              "ratio_moequant_over_peer_wall": round(ours / peer_wall, 3),
+              "ratio_moequant_over_peer_oneshot": round(ours / peer["seconds"], 3), "target": "<= 0.5"}
+    print(f"peer: moequant compress {ours:.1f} s (whole command) vs llm-compressor {peer_wall:.1f} s "
+          f"(oneshot alone {peer['seconds']:.1f} s): ratio {ours / peer_wall:.2f} (target <= 0.5)")
+    return result
+
+
+def part_layer(samples: int, seqlen: int, device: str, expert_batch: int, workdir: Path) -> dict:
+    bench_memory = _load("bench_memory")
+    src = workdir / "mixtral-shaped-1l"
+    if not (src / "config.json").is_file():
+        bench_memory.build(src, 1)
+    out = workdir / "out"
+    cmd = [_moequant_cli(), "compress", str(src), "-o", str(out), "--calib", "random", "--samples", str(samples),
+           "--seqlen", str(seqlen), "--device", device, "--overwrite", "--expert-batch", str(expert_batch)]
+    peak, seconds = bench_memory.peak_rss_of(cmd)
+    record = json.loads((out / "moequant.json").read_text())
+    layer_s = record["timing"]["layers_s"][0]
+    shutil.rmtree(out, ignore_errors=True)
+    result = {"samples": samples, "seqlen": seqlen, "tokens": samples * seqlen, "expert_batch": expert_batch,
+              "layer_seconds": layer_s, "command_seconds": round(seconds, 1), "peak_rss_gib": round(peak / 2**30, 2)}
+    if device.startswith("cuda"):
+        result["target"] = "< 20 s per layer"
+    print(f"layer: {samples}x{seqlen} tokens, one Mixtral-8x7B layer in {layer_s:.1f} s "
+          f"(command {seconds:.0f} s), peak RSS {peak / 2**30:.2f} GiB")
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="solver,peer,layer")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON"))
+    ap.add_argument("--recipe", default="mixtral-a4e3")
+    ap.add_argument("--samples", type=int, default=128, help="calibration windows for the peer comparison")
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--layer-samples", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
+    ap.add_argument("--expert-batch", type=int, default=0, help="default: 8 on CUDA, 2 on CPU")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "moequant-bench-gptq")
+    args = ap.parse_args()
+    cuda = args.device.startswith("cuda")
+    parts = set(args.parts.split(","))
+    report: dict = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+                    "cpus": os.cpu_count(), "torch": torch.__version__}
+    if "solver" in parts:
+        report["solver"] = part_solver(args.device)
+    if "peer" in parts:
+        report["peer"] = part_peer(args.peer_python, args.recipe, args.samples, args.seqlen, args.device)
+    if "layer" in parts:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        report["layer"] = part_layer(args.layer_samples or (128 if cuda else 8), 512, args.device,
+                                     args.expert_batch or (8 if cuda else 2), args.workdir)
+        shutil.rmtree(args.workdir, ignore_errors=True)
+    RESULTS.mkdir(exist_ok=True)
+    dest = RESULTS / f"gptq-{'cuda' if cuda else 'cpu'}.json"
+    dest.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {dest}")
+
+
+if __name__ == "__main__":
+    main()
