@@ -7,10 +7,12 @@ baseline side by side, with the hidden states of all windows (``[W, L, H]`` per 
 compute dtype on the compute device) as the only state kept between layers. Within a layer the
 attention weights are read once and applied to the windows in chunks; then every token is routed
 and the experts are read one at a time, each applied to all tokens routed to it. The checkpoint is
-reopened for every layer so the pages of finished layers are released. Peak memory is therefore
-about one layer's attention plus one expert plus the hidden states, whatever the depth of the
-model, so models larger than memory can be evaluated. Original and compressed checkpoints run
-through the same code: packed GPTQ modules are dequantised as they are read.
+reopened for every layer and every expert, so the memory-mapped pages of weights already used are
+released. Peak memory is therefore about one layer's attention plus one expert plus the hidden
+states, whatever the depth of the model, so models larger than memory can be evaluated. Original
+and compressed checkpoints run through the same code: packed GPTQ modules are dequantised as they
+are read. This is the default because it works for every size; the ``memory`` engine is faster
+only where whole models fit.
 
 ``memory`` runs whole ``transformers`` models (``moequant.load`` for compressed checkpoints) on
 chunks of windows; it suits models that fit in memory and serves as a cross-check.
@@ -140,8 +142,8 @@ def evaluate_windows(
     """
     if engine not in ENGINES:
         raise MoequantError(f"unknown engine {engine!r}; use {' or '.join(ENGINES)}")
-    if windows.dim() != 2 or windows.shape[1] < 2:
-        raise MoequantError("evaluation needs windows of at least 2 tokens")
+    if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
+        raise MoequantError("evaluation needs at least one window of at least 2 tokens")
     progress = progress or Progress()
     device = torch.device(device)
     started = time.perf_counter()
@@ -240,12 +242,13 @@ def _layer(side: _Model, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: to
         token, slot = torch.where(top_ids == e)
         if token.numel() == 0:
             continue
-        weights = ExpertWeights(*(get(a.expert_name(layer, e, r) + ".weight") for r in ("w1", "w3", "w2")))
+        expert_reader, get_expert = side.getter(dtype, device)
+        weights = ExpertWeights(*(get_expert(a.expert_name(layer, e, r) + ".weight") for r in ("w1", "w3", "w2")))
         for start in range(0, token.numel(), expert_rows):
             t, s = token[start : start + expert_rows], slot[start : start + expert_rows]
             flat.index_add_(0, t, a.expert_mlp(h2[t], weights) * top_w[t, s, None].to(dtype))
-        del weights
-    del reader
+        del weights, expert_reader, get_expert
+    del reader, get
     return top_ids.to(device="cpu", dtype=torch.int16)
 
 
