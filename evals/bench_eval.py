@@ -285,7 +285,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--memory-windows", type=int, default=2)
     p.add_argument("--memory-seqlen", type=int, default=128)
-    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--skip-memory", action="store_true", help="only throughput; keeps earlier memory results")
     p.add_argument("--tmp", default="/tmp")
     p.add_argument("--out", default=str(ROOT / "evals" / "results" / "eval-bench.json"))
     p.add_argument("--measure", help=argparse.SUPPRESS)
@@ -319,6 +319,11 @@ def main() -> None:
         print(f"(one layer file {m['layer_file_mib']:.0f} MiB bf16; one expert in float32 "
               f"{m['one_expert_float32_mib']:.0f} MiB)")
     out = Path(args.out)
+    if args.skip_memory and out.is_file():
+        previous = json.loads(out.read_text()).get("memory")
+        if previous is not None:
+            results["memory"] = previous
+            print(f"kept the memory results already in {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")

@@ -342,17 +342,11 @@ def _capture(store: list[torch.Tensor]):
 
 
 def _load_model(side: _Model, dtype: torch.dtype, device: torch.device):
-    """A whole ``transformers`` model: ``moequant.load`` for compressed checkpoints."""
+    """A whole ``transformers`` model: ``moequant.load`` (packed kernels) for compressed checkpoints."""
     if side.quantised:
-        try:
-            from moequant.loading import load
-        except ImportError as exc:
-            raise MoequantError(
-                f"{side.path} is compressed and in-memory evaluation of it needs moequant.load; use --engine streamed"
-            ) from exc
-        model = load(side.path)
-    else:
-        from transformers import AutoModelForCausalLM
+        from moequant.loading import load
 
-        model = AutoModelForCausalLM.from_pretrained(str(side.path), dtype=dtype)
-    return model.to(device).eval()
+        return load(side.path, device=device, dtype=dtype).eval()
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(side.path), dtype=dtype).to(device).eval()

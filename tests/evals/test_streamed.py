@@ -77,6 +77,15 @@ def test_memory_engine_agrees_with_streamed(models):
     assert streamed.hidden_error == pytest.approx(memory.hidden_error, rel=1e-4)
 
 
+def test_memory_engine_runs_compressed_checkpoints(models):
+    original, compressed = models
+    ids = windows(2, 24, seed=4)
+    streamed = evaluate_windows(compressed, ids, baseline=original, batch=2)
+    memory = evaluate_windows(compressed, ids, baseline=original, batch=2, engine="memory")
+    assert torch.allclose(streamed.nll, memory.nll, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(streamed.kl, memory.kl, rtol=1e-3, atol=1e-6)
+
+
 def test_mismatched_baseline_and_tokens_refused(models, tmp_path):
     original, _ = models
     deeper = make_mixtral(tmp_path / "deep", num_hidden_layers=3)
