@@ -41,28 +41,45 @@ def _extract(lo, hi, shift, BITS: tl.constexpr):
 
 
 @triton.jit
-def _load_codes(qw_ptr, offs_k, offs_n, mask_k, mask_n, k_words, stride_qk, stride_qn, BITS: tl.constexpr):
-    """Codes ``[BLOCK_K, BLOCK_N]`` (int32) of input rows ``offs_k`` and output columns ``offs_n``."""
-    mask = mask_k[:, None] & mask_n[None, :]
+def _load_codes(
+    qw_ptr,
+    k0,
+    offs_n,
+    mask_n,
+    k_words,
+    stride_qk,
+    stride_qn,
+    BITS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Codes ``[BLOCK_K, BLOCK_N]`` (int32) of input rows ``k0 .. k0 + BLOCK_K`` and columns ``offs_n``.
+
+    Every packed word is loaded once and expanded in registers; ``k0`` and ``BLOCK_K`` are
+    multiples of 32, so a tile covers whole words (3 bits: whole 3-word blocks).
+    """
     if BITS == 3:
-        bit = offs_k * 3
-        row = bit // 32
-        shift = bit % 32
-        lo = tl.load(qw_ptr + row[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask, other=0)
-        nxt = row + 1
-        straddles = (shift > 29) & (nxt < k_words)
-        hi = tl.load(
-            qw_ptr + nxt[:, None] * stride_qk + offs_n[None, :] * stride_qn,
-            mask=mask & straddles[:, None],
-            other=0,
-        )
+        blocks: tl.constexpr = BLOCK_K // 32
+        row = (k0 // 32 + tl.arange(0, blocks)) * 3
+        mask = (row < k_words)[:, None] & mask_n[None, :]
+        ptrs = qw_ptr + row[:, None] * stride_qk + offs_n[None, :] * stride_qn
+        w0 = tl.load(ptrs, mask=mask, other=0)[:, None, :]
+        w1 = tl.load(ptrs + stride_qk, mask=mask, other=0)[:, None, :]
+        w2 = tl.load(ptrs + 2 * stride_qk, mask=mask, other=0)[:, None, :]
+        bit = tl.arange(0, 32)[None, :, None] * 3
+        word = bit // 32
+        lo = tl.where(word == 0, w0, tl.where(word == 1, w1, w2))
+        hi = tl.where(word == 0, w1, w2)
+        q = _extract(lo, hi, bit % 32, BITS)  # [blocks, 32, BLOCK_N]
     else:
         per_word: tl.constexpr = 32 // BITS
-        row = offs_k // per_word
-        shift = (offs_k % per_word) * BITS
-        lo = tl.load(qw_ptr + row[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask, other=0)
-        hi = lo
-    return _extract(lo, hi, shift[:, None], BITS)
+        rows: tl.constexpr = BLOCK_K // per_word
+        row = k0 // per_word + tl.arange(0, rows)
+        mask = (row < k_words)[:, None] & mask_n[None, :]
+        w = tl.load(qw_ptr + row[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask, other=0)
+        shift = tl.arange(0, per_word)[None, :, None] * BITS
+        q = _extract(w[:, None, :], w[:, None, :], shift, BITS)  # [rows, per_word, BLOCK_N]
+    return tl.reshape(q, (BLOCK_K, BLOCK_N))
 
 
 @triton.jit
@@ -104,12 +121,14 @@ def dequant_tile(
     BITS: tl.constexpr,
     GROUP_MODE: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Dequantised ``W^T`` tile ``[BLOCK_K, BLOCK_N]`` in ``OUT_DTYPE``: ``s * (q - z)`` per group.
 
-    ``k0`` is the tile's first input row (used when ``GROUP_MODE == GROUPS_PER_TILE``).
+    ``offs_k = k0 + arange(BLOCK_K)`` with ``k0`` a multiple of ``BLOCK_K`` (itself a multiple of 32).
     """
-    q = _load_codes(qw_ptr, offs_k, offs_n, mask_k, mask_n, k_words, stride_qk, stride_qn, BITS)
+    q = _load_codes(qw_ptr, k0, offs_n, mask_n, k_words, stride_qk, stride_qn, BITS, BLOCK_K, BLOCK_N)
     if GROUP_MODE == 0:
         g = k0 // group_size
         z = _load_zeros(qz_ptr + g * stride_zg, offs_n, mask_n, n_words, stride_zn, BITS)[None, :]
@@ -156,7 +175,7 @@ def _dequant_matmul_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    ATOMIC_ADD: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     IEEE_FP32: tl.constexpr,
 ):
@@ -183,7 +202,7 @@ def _dequant_matmul_kernel(
         w = dequant_tile(
             qw_ptr, qz_ptr, s_ptr, g_ptr, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
             stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-            BITS, GROUP_MODE, DOT_DTYPE,
+            BITS, GROUP_MODE, DOT_DTYPE, BLOCK_K, BLOCK_N,
         )  # fmt: skip
         if IEEE_FP32:
             acc += tl.dot(a, w, input_precision="ieee")
@@ -191,15 +210,15 @@ def _dequant_matmul_kernel(
             acc += tl.dot(a, w)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     out_mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
+    if ATOMIC_ADD:
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @dataclass(frozen=True)
 class MatmulConfig:
-    """Tile sizes of one launch. ``block_k`` must be a power of two >= 16; ``split_k`` >= 1."""
+    """Tile sizes of one launch: powers of two, ``block_m, block_n >= 16``, ``block_k >= 32``."""
 
     block_m: int
     block_n: int
@@ -207,6 +226,18 @@ class MatmulConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        check_tiles(self.block_m, self.block_n, self.block_k)
+        if self.split_k < 1:
+            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+
+
+def check_tiles(block_m: int, block_n: int, *block_ks: int) -> None:
+    """Raise ValueError unless the tile sizes suit ``tl.dot`` and whole-word unpacking."""
+    sizes = (block_m, block_n, *block_ks)
+    if any(v & (v - 1) for v in sizes) or min(block_m, block_n) < 16 or min(block_ks) < 32:
+        raise ValueError(f"tile sizes {sizes} must be powers of two, M and N >= 16, K >= 32")
 
 
 @functools.lru_cache(maxsize=8)
@@ -222,8 +253,11 @@ def device_programs(device: torch.device) -> int:
 
 
 def pick_block_k(group_size: int, default: int) -> int:
-    """``default``, shrunk to the group size when groups are smaller (keeps a tile in one group)."""
-    if group_size < default and group_size >= 16 and group_size & (group_size - 1) == 0:
+    """``default``, shrunk to the group size when groups are smaller (keeps a tile in one group).
+
+    Tiles stay at least 32 rows deep: the kernels unpack whole 32-value blocks.
+    """
+    if group_size < default and group_size >= 32 and group_size & (group_size - 1) == 0:
         return group_size
     return default
 
@@ -268,6 +302,11 @@ def group_mode(sorted_groups: bool, group_size: int, block_k: int) -> int:
     if not sorted_groups:
         return GROUPS_FROM_G_IDX
     return GROUPS_PER_TILE if group_size % block_k == 0 else GROUPS_BY_DIVISION
+
+
+def stages_for(mode: int, num_stages: int) -> int:
+    """Pipeline depth: per-row scale and zero lookups stage whole tiles, so they get at most 2."""
+    return num_stages if mode == GROUPS_PER_TILE else min(num_stages, 2)
 
 
 def check_packed_linear(
@@ -322,6 +361,11 @@ def dequant_matmul_triton(
     sorted_groups = sorted_groups or g_idx is None
     if g_idx is not None and g_idx.shape != (k,):
         raise MoequantError(f"g_idx has shape {tuple(g_idx.shape)}, expected [{k}]")
+    if sorted_groups and scales.shape[0] != triton.cdiv(k, group_size):
+        raise MoequantError(
+            f"{scales.shape[0]} groups of scales do not match K={k} with group_size={group_size}: "
+            "pass the layer's group size"
+        )
     cfg = config or pick_config(m, n, k, group_size, x.device)
     dtype, ieee = dot_dtype(x.dtype, x.device)
     mode = group_mode(sorted_groups, group_size, cfg.block_k)
@@ -339,7 +383,7 @@ def dequant_matmul_triton(
         qzeros.stride(0), qzeros.stride(1), scales.stride(0), scales.stride(1),
         out.stride(0), out.stride(1), group_size, k_per_split,
         BITS=bits, GROUP_MODE=mode, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        SPLIT_K=split, DOT_DTYPE=dtype, IEEE_FP32=ieee,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ATOMIC_ADD=split > 1, DOT_DTYPE=dtype, IEEE_FP32=ieee,
+        num_warps=cfg.num_warps, num_stages=stages_for(mode, cfg.num_stages),
     )  # fmt: skip
     return out.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -23,12 +23,14 @@ import triton.language as tl
 from moequant.kernels.packed import PackedExperts
 from moequant.kernels.reference import check_moe_shapes
 from moequant.kernels.triton_matmul import (
+    check_tiles,
     dequant_tile,
     device_programs,
     dot_dtype,
     group_mode,
     pick_block_k,
     split_for,
+    stages_for,
 )
 
 
@@ -144,12 +146,12 @@ def _moe_gate_up_kernel(
         w_gate = dequant_tile(
             qw_e, qz_e, s_e, g_e, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
             stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-            BITS, GROUP_MODE, DOT_DTYPE,
+            BITS, GROUP_MODE, DOT_DTYPE, BLOCK_K, BLOCK_N,
         )  # fmt: skip
         w_up = dequant_tile(
             qw_e, qz_e, s_e, g_e, offs_k, offs_n + inter, mask_k, mask_n, k0, k_words, n_words,
             stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-            BITS, GROUP_MODE, DOT_DTYPE,
+            BITS, GROUP_MODE, DOT_DTYPE, BLOCK_K, BLOCK_N,
         )  # fmt: skip
         if IEEE_FP32:
             acc_gate += tl.dot(a, w_gate, input_precision="ieee")
@@ -203,7 +205,7 @@ def _moe_down_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    ATOMIC_ADD: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     IEEE_FP32: tl.constexpr,
 ):
@@ -235,7 +237,7 @@ def _moe_down_kernel(
         w = dequant_tile(
             qw_e, qz_e, s_e, g_e, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
             stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-            BITS, GROUP_MODE, DOT_DTYPE,
+            BITS, GROUP_MODE, DOT_DTYPE, BLOCK_K, BLOCK_N,
         )  # fmt: skip
         if IEEE_FP32:
             acc += tl.dot(a, w, input_precision="ieee")
@@ -245,10 +247,10 @@ def _moe_down_kernel(
     acc = acc * route_w[:, None]
     out_ptrs = out_ptr + slot[:, None] * stride_os + offs_n[None, :] * stride_oh
     out_mask = valid[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc, mask=out_mask)
-    else:
+    if ATOMIC_ADD:
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    else:
+        tl.store(out_ptrs, acc, mask=out_mask)
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,11 @@ class MoeConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        check_tiles(self.block_m, self.block_n, self.block_k_gate_up, self.block_k_down)
+        if self.split_k < 1:
+            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
 
 
 def pick_moe_config(
@@ -333,7 +340,7 @@ def fused_moe_triton(
         gs13, h.stride(0), h.stride(1), w13.group_size,
         BITS=w13.bits, GROUP_MODE=mode13, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k_gate_up, DOT_DTYPE=dtype, IEEE_FP32=ieee,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=stages_for(mode13, cfg.num_stages),
     )  # fmt: skip
 
     mode2, g2, gs2 = _groups(w2, cfg.block_k_down)
@@ -350,7 +357,7 @@ def fused_moe_triton(
         w2.scales.stride(0), w2.scales.stride(1), w2.scales.stride(2),
         gs2, y.stride(0), y.stride(1), w2.group_size, k_per_split,
         BITS=w2.bits, GROUP_MODE=mode2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k_down, SPLIT_K=split, DOT_DTYPE=dtype, IEEE_FP32=ieee,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_K=cfg.block_k_down, ATOMIC_ADD=split > 1, DOT_DTYPE=dtype, IEEE_FP32=ieee,
+        num_warps=cfg.num_warps, num_stages=stages_for(mode2, cfg.num_stages),
     )  # fmt: skip
     return y.view(t, top_k, hidden).sum(dim=1).to(x.dtype)

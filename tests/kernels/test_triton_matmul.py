@@ -83,8 +83,18 @@ def test_rejects_mismatched_inputs(triton_kernels, make_linear):
         tm.dequant_matmul_triton(torch.randn(1, 96), **lin, bits=4, group_size=32)
     with pytest.raises(MoequantError, match="bits"):
         tm.dequant_matmul_triton(torch.randn(1, 64), **lin, bits=5, group_size=32)
+    with pytest.raises(MoequantError, match="group_size=64"):  # sorted groups: K / group_size scale rows
+        tm.dequant_matmul_triton(torch.randn(1, 64), **{**lin, "g_idx": None}, bits=4, group_size=64)
     with pytest.raises(MoequantError, match="dtype"):
         tm.dequant_matmul_triton(torch.randn(1, 64, dtype=torch.float64), **lin, bits=4, group_size=32)
+
+
+def test_config_rejects_tiles_the_kernels_cannot_unpack(triton_kernels):
+    tm, tmoe = triton_kernels
+    with pytest.raises(ValueError, match="K >= 32"):
+        tm.MatmulConfig(block_m=16, block_n=64, block_k=16)
+    with pytest.raises(ValueError, match="powers of two"):
+        tmoe.MoeConfig(block_m=16, block_n=48, block_k_gate_up=64, block_k_down=64)
 
 
 def test_split_for_fills_the_device(triton_kernels):
@@ -100,6 +110,7 @@ def test_split_for_fills_the_device(triton_kernels):
 def test_pick_block_k_keeps_a_tile_in_one_group(triton_kernels):
     tm, _ = triton_kernels
     assert tm.pick_block_k(32, 128) == 32
+    assert tm.pick_block_k(16, 128) == 128  # tiles stay whole 32-value blocks deep
     assert tm.pick_block_k(128, 64) == 64
     assert tm.pick_block_k(48, 64) == 64  # not a power of two: rows look up their group
     assert tm.group_mode(True, 48, 64) == tm.GROUPS_BY_DIVISION
