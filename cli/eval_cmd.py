@@ -41,9 +41,10 @@ def eval_command(
 ) -> None:
     """Score MODEL on held-out text; with --baseline also KL, top-1 and router agreement.
 
-    Protocol: the whole text is tokenised once without special tokens and cut into consecutive
-    non-overlapping windows of --seqlen tokens (remainder dropped); each window is scored on its
-    own; perplexity = exp(mean NLL of every predicted token).
+    Protocol: the whole text is tokenised once, without special tokens,
+    and cut into consecutive non-overlapping windows of --seqlen tokens
+    (the remainder is dropped); each window is scored on its own;
+    perplexity = exp(mean NLL of every predicted token).
     """
     report = evaluate(model, baseline=baseline, dataset=dataset, seqlen=seqlen, max_windows=max_windows,
                       device=device, batch=batch, engine=engine, dtype=dtype, progress=EvalProgress())
