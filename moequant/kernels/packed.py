@@ -3,6 +3,10 @@
 One linear ``W [N, K]`` at ``b`` bits with ``G = ceil(K / g)`` groups is the dict
 ``{"qweight": int32 [K*b/32, N], "qzeros": int32 [G, N*b/32], "scales": fp16 [G, N],
 "g_idx": int32 [K]}`` (the checkpoint layout, qzeros storing ``z - 1``).
+
+A Mixtral layer's experts go to the fused MoE kernels as two :class:`PackedExperts`:
+``w13 = PackedExperts.stack([concat_out_features([w1_e, w3_e]) for e in experts], bits, g)``
+(gate rows first, then up) and ``w2 = PackedExperts.stack([w2_e for e in experts], bits, g)``.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """Triton matmul that dequantises GPTQ-packed weights in registers.
 
 ``y[M, N] = x[M, K] @ W^T`` with ``W [N, K]`` packed as ``qweight int32 [K*b/32, N]``,
-``qzeros int32 [G, N*b/32]`` (``z - 1``), ``scales fp16 [G, N]``. Each program loads a
-``[BLOCK_K, BLOCK_N]`` tile of codes straight from the packed words (value ``k`` of a column is
-stream bits ``[k*b, k*b + b)``; for 3 bits a value may continue into the next word), applies its
-group's scale and zero, and feeds ``tl.dot`` with fp32 accumulation. Split-K programs add their
-partial sums atomically into a float32 buffer, which keeps the GPU busy at decode sizes.
+``qzeros int32 [G, N*b/32]`` (``z - 1``), ``scales fp16 [G, N]``. Each program loads the packed
+words of a ``[BLOCK_K, BLOCK_N]`` tile once and expands them in registers (value ``k`` of a column
+is stream bits ``[k*b, k*b + b)``; for 3 bits values 10 and 21 of every 32 continue into the next
+word), applies its group's scale and zero, and feeds ``tl.dot`` with fp32 accumulation. Split-K
+programs add their partial sums atomically into a float32 buffer, which keeps the GPU busy at
+decode sizes.
 
 Import this module only after ``TRITON_INTERPRET`` has its final value: Triton decides at
 decoration time whether kernels are compiled or interpreted.
