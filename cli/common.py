@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBar, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 
@@ -30,10 +31,10 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except MoequantError as exc:
             if os.environ.get("MOEQUANT_DEBUG"):
                 raise
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            console.print("interrupted; a partial compression can be continued with --resume", highlight=False)
+            console.print("interrupted (an interrupted compress continues with --resume)", highlight=False)
             sys.exit(130)
 
     return wrapper
