@@ -1,0 +1,154 @@
+"""Peak memory of `moequant compress --method rtn` on Mixtral-8x7B-shaped checkpoints of 1 and 3 layers.
+
+Builds random bf16 checkpoints with Mixtral-8x7B's real layer shapes (hidden 4096, intermediate
+14336, 8 experts, 32/8 heads; a small vocabulary), compresses each in a fresh process and reads
+that process's peak resident memory. Prints both peaks, their ratio and the peak against one
+layer's bf16 size, and writes ``evals/results/memory.json``.
+
+Targets: the 3-layer run needs < 15% more memory than the 1-layer run, and < 2.5x one layer's
+bf16 size.
+
+    python evals/bench_memory.py [--workdir /tmp/moequant-bench] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+HIDDEN, INTER, EXPERTS, HEADS, KV_HEADS, VOCAB = 4096, 14336, 8, 32, 8, 1024
+
+
+def config(layers: int) -> dict:
+    return {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": HIDDEN,
+        "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS, "num_local_experts": EXPERTS, "num_experts_per_tok": 2,
+        "vocab_size": VOCAB, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }
+
+
+def layer_tensors(layer: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    p = f"model.layers.{layer}."
+    hd = HIDDEN // HEADS
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+    out = {
+        p + "self_attn.q_proj.weight": rnd(HEADS * hd, HIDDEN),
+        p + "self_attn.k_proj.weight": rnd(KV_HEADS * hd, HIDDEN),
+        p + "self_attn.v_proj.weight": rnd(KV_HEADS * hd, HIDDEN),
+        p + "self_attn.o_proj.weight": rnd(HIDDEN, HEADS * hd),
+        p + "block_sparse_moe.gate.weight": rnd(EXPERTS, HIDDEN),
+        p + "input_layernorm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
+        p + "post_attention_layernorm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
+    }
+    for e in range(EXPERTS):
+        q = p + f"block_sparse_moe.experts.{e}."
+        out[q + "w1.weight"] = rnd(INTER, HIDDEN)
+        out[q + "w2.weight"] = rnd(HIDDEN, INTER)
+        out[q + "w3.weight"] = rnd(INTER, HIDDEN)
+    return out
+
+
+def build(path: Path, layers: int) -> int:
+    """Write a sharded checkpoint (one shard per layer); returns one layer's bytes."""
+    path.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    weight_map: dict[str, str] = {}
+    layer_bytes = 0
+    shards = layers + 1
+    for layer in range(layers):
+        tensors = layer_tensors(layer, gen)
+        layer_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        name = f"model-{layer + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(tensors, str(path / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
+    rest = {
+        "model.embed_tokens.weight": (torch.randn(VOCAB, HIDDEN, generator=gen) * 0.02).to(torch.bfloat16),
+        "lm_head.weight": (torch.randn(VOCAB, HIDDEN, generator=gen) * 0.02).to(torch.bfloat16),
+        "model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
+    }
+    name = f"model-{shards:05d}-of-{shards:05d}.safetensors"
+    save_file(rest, str(path / name), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(rest, name))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps(config(layers)))
+    return layer_bytes
+
+
+def peak_rss_of(cmd: list[str]) -> tuple[int, float]:
+    """Run ``cmd`` in a fresh child of a fresh process; return its peak RSS (bytes) and seconds."""
+    probe = (
+        "import resource, subprocess, sys, time; t = time.time(); "
+        "rc = subprocess.run(sys.argv[1:]).returncode; "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, time.time() - t, rc)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, check=True)
+    peak, seconds, rc = out.stdout.split()[-3:]
+    if rc != "0":
+        raise SystemExit(f"compress failed ({rc}): {out.stderr[-2000:]}")
+    return int(peak), float(seconds)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/moequant-bench-memory"))
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--recipe", default="mixtral-a4e3")
+    args = ap.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    moequant = shutil.which("moequant") or str(Path(sys.executable).parent / "moequant")
+    results = {}
+    layer_bytes = 0
+    for layers in (1, 3):
+        src = args.workdir / f"mixtral-shaped-{layers}l"
+        out = args.workdir / f"mixtral-shaped-{layers}l-out"
+        if not (src / "config.json").is_file():
+            t = time.time()
+            layer_bytes = build(src, layers)
+            print(f"built {layers}-layer checkpoint in {time.time() - t:.0f} s", flush=True)
+        else:
+            layer_bytes = sum(t.numel() * t.element_size() for t in layer_tensors(0, torch.Generator()).values()) \
+                if not layer_bytes else layer_bytes
+        peak, seconds = peak_rss_of([moequant, "compress", str(src), "-o", str(out), "--method", "rtn",
+                                     "--recipe", args.recipe, "--device", "cpu", "--overwrite"])
+        results[layers] = {"peak_rss_bytes": peak, "seconds": round(seconds, 1)}
+        print(f"{layers} layer(s): peak RSS {peak / 2**30:.2f} GiB, {seconds:.0f} s", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    growth = results[3]["peak_rss_bytes"] / results[1]["peak_rss_bytes"]
+    vs_layer = results[3]["peak_rss_bytes"] / layer_bytes
+    report = {
+        "benchmark": "compress --method rtn peak memory, Mixtral-8x7B layer shapes",
+        "recipe": args.recipe,
+        "layer_bf16_bytes": layer_bytes,
+        "runs": {f"{k}_layers": v for k, v in results.items()},
+        "ratio_3_to_1_layers": round(growth, 4),
+        "peak_over_layer_bf16": round(vs_layer, 4),
+        "targets": {"ratio_3_to_1_layers": "< 1.15", "peak_over_layer_bf16": "< 2.5"},
+        "met": growth < 1.15 and vs_layer < 2.5,
+        "machine": {"cpus": __import__("os").cpu_count(), "torch": torch.__version__},
+    }
+    print(f"\none layer bf16: {layer_bytes / 2**30:.2f} GiB")
+    print(f"3-layer / 1-layer peak: {growth:.3f} (target < 1.15)")
+    print(f"3-layer peak / one layer bf16: {vs_layer:.3f} (target < 2.5)")
+    dest = Path(__file__).resolve().parent / "results" / "memory.json"
+    dest.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {dest}")
+    if not args.keep:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
