@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from moequant.pipeline import CalibSettings, compress as run_compress
+from moequant.pipeline import CalibSettings
+from moequant.pipeline import compress as run_compress
 from moequant_cli.common import RichProgress, human_bytes, out, user_errors
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import typer
+
 from moequant_cli.common import console, out, user_errors
 
 

@@ -277,7 +277,7 @@ def _calibrated_layer(run: _Run, layer: int, x: torch.Tensor) -> tuple[dict, tor
     w.o = _solve(run, [a.attention_name(layer, "o")], w.o[None], acc.hessian(inplace=True), tensors,
                  [tokens], [None])[0]
     del acc
-    x = torch.cat([xc + F.linear(cc, w.o) for xc, cc in zip(chunks, ctx)])
+    x = torch.cat([xc + F.linear(cc, w.o) for xc, cc in zip(chunks, ctx, strict=True)])
     del ctx, chunks
 
     run.progress.stage(layer, "routing")

@@ -251,8 +251,9 @@ def test_triton_backend_in_the_interpreter(tmp_path_factory):
 
 
 def test_generate_command(stacked):
-    from moequant_cli.main import app
     from typer.testing import CliRunner
+
+    from moequant_cli.main import app
 
     runner = CliRunner()
     result = runner.invoke(app, ["generate", str(stacked[1]), "--prompt", "The for statement",

@@ -1,0 +1,216 @@
+"""Run a matrix of recipes and methods on a model, evaluate each against the original, and
+regenerate the summary tables in ``evals/README.md``.
+
+On the bundled model (the default) this runs on a laptop CPU in minutes:
+
+    python evals/run_matrix.py                                   # a4e4, a4e3, a4e2 x gptq, rtn
+    python evals/run_matrix.py --peer-python /path/to/peer/bin/python   # + llm-compressor side by side
+    python evals/run_matrix.py --policy-study                    # starved-expert policies at tiny budgets
+
+On Mixtral-8x7B with a GPU, the same matrix (reports land in evals/results/mixtral-8x7b/):
+
+    python evals/run_matrix.py --model mistralai/Mixtral-8x7B-v0.1 --name mixtral-8x7b \\
+        --calib wikitext2 --dataset wikitext2 --seqlen 2048 --samples 128 --device cuda
+
+Every report is a ``moequant eval`` report (JSON + Markdown + chart) in ``evals/results/``.
+The llm-compressor peer runs in its own environment (``evals/peer_llmcompressor.py``) on exactly
+the calibration windows and evaluation windows that moequant uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from moequant.builtin_data import bundled_model_path
+from moequant.calib import load_text, load_tokenizer, random_windows, tokenize
+from moequant.evals.report import write_report
+from moequant.evals.run import evaluate, evaluation_windows
+from moequant.pipeline import CalibSettings, compress
+from moequant.recipe import load_recipe
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+README = HERE / "README.md"
+BEGIN, END = "<!-- matrix:begin -->", "<!-- matrix:end -->"
+PBEGIN, PEND = "<!-- policies:begin -->", "<!-- policies:end -->"
+
+
+def run_one(model: Path, out_root: Path, name: str, recipe: str, method: str, calib: CalibSettings, dataset: str,
+            seqlen: int, device: str, max_windows: int | None) -> dict:
+    label = f"{name}-{recipe.removeprefix('mixtral-')}-{method}"
+    t0 = time.perf_counter()
+    result = compress(model, out_root / label, recipe=recipe, method=method, calib=calib, device=device,
+                      overwrite=True)
+    seconds = time.perf_counter() - t0
+    report = evaluate(result.path, baseline=model, dataset=dataset, seqlen=seqlen, device=device,
+                      max_windows=max_windows)
+    report["compress_seconds"] = round(seconds, 2)
+    report["method"] = method
+    write_report(report, RESULTS / f"{label}.json")
+    print(f"{label}: ppl {report['perplexity']:.3f} (original {report['baseline_perplexity']:.3f}), "
+          f"{report['size_bytes'] / 1e6:.2f} MB, compress {seconds:.1f} s", flush=True)
+    return report
+
+
+def run_peer(peer_python: str, model: Path, name: str, recipe: str, calib: CalibSettings, dataset: str,
+             seqlen: int, max_windows: int | None, size_bytes: int) -> dict:
+    rec = load_recipe(recipe)
+    attn = rec.spec_for("model.layers.0.self_attn.q_proj")
+    expert = rec.spec_for("model.layers.0.block_sparse_moe.experts.0.w1")
+    tokenizer = load_tokenizer(model)
+    calib_ids = random_windows(tokenize(tokenizer, load_text(calib.source, "calib")), calib.samples,
+                               calib.seqlen, calib.seed)
+    eval_ids = evaluation_windows(dataset, [model], seqlen, max_windows)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({"ids": calib_ids}, f"{tmp}/calib.safetensors")
+        save_file({"ids": eval_ids}, f"{tmp}/eval.safetensors")
+        cmd = [peer_python, str(HERE / "peer_llmcompressor.py"), "--model", str(model),
+               "--calib-ids", f"{tmp}/calib.safetensors", "--eval-ids", f"{tmp}/eval.safetensors",
+               "--attn-bits", str(attn.bits), "--expert-bits", str(expert.bits), "--group-size",
+               str(attn.group_size), "--expert-group-size", str(expert.group_size), "--damp", str(rec.damp)]
+        if not rec.act_order:
+            cmd.append("--no-act-order")
+        if not attn.sym:
+            cmd.append("--asym")
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"peer failed: {proc.stderr[-3000:]}")
+    peer = json.loads(proc.stdout.strip().splitlines()[-1])
+    label = f"{name}-{recipe.removeprefix('mixtral-')}-llmcompressor"
+    report = {"model": label, "method": "llmcompressor-gptq", "recipe": {"name": recipe},
+              "perplexity": peer["perplexity"], "baseline_perplexity": peer["original_perplexity"],
+              "size_bytes": size_bytes, "compress_seconds": round(wall, 2), "peer_oneshot_seconds": peer["seconds"],
+              "windows": int(eval_ids.shape[0]), "seqlen": seqlen, "dataset": dataset,
+              "calibration": {"samples": calib.samples, "seqlen": calib.seqlen, "seed": calib.seed},
+              "peer": {k: v for k, v in peer.items() if k not in ("perplexity", "original_perplexity")}}
+    (RESULTS / f"{label}.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{label}: ppl {peer['perplexity']:.3f} (original {peer['original_perplexity']:.3f}), "
+          f"{wall:.1f} s", flush=True)
+    return report
+
+
+def policy_study(model: Path, name: str, recipe: str, dataset: str, seqlen: int, device: str,
+                 budgets: list[tuple[int, int]], seeds: list[int]) -> list[dict]:
+    """Perplexity per starved-expert policy at tiny calibration budgets (where experts starve)."""
+    from moequant.recipe import Recipe
+
+    base = load_recipe(recipe)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for samples, length in budgets:
+            for policy in ("routed", "augmented", "all"):
+                ppls = []
+                starved = []
+                for seed in seeds:
+                    rec = Recipe.model_validate({**base.model_dump(), "expert_calibration": policy})
+                    result = compress(model, Path(tmp) / "o", recipe=rec, calib=CalibSettings("builtin", samples,
+                                      length, seed), device=device, overwrite=True)
+                    starved.append(len(result.record["starved_experts"]))
+                    report = evaluate(result.path, dataset=dataset, seqlen=seqlen, device=device)
+                    ppls.append(report["perplexity"])
+                row = {"samples": samples, "seqlen": length, "policy": policy, "seeds": seeds,
+                       "perplexity_mean": sum(ppls) / len(ppls), "perplexities": ppls,
+                       "starved_experts_mean": sum(starved) / len(starved)}
+                rows.append(row)
+                print(f"policy {policy:9s} {samples}x{length}: ppl {row['perplexity_mean']:.3f} "
+                      f"({row['starved_experts_mean']:.1f} starved experts)", flush=True)
+    (RESULTS / f"{name}-policies.json").write_text(json.dumps({"recipe": recipe, "rows": rows}, indent=2) + "\n")
+    return rows
+
+
+def matrix_table(reports: list[dict]) -> str:
+    lines = ["| recipe | method | perplexity | change vs original | KL mean | top-1 | router | size (MB) | "
+             "bits/weight | compress (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    originals = {r["baseline_perplexity"] for r in reports if r.get("baseline_perplexity")}
+    for r in reports:
+        kl = (r.get("kl_divergence") or {}).get("mean")
+        change = 100 * (r["perplexity"] / r["baseline_perplexity"] - 1)
+        lines.append(
+            f"| {r['recipe']['name'] if isinstance(r.get('recipe'), dict) else r.get('recipe')} | {r['method']} | "
+            f"{r['perplexity']:.3f} | {change:+.2f}% | {'-' if kl is None else f'{kl:.4f}'} | "
+            f"{_fmt(r.get('top1_agreement'))} | {_fmt(r.get('router_agreement'))} | {r['size_bytes'] / 1e6:.2f} | "
+            f"{_fmt(r.get('bits_per_weight'), '.2f')} | {r.get('compress_seconds', '-')} |")
+    if reports and reports[0].get("baseline_size_bytes"):
+        orig = sorted(originals)[0] if originals else None
+        lines.append(f"| original | bf16 | {orig:.3f} | - | - | - | - | {reports[0]['baseline_size_bytes'] / 1e6:.2f} "
+                     f"| 16 | - |")
+    return "\n".join(lines)
+
+
+def policy_table(rows: list[dict]) -> str:
+    lines = ["| calibration | routed | augmented | all | starved experts (of 32) |", "|---|---|---|---|---|"]
+    budgets = sorted({(r["samples"], r["seqlen"]) for r in rows})
+    for s, L in budgets:
+        by = {r["policy"]: r for r in rows if (r["samples"], r["seqlen"]) == (s, L)}
+        lines.append(f"| {s} x {L} tokens | " + " | ".join(f"{by[p]['perplexity_mean']:.3f}"
+                                                          for p in ("routed", "augmented", "all"))
+                     + f" | {by['routed']['starved_experts_mean']:.1f} |")
+    return "\n".join(lines)
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def replace_block(text: str, begin: str, end: str, body: str) -> str:
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        return f"{head}{begin}\n{body}\n{end}{tail}"
+    return f"{text.rstrip()}\n\n{begin}\n{body}\n{end}\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
+    ap.add_argument("--name", default="bundled")
+    ap.add_argument("--recipes", default="mixtral-a4e4,mixtral-a4e3,mixtral-a4e2")
+    ap.add_argument("--methods", default="gptq,rtn")
+    ap.add_argument("--calib", default="builtin")
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--dataset", default="builtin")
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--max-windows", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--peer-python", default=None, help="interpreter of an environment with llmcompressor")
+    ap.add_argument("--policy-study", action="store_true")
+    ap.add_argument("--no-readme", action="store_true", help="do not rewrite evals/README.md")
+    args = ap.parse_args()
+    model = Path(args.model) if args.model else bundled_model_path()
+    RESULTS.mkdir(exist_ok=True)
+    calib = CalibSettings(args.calib, args.samples, args.calib_seqlen, 0)
+    readme = README.read_text() if README.is_file() else "# Evaluations\n"
+    if args.policy_study:
+        rows = policy_study(model, args.name, "mixtral-a4e2", args.dataset, args.seqlen, args.device,
+                            budgets=[(1, 64), (2, 64), (4, 64), (8, 128)], seeds=[0, 1, 2])
+        readme = replace_block(readme, PBEGIN, PEND, policy_table(rows))
+    else:
+        reports = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for recipe in args.recipes.split(","):
+                for method in args.methods.split(","):
+                    reports.append(run_one(model, Path(tmp), args.name, recipe, method, calib, args.dataset,
+                                           args.seqlen, args.device, args.max_windows))
+                if args.peer_python:
+                    size = next(r["size_bytes"] for r in reports if r["recipe"]["name"] == recipe)
+                    reports.append(run_peer(args.peer_python, model, args.name, recipe, calib, args.dataset,
+                                            args.seqlen, args.max_windows, size))
+        readme = replace_block(readme, BEGIN, END, matrix_table(reports))
+    if not args.no_readme:
+        README.write_text(readme)
+        print(f"updated {README}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
