@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "CPU decode/prefill speed and memory, compressed (torch kernels) vs original",
         "model": str(source),
+        "model_config": {k: getattr(config, k) for k in (
+            "hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts", "num_experts_per_tok",
+            "num_attention_heads", "num_key_value_heads", "vocab_size")},
         "recipe": args.recipe,
         "method": "rtn",
         "compress_seconds": round(compress_s, 2),

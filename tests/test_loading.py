@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-import os
+import json
+import re
+import shutil
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module is imported
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
 
-import json  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from torch import nn  # noqa: E402
-
-from moequant.checkpoint.reader import CheckpointReader  # noqa: E402
-from moequant.errors import MoequantError  # noqa: E402
-from moequant.kernels import dispatch  # noqa: E402
-from moequant.loading import dequantized_model, load, model_bytes, module_spec  # noqa: E402
-from moequant.nn.quant_experts import LinearSpec, QuantExperts  # noqa: E402
-from moequant.nn.quant_linear import QuantLinear  # noqa: E402
-from moequant.pipeline import compress  # noqa: E402
-from moequant.recipe import parse_recipe  # noqa: E402
-from tests.conftest import add_tokenizer, make_mixtral  # noqa: E402
+from moequant.checkpoint.reader import CheckpointReader
+from moequant.errors import MoequantError
+from moequant.kernels import dispatch
+from moequant.loading import dequantized_model, load, model_bytes, module_spec
+from moequant.nn.quant_experts import LinearSpec, QuantExperts
+from moequant.nn.quant_linear import QuantLinear
+from moequant.pipeline import compress
+from moequant.recipe import parse_recipe
+from tests.conftest import add_tokenizer, make_mixtral
 
 RECIPE_STACKED = r"""
 name: test-stacked

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import os
+import warnings
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module is imported
+import pytest
+import torch
+import torch.nn.functional as F
 
-import warnings  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from moequant.kernels import dispatch  # noqa: E402
-from moequant.nn.quant_experts import LinearSpec, QuantExperts  # noqa: E402
-from moequant.quant.pack import dequantize_packed, pack_result  # noqa: E402
-from moequant.quant.rtn import rtn  # noqa: E402
+from moequant.kernels import dispatch
+from moequant.nn.quant_experts import LinearSpec, QuantExperts
+from moequant.quant.pack import dequantize_packed, pack_result
+from moequant.quant.rtn import rtn
 
 H, INTER, E = 64, 96, 4
 

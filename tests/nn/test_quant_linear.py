@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module is imported
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from moequant.errors import MoequantError  # noqa: E402
-from moequant.kernels import dispatch  # noqa: E402
-from moequant.nn.quant_linear import (  # noqa: E402
+from moequant.errors import MoequantError
+from moequant.kernels import dispatch
+from moequant.nn.quant_linear import (
     QuantLinear,
     grouped_dequant_matmul,
     shared_zero,
     unpack_cols,
     unpack_rows,
 )
-from moequant.quant.pack import dequantize_packed, pack_result, unpack_qweight, unpack_qzeros  # noqa: E402
-from moequant.quant.rtn import rtn  # noqa: E402
+from moequant.quant.pack import dequantize_packed, pack_result, unpack_qweight, unpack_qzeros
+from moequant.quant.rtn import rtn
 
 BITS = (2, 3, 4, 8)
 
