@@ -188,3 +188,18 @@ def test_compressed_checkpoint_is_not_compressed_again(tmp_path, tiny_mixtral):
     out = compress(tiny_mixtral, tmp_path / "o", method="rtn").path
     with pytest.raises(MoequantError, match="already quantised"):
         compress(out, tmp_path / "o2", method="rtn")
+
+
+@pytest.mark.parametrize("settings", ["expert_calibration: all", "hessian_weighting: router"])
+def test_other_calibration_settings_change_the_result(tmp_path, tiny_mixtral_tok, settings):
+    rules = "rules:\n  - match: '.*experts\\.\\d+\\.w[123]'\n    bits: 3\n"
+    calib = CalibSettings(samples=1, seqlen=32, seed=3)
+    base = compress(tiny_mixtral_tok, tmp_path / "a", recipe=parse_recipe(f"name: a\n{rules}"), calib=calib)
+    other = compress(tiny_mixtral_tok, tmp_path / "b", recipe=parse_recipe(f"name: b\n{settings}\n{rules}"),
+                     calib=calib)
+    key, value = settings.split(": ")
+    assert other.record["settings"][key] == value
+    if key == "expert_calibration":
+        assert {s["policy"] for s in other.record["starved_experts"]} == {"all"}
+    ra, rb = CheckpointReader(base.path), CheckpointReader(other.path)
+    assert not all(torch.equal(ra.get(n), rb.get(n)) for n in ra.names if n.endswith(".qweight"))
