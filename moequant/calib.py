@@ -79,7 +79,7 @@ def load_tokenizer(model_dir: Path):
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one ``int64 [N]`` token sequence, without special tokens."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.int64)
 
 

@@ -375,7 +375,7 @@ def _solve(run: _Run, names: list[str], weights: torch.Tensor, hessians: torch.T
         if spec.method == "gptq" and h_sel is not None:
             result = gptq_quantize(w_sel, h_sel, spec)
         else:
-            result = rtn(w_sel, spec.bits, spec.group_size, spec.sym)
+            result = rtn(w_sel, spec.bits, spec.group_size, spec.sym, spec.clip_grid)
             if h_sel is not None:
                 result.error = output_error(w_sel, result.dequantize(), h_sel)
         packed = pack_result(_cpu(result), spec.bits)
@@ -435,7 +435,7 @@ def _streamed_layer(run: _Run, layer: int) -> tuple[dict, dict]:
                                                     None, None)
             continue
         weight = get(info.weight)
-        result = rtn(weight, spec.bits, spec.group_size, spec.sym)
+        result = rtn(weight, spec.bits, spec.group_size, spec.sym, spec.clip_grid)
         del weight
         for key, value in pack_result(_cpu(result), spec.bits).items():
             tensors[f"{info.name}.{key}"] = value

@@ -34,6 +34,7 @@ from moequant.errors import MoequantError
 from moequant.quant.types import QuantSpec
 
 ALLOWED_BITS = (2, 3, 4, 8, 16)
+CLIP_GRID = 20  # shrink factors 1.00, 0.98, ..., 0.62 of each group's range
 KEEP_BITS = 16
 
 
@@ -82,6 +83,7 @@ class Recipe(BaseModel):
     act_order: bool = True
     damp: float = Field(0.01, gt=0.0, le=1.0)
     block_size: int = Field(128, ge=1)
+    clip_search: bool = False
     min_tokens: int = Field(64, ge=0)
     expert_calibration: Literal["routed", "augmented", "all"] = "augmented"
     hessian_weighting: Literal["none", "router"] = "none"
@@ -114,6 +116,7 @@ class Recipe(BaseModel):
             act_order=self.act_order,
             damp=self.damp,
             block_size=self.block_size,
+            clip_grid=CLIP_GRID if self.clip_search else 0,
         )
 
     def fingerprint(self) -> str:

@@ -73,14 +73,18 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> QuantRes
     if spec.act_order:
         diag = h_b.diagonal(dim1=-2, dim2=-1).float()
         perm = torch.argsort(diag, dim=-1, descending=True, stable=True)  # [E, K]
-        scales, zeros = _static_group_params(w_b, g, spec.bits, spec.sym)
+        scales, zeros = _static_group_params(w_b, g, spec.bits, spec.sym, spec.clip_grid, h_b)
     else:
         scales = torch.empty(e, n_groups, n, dtype=torch.float32, device=w_b.device)
         zeros = torch.empty(e, n_groups, n, dtype=torch.int32, device=w_b.device)
 
     w_t = _columns_first(w_b, perm)  # [E, K, N], float32, processing order
     u, damp = _inverse_factor(h_b, perm, spec.damp)  # [E, K, K]
-    codes_t = _gptq_pass(w_t, u, scales, zeros, perm, g, spec.bits, spec.sym, spec.block_size)
+    hdiag = None
+    if spec.clip_grid and perm is None:
+        hdiag = h_b.diagonal(dim1=-2, dim2=-1).float()  # [E, K]
+    codes_t = _gptq_pass(w_t, u, scales, zeros, perm, g, spec.bits, spec.sym, spec.block_size,
+                         spec.clip_grid, hdiag)
     del u, w_t
 
     result = QuantResult(
@@ -149,15 +153,23 @@ def _validate(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> None:
         )
 
 
-def _static_group_params(w: torch.Tensor, g: int, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales (float32) and zeros (int32), ``[E, G, N]``, from the original ``w [E, N, K]``."""
+def _static_group_params(w: torch.Tensor, g: int, bits: int, sym: bool, clip_grid: int = 0,
+                         h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales (float32) and zeros (int32), ``[E, G, N]``, from the original ``w [E, N, K]``.
+
+    With ``clip_grid`` the clipping search weighs each column by the Hessian diagonal of ``h``.
+    """
     e, n, k = w.shape
     full = k // g * g
+    diag = h.diagonal(dim1=-2, dim2=-1).float() if (clip_grid and h is not None) else None
     parts = []
     if full:
-        parts.append(find_params(w[..., :full].reshape(e, n, full // g, g).transpose(1, 2), bits, sym))
+        weight = None if diag is None else diag[:, :full].reshape(e, full // g, 1, g)
+        parts.append(find_params(w[..., :full].reshape(e, n, full // g, g).transpose(1, 2), bits, sym,
+                                 clip_grid, weight))
     if full < k:
-        s, z = find_params(w[..., full:], bits, sym)
+        weight = None if diag is None else diag[:, None, full:]
+        s, z = find_params(w[..., full:], bits, sym, clip_grid, weight)
         parts.append((s[:, None], z[:, None]))
     return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
 
@@ -244,6 +256,8 @@ def _gptq_pass(
     bits: int,
     sym: bool,
     block: int,
+    clip_grid: int = 0,
+    hdiag: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The column loop. Returns codes ``[E, K, N]`` in original column order.
 
@@ -269,7 +283,8 @@ def _gptq_pass(
             if perm is None:
                 if col % g == 0:
                     src = _current_group(w, u, err1, i1, i, min(col + g, k))
-                    s, z = find_params(src.transpose(1, 2), bits, sym)
+                    weight = None if hdiag is None else hdiag[:, None, col : col + src.shape[1]]
+                    s, z = find_params(src.transpose(1, 2), bits, sym, clip_grid, weight)
                     scales[:, col // g] = s
                     zeros[:, col // g] = z
                     zf = z.float()

@@ -17,7 +17,11 @@ import torch
 _FP16_TINY = 2.0**-14
 
 
-def find_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+CLIP_STEP = 0.02
+
+
+def find_params(w: torch.Tensor, bits: int, sym: bool, clip_grid: int = 0,
+                weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for every row of ``w``.
 
     Args:
@@ -25,23 +29,53 @@ def find_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
             channels) gets its own scale and zero over its ``C`` values.
         bits: code width.
         sym: symmetric grid.
+        clip_grid: when > 0, also try ranges shrunk by ``1 - CLIP_STEP * j`` for
+            ``j < clip_grid`` and keep, per row, the one with the least squared rounding error
+            (weighted by ``weight``); 0 keeps the full min/max range.
+        weight: optional non-negative ``[..., 1, C]`` (broadcastable) importance of each
+            column, e.g. the Hessian diagonal, for the clipping search.
 
     Returns:
         ``(scale, zero)``: float32 ``[..., R]`` scales (float16-representable, > 0) and int32
         ``[..., R]`` zero points in ``[1, 2^bits - 1]``.
     """
-    maxq = 2**bits - 1
     w = w.float()
     wmin = w.amin(dim=-1).clamp(max=0.0)
     wmax = w.amax(dim=-1).clamp(min=0.0)
+    scale, zero = _range_params(wmin, wmax, bits, sym)
+    if clip_grid <= 1:
+        return scale, zero
+    best = _rounding_error(w, scale, zero, bits, weight)
+    for j in range(1, clip_grid):
+        shrink = 1.0 - CLIP_STEP * j
+        s, z = _range_params(wmin * shrink, wmax * shrink, bits, sym)
+        err = _rounding_error(w, s, z, bits, weight)
+        better = err < best
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+        best = torch.minimum(err, best)
+    return scale, zero
+
+
+def _rounding_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                    weight: torch.Tensor | None) -> torch.Tensor:
+    s, z = scale[..., None], zero[..., None].float()
+    diff = dequantize(quantize(w, s, z, bits), s, z) - w
+    diff = diff.square_()
+    if weight is not None:
+        diff = diff * weight
+    return diff.sum(dim=-1)
+
+
+def _range_params(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point covering ``[wmin, wmax]`` (``wmin <= 0 <= wmax``), per row."""
+    maxq = 2**bits - 1
     if sym:
         absmax = torch.maximum(-wmin, wmax)
-        scale = 2.0 * absmax / maxq
-        scale = _to_fp16_grid(scale)
+        scale = _to_fp16_grid(2.0 * absmax / maxq)
         zero = torch.full_like(scale, 2 ** (bits - 1), dtype=torch.int32)
         return scale, zero
-    scale = (wmax - wmin) / maxq
-    scale = _to_fp16_grid(scale)
+    scale = _to_fp16_grid((wmax - wmin) / maxq)
     zero = torch.round(-wmin / scale)
     low = zero < 1
     if low.any():
@@ -49,8 +83,7 @@ def find_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
         widened = _to_fp16_grid(wmax / (maxq - 1), round_up=True)
         scale = torch.where(low, torch.maximum(scale, widened), scale)
         zero = torch.where(low, torch.ones_like(zero), zero)
-    zero = zero.clamp(1, maxq).to(torch.int32)
-    return scale, zero
+    return scale, zero.clamp(1, maxq).to(torch.int32)
 
 
 def _to_fp16_grid(scale: torch.Tensor, round_up: bool = False) -> torch.Tensor:

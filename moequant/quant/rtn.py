@@ -8,7 +8,7 @@ from moequant.quant.grid import dequantize, find_params, quantize
 from moequant.quant.types import QuantResult
 
 
-def rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> QuantResult:
+def rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool, clip_grid: int = 0) -> QuantResult:
     """Quantise ``W`` by rounding each group to its own grid.
 
     Args:
@@ -16,6 +16,8 @@ def rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> QuantResult:
         bits: code width (2, 3, 4 or 8).
         group_size: columns per group ``g`` (``-1``: one group of all ``K``); must divide ``K``.
         sym: symmetric grid.
+        clip_grid: candidate ranges for the clipping search (0: plain min/max), see
+            :func:`moequant.quant.grid.find_params`.
 
     Returns:
         :class:`QuantResult` with ``codes [.., N, K]``, ``scales``/``zeros [.., K/g, N]``,
@@ -26,7 +28,7 @@ def rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> QuantResult:
     g = k if group_size == -1 else group_size
     n_groups = k // g
     wg = w.reshape(*lead, n, n_groups, g).transpose(-3, -2)  # [.., G, N, g]
-    scale, zero = find_params(wg, bits, sym)  # [.., G, N]
+    scale, zero = find_params(wg, bits, sym, clip_grid)  # [.., G, N]
     q = quantize(wg, scale[..., None], zero[..., None].float(), bits)
     deq = dequantize(q, scale[..., None], zero[..., None].float())
     codes = q.transpose(-3, -2).reshape(*lead, n, k).to(torch.int32)

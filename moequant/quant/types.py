@@ -24,6 +24,7 @@ class QuantSpec:
     act_order: bool = True
     damp: float = 0.01
     block_size: int = 128
+    clip_grid: int = 0
 
     def effective_group_size(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
