@@ -29,8 +29,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from moequant.arch.registry import adapter_for
 from moequant.builtin_data import bundled_model_path
 from moequant.calib import load_text, load_tokenizer, random_windows, tokenize
+from moequant.checkpoint.reader import CheckpointReader
 from moequant.evals.report import write_report
 from moequant.evals.run import evaluate, evaluation_windows
 from moequant.pipeline import CalibSettings, compress
@@ -65,9 +67,11 @@ def run_peer(peer_python: str, model: Path, name: str, recipe: str, calib: Calib
     rec = load_recipe(recipe)
     attn = rec.spec_for("model.layers.0.self_attn.q_proj")
     expert = rec.spec_for("model.layers.0.block_sparse_moe.experts.0.w1")
+    max_positions = adapter_for(CheckpointReader(model).config).config.max_position_embeddings
     tokenizer = load_tokenizer(model)
     calib_ids = random_windows(tokenize(tokenizer, load_text(calib.source, "calib")), calib.samples,
-                               calib.seqlen, calib.seed)
+                               min(calib.seqlen, max_positions), calib.seed)
+    seqlen = min(seqlen, max_positions)
     eval_ids = evaluation_windows(dataset, [model], seqlen, max_windows)
     with tempfile.TemporaryDirectory() as tmp:
         save_file({"ids": calib_ids}, f"{tmp}/calib.safetensors")
@@ -178,9 +182,9 @@ def main() -> None:
     ap.add_argument("--methods", default="gptq,rtn")
     ap.add_argument("--calib", default="builtin")
     ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--calib-seqlen", type=int, default=2048, help="capped at the model's positions")
     ap.add_argument("--dataset", default="builtin")
-    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--seqlen", type=int, default=2048, help="capped at the model's positions")
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--peer-python", default=None, help="interpreter of an environment with llmcompressor")

@@ -23,12 +23,12 @@ class DemoRun:
 
 
 def run_demo(workdir: str | Path, recipe: str = "mixtral-a4e3", with_rtn: bool = True,
-             calib: CalibSettings | None = None, seqlen: int = 512,
+             calib: CalibSettings | None = None, seqlen: int = 2048,
              progress_factory=Progress) -> list[DemoRun]:
     """Compress the bundled model with ``recipe`` (GPTQ, and RTN for contrast) and evaluate each.
 
     Calibration is the bundled calibration slice (``builtin``); evaluation is its held-out slice,
-    in consecutive windows of ``seqlen`` tokens, against the original on the same windows.
+    in consecutive windows of ``seqlen`` tokens (capped at the model's positions), against the original on the same windows.
     Everything is written under ``workdir``, which is replaced if it holds an earlier demo.
     """
     workdir = Path(workdir)
