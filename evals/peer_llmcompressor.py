@@ -4,7 +4,8 @@ This script runs inside a separate environment that has `llmcompressor` installe
 dependencies pin their own transformers); `evals/quality.py` and `evals/bench_gptq.py` call it
 with the same calibration and evaluation windows that moequant uses, so the two are compared on
 identical data. It prints one JSON object: seconds spent in `oneshot`, and the perplexity of the
-original and of the quantised model on the evaluation windows.
+original and of the quantised model on the evaluation windows, with the KL divergence of the
+quantised model's next-token distribution from the original's and their top-1 agreement.
 
     PEER_PYTHON evals/peer_llmcompressor.py --model DIR --calib-ids calib.safetensors \\
         --eval-ids eval.safetensors --attn-bits 4 --expert-bits 3 [--expert-group-size 128]
@@ -21,8 +22,9 @@ import torch
 from safetensors.torch import load_file
 
 
-def perplexity(model, windows: torch.Tensor, batch: int = 8) -> float:
-    nll, count = 0.0, 0
+def score(model, windows: torch.Tensor, batch: int = 8) -> tuple[float, list[torch.Tensor]]:
+    """Perplexity over every predicted token, and the next-token log-probabilities per chunk."""
+    nll, count, logps = 0.0, 0, []
     with torch.no_grad():
         for s in range(0, windows.shape[0], batch):
             ids = windows[s : s + batch]
@@ -30,7 +32,15 @@ def perplexity(model, windows: torch.Tensor, batch: int = 8) -> float:
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
             nll -= logp.gather(-1, ids[:, 1:, None]).sum().item()
             count += ids[:, 1:].numel()
-    return math.exp(nll / count)
+            logps.append(logp)
+    return math.exp(nll / count), logps
+
+
+def agreement(base: list[torch.Tensor], model: list[torch.Tensor]) -> dict:
+    """Mean KL(base || model) over tokens, and top-1 agreement."""
+    kl = torch.cat([(b.exp() * (b - m)).sum(-1).flatten() for b, m in zip(base, model, strict=True)])
+    top1 = torch.cat([(b.argmax(-1) == m.argmax(-1)).flatten() for b, m in zip(base, model, strict=True)])
+    return {"kl_mean": kl.mean().item(), "top1_agreement": top1.float().mean().item()}
 
 
 def main() -> None:
@@ -59,9 +69,10 @@ def main() -> None:
     calib = load_file(args.calib_ids)["ids"]
     windows = load_file(args.eval_ids)["ids"]
     result: dict = {"peer": "llmcompressor", "version": __import__("llmcompressor").__version__}
+    base_logps = None
     if not args.skip_original:
         original = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-        result["original_perplexity"] = perplexity(original, windows)
+        result["original_perplexity"], base_logps = score(original, windows)
         del original
     with load_quantizable_moe():
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -84,7 +95,9 @@ def main() -> None:
             max_seq_length=calib.shape[1], num_calibration_samples=calib.shape[0])
     result["seconds"] = time.perf_counter() - t0
     model.eval()
-    result["perplexity"] = perplexity(model, windows)
+    result["perplexity"], logps = score(model, windows)
+    if base_logps is not None:
+        result.update(agreement(base_logps, logps))
     quantised = [n for n, m in model.named_modules() if hasattr(m, "quantization_scheme")]
     result["quantised_modules"] = len(quantised)
     print(json.dumps(result))

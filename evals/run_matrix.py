@@ -58,7 +58,8 @@ def run_one(model: Path, out_root: Path, name: str, recipe: str, method: str, ca
     report["method"] = method
     write_report(report, RESULTS / f"{label}.json")
     print(f"{label}: ppl {report['perplexity']:.3f} (original {report['baseline_perplexity']:.3f}), "
-          f"{report['size_bytes'] / 1e6:.2f} MB, compress {seconds:.1f} s", flush=True)
+          f"KL {report['kl_divergence']['mean']:.5f}, {report['size_bytes'] / 1e6:.2f} MB, "
+          f"compress {seconds:.1f} s", flush=True)
     return report
 
 
@@ -93,13 +94,14 @@ def run_peer(peer_python: str, model: Path, name: str, recipe: str, calib: Calib
     label = f"{name}-{recipe.removeprefix('mixtral-')}-llmcompressor"
     report = {"model": label, "method": "llmcompressor-gptq", "recipe": {"name": recipe},
               "perplexity": peer["perplexity"], "baseline_perplexity": peer["original_perplexity"],
+              "kl_divergence": {"mean": peer.get("kl_mean")}, "top1_agreement": peer.get("top1_agreement"),
               "size_bytes": size_bytes, "compress_seconds": round(wall, 2), "peer_oneshot_seconds": peer["seconds"],
               "windows": int(eval_ids.shape[0]), "seqlen": seqlen, "dataset": dataset,
               "calibration": {"samples": calib.samples, "seqlen": calib.seqlen, "seed": calib.seed},
               "peer": {k: v for k, v in peer.items() if k not in ("perplexity", "original_perplexity")}}
     (RESULTS / f"{label}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"{label}: ppl {peer['perplexity']:.3f} (original {peer['original_perplexity']:.3f}), "
-          f"{wall:.1f} s", flush=True)
+          f"KL {peer.get('kl_mean', float('nan')):.5f}, {wall:.1f} s", flush=True)
     return report
 
 
