@@ -46,7 +46,7 @@ PBEGIN, PEND = "<!-- policies:begin -->", "<!-- policies:end -->"
 
 
 def run_one(model: Path, out_root: Path, name: str, recipe: str, method: str, calib: CalibSettings, dataset: str,
-            seqlen: int, device: str, max_windows: int | None) -> dict:
+            seqlen: int, device: str, max_windows: int | None, write: bool = True) -> dict:
     label = f"{name}-{recipe.removeprefix('mixtral-')}-{method}"
     t0 = time.perf_counter()
     result = compress(model, out_root / label, recipe=recipe, method=method, calib=calib, device=device,
@@ -56,8 +56,9 @@ def run_one(model: Path, out_root: Path, name: str, recipe: str, method: str, ca
                       max_windows=max_windows)
     report["compress_seconds"] = round(seconds, 2)
     report["method"] = method
-    write_report(report, RESULTS / f"{label}.json")
-    print(f"{label}: ppl {report['perplexity']:.3f} (original {report['baseline_perplexity']:.3f}), "
+    if write:
+        write_report(report, RESULTS / f"{label}.json")
+    print(f"{label} (seed {calib.seed}): ppl {report['perplexity']:.3f} (original {report['baseline_perplexity']:.3f}), "
           f"KL {report['kl_divergence']['mean']:.5f}, {report['size_bytes'] / 1e6:.2f} MB, "
           f"compress {seconds:.1f} s", flush=True)
     return report
@@ -99,8 +100,7 @@ def run_peer(peer_python: str, model: Path, name: str, recipe: str, calib: Calib
               "windows": int(eval_ids.shape[0]), "seqlen": seqlen, "dataset": dataset,
               "calibration": {"samples": calib.samples, "seqlen": calib.seqlen, "seed": calib.seed},
               "peer": {k: v for k, v in peer.items() if k not in ("perplexity", "original_perplexity")}}
-    (RESULTS / f"{label}.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{label}: ppl {peer['perplexity']:.3f} (original {peer['original_perplexity']:.3f}), "
+    print(f"{label} (seed {calib.seed}): ppl {peer['perplexity']:.3f} (original {peer['original_perplexity']:.3f}), "
           f"KL {peer.get('kl_mean', float('nan')):.5f}, {wall:.1f} s", flush=True)
     return report
 
@@ -134,22 +134,46 @@ def policy_study(model: Path, name: str, recipe: str, dataset: str, seqlen: int,
     return rows
 
 
-def matrix_table(reports: list[dict]) -> str:
-    lines = ["| recipe | method | perplexity | change vs original | KL mean | top-1 | router | size (MB) | "
-             "bits/weight | compress (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    originals = {r["baseline_perplexity"] for r in reports if r.get("baseline_perplexity")}
-    for r in reports:
-        kl = (r.get("kl_divergence") or {}).get("mean")
+def aggregate(runs: list[dict]) -> dict:
+    """One row of the matrix: the mean over calibration seeds, and each seed's perplexity."""
+    first = runs[0]
+
+    def mean(get) -> float | None:
+        values = [get(r) for r in runs]
+        return None if any(v is None for v in values) else sum(values) / len(values)
+
+    return {
+        "recipe": first["recipe"]["name"] if isinstance(first.get("recipe"), dict) else first.get("recipe"),
+        "method": first["method"],
+        "seeds": len(runs),
+        "perplexity": mean(lambda r: r["perplexity"]),
+        "perplexities": [round(r["perplexity"], 4) for r in runs],
+        "baseline_perplexity": first["baseline_perplexity"],
+        "kl_mean": mean(lambda r: (r.get("kl_divergence") or {}).get("mean")),
+        "top1_agreement": mean(lambda r: r.get("top1_agreement")),
+        "router_agreement": mean(lambda r: r.get("router_agreement")),
+        "size_bytes": first["size_bytes"],
+        "baseline_size_bytes": first.get("baseline_size_bytes"),
+        "bits_per_weight": first.get("bits_per_weight"),
+        "compress_seconds": mean(lambda r: r.get("compress_seconds")),
+        "windows": first["windows"],
+        "seqlen": first["seqlen"],
+    }
+
+
+def matrix_table(rows: list[dict]) -> str:
+    lines = ["| recipe | method | perplexity (mean) | per seed | change | KL mean | top-1 | router | size (MB) | "
+             "bits/weight | compress (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
         change = 100 * (r["perplexity"] / r["baseline_perplexity"] - 1)
+        seeds = ", ".join(f"{p:.3f}" for p in r["perplexities"])
         lines.append(
-            f"| {r['recipe']['name'] if isinstance(r.get('recipe'), dict) else r.get('recipe')} | {r['method']} | "
-            f"{r['perplexity']:.3f} | {change:+.2f}% | {'-' if kl is None else f'{kl:.4f}'} | "
-            f"{_fmt(r.get('top1_agreement'))} | {_fmt(r.get('router_agreement'))} | {r['size_bytes'] / 1e6:.2f} | "
-            f"{_fmt(r.get('bits_per_weight'), '.2f')} | {r.get('compress_seconds', '-')} |")
-    if reports and reports[0].get("baseline_size_bytes"):
-        orig = sorted(originals)[0] if originals else None
-        lines.append(f"| original | bf16 | {orig:.3f} | - | - | - | - | {reports[0]['baseline_size_bytes'] / 1e6:.2f} "
-                     f"| 16 | - |")
+            f"| {r['recipe']} | {r['method']} | {r['perplexity']:.3f} | {seeds} | {change:+.2f}% | "
+            f"{_fmt(r['kl_mean'], '.5f')} | {_fmt(r['top1_agreement'])} | {_fmt(r['router_agreement'])} | "
+            f"{r['size_bytes'] / 1e6:.2f} | {_fmt(r['bits_per_weight'], '.2f')} | {_fmt(r['compress_seconds'], '.1f')} |")
+    if rows and rows[0].get("baseline_size_bytes"):
+        lines.append(f"| original | bf16 | {rows[0]['baseline_perplexity']:.3f} | - | - | - | - | - | "
+                     f"{rows[0]['baseline_size_bytes'] / 1e6:.2f} | 16 | - |")
     return "\n".join(lines)
 
 
@@ -190,29 +214,39 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--peer-python", default=None, help="interpreter of an environment with llmcompressor")
+    ap.add_argument("--seeds", default="0,1,2", help="calibration seeds; the tables show the mean")
     ap.add_argument("--policy-study", action="store_true")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite evals/README.md")
     args = ap.parse_args()
     model = Path(args.model) if args.model else bundled_model_path()
     RESULTS.mkdir(exist_ok=True)
-    calib = CalibSettings(args.calib, args.samples, args.calib_seqlen, 0)
     readme = README.read_text() if README.is_file() else "# Evaluations\n"
     if args.policy_study:
         rows = policy_study(model, args.name, "mixtral-a4e2", args.dataset, args.seqlen, args.device,
                             budgets=[(1, 64), (2, 64), (4, 64), (8, 128)], seeds=[0, 1, 2])
         readme = replace_block(readme, PBEGIN, PEND, policy_table(rows))
     else:
-        reports = []
+        rows = []
+        seeds = [int(s) for s in args.seeds.split(",")]
         with tempfile.TemporaryDirectory() as tmp:
             for recipe in args.recipes.split(","):
                 for method in args.methods.split(","):
-                    reports.append(run_one(model, Path(tmp), args.name, recipe, method, calib, args.dataset,
-                                           args.seqlen, args.device, args.max_windows))
+                    runs = [run_one(model, Path(tmp), args.name, recipe, method,
+                                    CalibSettings(args.calib, args.samples, args.calib_seqlen, seed), args.dataset,
+                                    args.seqlen, args.device, args.max_windows, write=i == 0)
+                            for i, seed in enumerate(seeds)]
+                    rows.append(aggregate(runs))
                 if args.peer_python:
-                    size = next(r["size_bytes"] for r in reports if r["recipe"]["name"] == recipe)
-                    reports.append(run_peer(args.peer_python, model, args.name, recipe, calib, args.dataset,
-                                            args.seqlen, args.max_windows, size))
-        readme = replace_block(readme, BEGIN, END, matrix_table(reports))
+                    size = rows[-1]["size_bytes"]
+                    runs = [run_peer(args.peer_python, model, args.name, recipe,
+                                     CalibSettings(args.calib, args.samples, args.calib_seqlen, seed), args.dataset,
+                                     args.seqlen, args.max_windows, size) for seed in seeds]
+                    rows.append(aggregate(runs))
+        summary = {"model": str(model), "calibration": {"dataset": args.calib, "samples": args.samples,
+                                                        "seqlen": args.calib_seqlen, "seeds": seeds},
+                   "dataset": args.dataset, "rows": rows}
+        (RESULTS / f"{args.name}-matrix.json").write_text(json.dumps(summary, indent=2) + "\n")
+        readme = replace_block(readme, BEGIN, END, matrix_table(rows))
     if not args.no_readme:
         README.write_text(readme)
         print(f"updated {README}")
