@@ -60,7 +60,7 @@ class RichProgress(Progress):
 
     def advance(self, step: int, info: dict | None = None) -> None:
         if self._bar is not None:
-            self._bar.update(self._task, advance=1, stage=f"layer {step}: done")
+            self._bar.update(self._task, advance=1, stage="")
 
     def note(self, text: str) -> None:
         console.print(text, highlight=False)

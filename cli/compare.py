@@ -82,14 +82,17 @@ def compare(
     table = Table(title=f"{Path(first['dataset']).name}, {first['windows']} x {first['seqlen']} tokens; "
                         "ppl = perplexity, Δ ppl vs its baseline", box=box.SIMPLE_HEAD, pad_edge=False,
                   collapse_padding=True)
-    for col in ("report", "model", "size", "bits/w", "ppl", "Δ ppl", "KL mean", "top-1", "router"):
-        table.add_column(col, justify="left" if col in ("report", "model") else "right", no_wrap=True)
+    models = [Path(r["model"]).name for r in loaded]
+    label = "report" if len(set(models)) < len(models) else "model"
+    table.add_column(label, justify="left", overflow="fold")
+    for col in ("size", "bits/w", "ppl", "Δ ppl", "KL mean", "top-1", "router"):
+        table.add_column(col, justify="right", no_wrap=True)
     for path, r in zip(reports, loaded, strict=True):
         change = r.get("perplexity_change_pct")
         if change is None and r.get("baseline_perplexity"):
             change = 100.0 * (r["perplexity"] / r["baseline_perplexity"] - 1.0)
         kl = r.get("kl_divergence") or {}
-        table.add_row(escape(path.stem), escape(Path(r["model"]).name), human_bytes(r["size_bytes"]),
+        table.add_row(escape(path.stem if label == "report" else Path(r["model"]).name), human_bytes(r["size_bytes"]),
                       _num(r["bits_per_weight"], ".2f"), _num(r["perplexity"], ".4f"),
                       "-" if change is None else f"{change:+.2f}%", _num(kl.get("mean"), ".5f"),
                       _num(r.get("top1_agreement"), ".4f"), _num(r.get("router_agreement"), ".4f"))
