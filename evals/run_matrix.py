@@ -115,20 +115,23 @@ def policy_study(model: Path, name: str, recipe: str, dataset: str, seqlen: int,
     with tempfile.TemporaryDirectory() as tmp:
         for samples, length in budgets:
             for policy in ("routed", "augmented", "all"):
-                ppls = []
+                ppls, kls = [], []
                 starved = []
                 for seed in seeds:
                     rec = Recipe.model_validate({**base.model_dump(), "expert_calibration": policy})
                     result = compress(model, Path(tmp) / "o", recipe=rec, calib=CalibSettings("builtin", samples,
                                       length, seed), device=device, overwrite=True)
                     starved.append(len(result.record["starved_experts"]))
-                    report = evaluate(result.path, dataset=dataset, seqlen=seqlen, device=device)
+                    report = evaluate(result.path, baseline=model, dataset=dataset, seqlen=seqlen, device=device)
                     ppls.append(report["perplexity"])
+                    kls.append(report["kl_divergence"]["mean"])
                 row = {"samples": samples, "seqlen": length, "policy": policy, "seeds": seeds,
                        "perplexity_mean": sum(ppls) / len(ppls), "perplexities": ppls,
+                       "kl_mean": sum(kls) / len(kls), "kls": kls,
                        "starved_experts_mean": sum(starved) / len(starved)}
                 rows.append(row)
                 print(f"policy {policy:9s} {samples}x{length}: ppl {row['perplexity_mean']:.3f} "
+                      f"KL {row['kl_mean']:.5f} "
                       f"({row['starved_experts_mean']:.1f} starved experts)", flush=True)
     (RESULTS / f"{name}-policies.json").write_text(json.dumps({"recipe": recipe, "rows": rows}, indent=2) + "\n")
     return rows
@@ -178,13 +181,14 @@ def matrix_table(rows: list[dict]) -> str:
 
 
 def policy_table(rows: list[dict]) -> str:
-    lines = ["| calibration | routed | augmented | all | starved experts (of 32) |", "|---|---|---|---|---|"]
+    policies = ("routed", "augmented", "all")
+    lines = ["| calibration | starved experts (of 32) | " + " | ".join(f"{p}: KL / ppl" for p in policies) + " |",
+             "|---|---|---|---|---|"]
     budgets = sorted({(r["samples"], r["seqlen"]) for r in rows})
     for s, L in budgets:
         by = {r["policy"]: r for r in rows if (r["samples"], r["seqlen"]) == (s, L)}
-        lines.append(f"| {s} x {L} tokens | " + " | ".join(f"{by[p]['perplexity_mean']:.3f}"
-                                                          for p in ("routed", "augmented", "all"))
-                     + f" | {by['routed']['starved_experts_mean']:.1f} |")
+        cells = " | ".join(f"{by[p]['kl_mean']:.5f} / {by[p]['perplexity_mean']:.3f}" for p in policies)
+        lines.append(f"| {s} x {L} tokens | {by['routed']['starved_experts_mean']:.1f} | {cells} |")
     return "\n".join(lines)
 
 
