@@ -182,44 +182,46 @@ def compress(
 
     fingerprint = _fingerprint(reader, recipe_obj, method, calib if calibrate else None)
     state = _load_state(partial, fingerprint) if resume else None
-    writer = CheckpointWriter(out_path, fresh=state is None)
-    run = _Run(reader, adapter, recipe_obj, specs, dev, writer, progress, calibrate,
-               batch=_calib_batch(calib, adapter), expert_batch=expert_batch or adapter.config.num_experts)
-
     n_layers = adapter.config.num_layers
     start_layer = 0
     hidden: torch.Tensor | None = None
     calib_info: dict | None = None
+    if state is None and calibrate:
+        ids, calib_info = _calibration_ids(source, calib, adapter)
+        hidden = reader.get(adapter.embed_name, dtype=torch.float32, device=dev)[ids.to(dev)]
+    writer = CheckpointWriter(out_path, fresh=state is None)
+    run = _Run(reader, adapter, recipe_obj, specs, dev, writer, progress, calibrate,
+               batch=_calib_batch(calib, adapter), expert_batch=expert_batch or adapter.config.num_experts)
     if state is not None:
         start_layer = state["completed_layers"]
         run.modules, run.layers, calib_info = state["modules"], state["layers"], state["calibration"]
         if calibrate:
             hidden = load_file(str(partial / "resume" / "hidden.safetensors"))["hidden"].to(dev)
         progress.note(f"resuming from layer {start_layer} of {n_layers}")
-    elif calibrate:
-        ids, calib_info = _calibration_ids(source, calib, adapter)
-        hidden = reader.get(adapter.embed_name, dtype=torch.float32, device=dev)[ids.to(dev)]
-    else:
-        calib_info = None
 
     progress.begin(n_layers, f"compressing {source.name}")
     for layer in range(start_layer):
         progress.advance(layer)
-    for layer in range(start_layer, n_layers):
-        t0 = time.perf_counter()
-        if calibrate:
-            tensors, hidden, layer_record = _calibrated_layer(run, layer, hidden)
-        else:
-            tensors, layer_record = _streamed_layer(run, layer)
-        layer_record["time_s"] = round(time.perf_counter() - t0, 3)
-        writer.write_shard(_layer_key(layer), tensors)
-        run.layers.append(layer_record)
-        _save_state(partial, fingerprint, layer + 1, run, calib_info, hidden)
-        progress.advance(layer, layer_record)
-        if stop_after_layers is not None and layer + 1 >= stop_after_layers and layer + 1 < n_layers:
-            progress.end()
-            raise MoequantError(f"stopped after {layer + 1} layers as asked; continue with --resume")
-    progress.end()
+    try:
+        for layer in range(start_layer, n_layers):
+            t0 = time.perf_counter()
+            if calibrate:
+                tensors, hidden, layer_record = _calibrated_layer(run, layer, hidden)
+            else:
+                tensors, layer_record = _streamed_layer(run, layer)
+            layer_record["time_s"] = round(time.perf_counter() - t0, 3)
+            writer.write_shard(_layer_key(layer), tensors)
+            run.layers.append(layer_record)
+            _save_state(partial, fingerprint, layer + 1, run, calib_info, hidden)
+            progress.advance(layer, layer_record)
+            if stop_after_layers is not None and layer + 1 >= stop_after_layers and layer + 1 < n_layers:
+                raise MoequantError(f"stopped after {layer + 1} layers as asked; continue with --resume")
+    except BaseException:
+        if not run.layers:  # nothing worth resuming: leave no partial folder behind
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        progress.end()
 
     writer.write_shard(_GLOBALS_KEY, _global_tensors(run, hidden))
     record = _finish_record(run, source, calib_info, method, started)
@@ -235,7 +237,10 @@ def _calibration_ids(source: Path, calib: CalibSettings, adapter: MixtralAdapter
         gen = torch.Generator().manual_seed(calib.seed)
         ids = torch.randint(0, adapter.config.vocab_size, (calib.samples, seqlen), generator=gen)
     else:
-        tokenizer = load_tokenizer(source)
+        try:
+            tokenizer = load_tokenizer(source)
+        except MoequantError as exc:
+            raise MoequantError(f"{exc} (or compress without calibration: --method rtn)") from exc
         tokens = tokenize(tokenizer, load_text(calib.source, "calib"))
         ids = random_windows(tokens, calib.samples, seqlen, calib.seed)
     info = {"dataset": calib.source, "samples": calib.samples, "seqlen": seqlen, "seed": calib.seed,

@@ -203,3 +203,20 @@ def test_other_calibration_settings_change_the_result(tmp_path, tiny_mixtral_tok
         assert {s["policy"] for s in other.record["starved_experts"]} == {"all"}
     ra, rb = CheckpointReader(base.path), CheckpointReader(other.path)
     assert not all(torch.equal(ra.get(n), rb.get(n)) for n in ra.names if n.endswith(".qweight"))
+
+
+def test_gptq_without_tokenizer_or_with_short_text_is_clear(tmp_path, tiny_mixtral, tiny_mixtral_tok):
+    with pytest.raises(MoequantError, match="no usable tokenizer .*--method rtn"):
+        compress(tiny_mixtral, tmp_path / "o", calib=SMALL)
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(MoequantError, match="fewer than one window of 64"):
+        compress(tiny_mixtral_tok, tmp_path / "o", calib=CalibSettings(source=str(short), samples=2, seqlen=64))
+    with pytest.raises(MoequantError, match="unknown dataset"):
+        compress(tiny_mixtral_tok, tmp_path / "o", calib=CalibSettings(source="nope", samples=2, seqlen=64))
+
+
+def test_failure_before_any_layer_leaves_nothing(tmp_path, tiny_mixtral):
+    with pytest.raises(MoequantError):
+        compress(tiny_mixtral, tmp_path / "o", calib=SMALL)  # no tokenizer
+    assert not (tmp_path / ".o.moequant-partial").exists() and not (tmp_path / "o").exists()
