@@ -24,9 +24,10 @@ def generate(
     """Continue PROMPT with the model at PATH and report the decoding speed."""
     import torch
 
+    from moequant.device import resolve_device
     from moequant.errors import MoequantError
     from moequant.kernels.dispatch import resolve_backend
-    from moequant.loading import load, resolve_device
+    from moequant.loading import load
 
     if max_new_tokens < 1:
         raise MoequantError("--max-new-tokens must be at least 1")

@@ -26,6 +26,7 @@ from moequant.arch.mixtral import MixtralAdapter
 from moequant.arch.registry import adapter_for
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
 from moequant.checkpoint.weights import PACKED_KEYS, tensor_getter
+from moequant.device import resolve_device
 from moequant.errors import MoequantError
 from moequant.kernels import dispatch
 from moequant.nn.quant_experts import LinearSpec, QuantExperts, stacked_specs
@@ -166,19 +167,6 @@ def _expert_fills(adapter: MixtralAdapter, layer: int, layout: str,
 
 
 # -- building the model -----------------------------------------------------------------------
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"``: CUDA when available, else CPU; refuses CUDA where there is none."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise MoequantError(f"unknown device {device!r}; use auto, cpu or cuda") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MoequantError(f"device {device} was asked for but no CUDA device is available; use cpu")
-    return dev
-
-
 def resolve_dtype(dtype: str | torch.dtype | None, config: dict, device: torch.device) -> torch.dtype:
     """The compute dtype: ``dtype`` if given, else the checkpoint's on CUDA and float32 on CPU."""
     if isinstance(dtype, torch.dtype):

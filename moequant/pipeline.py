@@ -32,6 +32,7 @@ from moequant.calib import load_text, load_tokenizer, random_windows, tokenize
 from moequant.checkpoint.gptq_config import quantization_config
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
 from moequant.checkpoint.writer import CheckpointWriter, check_output, partial_dir_for, write_json_atomic
+from moequant.device import resolve_device
 from moequant.errors import MoequantError
 from moequant.progress import Progress
 from moequant.quant.gptq import gptq_quantize, output_error
@@ -81,19 +82,6 @@ class _Run:
     expert_batch: int
     modules: dict[str, dict] = field(default_factory=dict)
     layers: list[dict] = field(default_factory=list)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``, refusing CUDA where there is none."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise MoequantError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-        return torch.device(device)
-    if device == "cpu":
-        return torch.device("cpu")
-    raise MoequantError(f"unknown device {device!r}; use auto, cpu or cuda")
 
 
 def plan(adapter: MixtralAdapter, recipe: Recipe, method: str | None = None) -> dict[str, QuantSpec | None]:

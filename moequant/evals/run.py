@@ -15,10 +15,10 @@ import torch
 from moequant.arch.registry import adapter_for
 from moequant.calib import consecutive_windows, load_text, load_tokenizer, tokenize
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
+from moequant.device import resolve_device
 from moequant.errors import MoequantError
 from moequant.evals.report import build_report
 from moequant.evals.streamed import evaluate_windows
-from moequant.pipeline import resolve_device
 from moequant.progress import Progress
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
