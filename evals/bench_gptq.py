@@ -73,6 +73,10 @@ def part_peer(peer_python: str | None, recipe: str, samples: int, seqlen: int, d
     rec = load_recipe(recipe)
     attn = rec.spec_for("model.layers.0.self_attn.q_proj")
     expert = rec.spec_for("model.layers.0.block_sparse_moe.experts.0.w1")
+    from moequant.arch.registry import adapter_for
+    from moequant.checkpoint.reader import CheckpointReader
+
+    seqlen = min(seqlen, adapter_for(CheckpointReader(model).config).config.max_position_embeddings)
     tok = load_tokenizer(model)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -146,6 +150,8 @@ def main() -> None:
         shutil.rmtree(args.workdir, ignore_errors=True)
     RESULTS.mkdir(exist_ok=True)
     dest = RESULTS / f"gptq-{'cuda' if cuda else 'cpu'}.json"
+    if dest.is_file():  # keep the parts not run this time
+        report = {**json.loads(dest.read_text()), **report}
     dest.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {dest}")
 
