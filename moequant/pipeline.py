@@ -360,7 +360,7 @@ def _solve(run: _Run, names: list[str], weights: torch.Tensor, hessians: torch.T
         if spec is None:
             for i in members:
                 tensors[names[i] + ".weight"] = run.reader.get(names[i] + ".weight")
-                run.modules[names[i]] = _module_record(names[i], weights.shape[1:], None, tokens[i], policies[i])
+                run.modules[names[i]] = _module_record(weights.shape[1:], None, tokens[i], policies[i])
             continue
         sel = torch.tensor(members, device=weights.device)
         w_sel = weights.index_select(0, sel)
@@ -378,8 +378,7 @@ def _solve(run: _Run, names: list[str], weights: torch.Tensor, hessians: torch.T
                 tensors[f"{names[i]}.{key}"] = value[j]
             starved_to_rtn = (policies[i] or "").startswith("routed (no tokens")
             applied = "gptq" if spec.method == "gptq" and h_sel is not None and not starved_to_rtn else "rtn"
-            run.modules[names[i]] = _module_record(
-                names[i], weights.shape[1:], spec, tokens[i], policies[i], applied,
+            run.modules[names[i]] = _module_record(weights.shape[1:], spec, tokens[i], policies[i], applied,
                 error=float(result.error[j]), damp=float(result.damp[j]),
                 error_kind="output" if h_sel is not None else "weight",
             )
@@ -392,7 +391,7 @@ def _cpu(result: QuantResult) -> QuantResult:
                                            result.error, result.damp)))
 
 
-def _module_record(name: str, shape, spec: QuantSpec | None, tokens: int | None, policy: str | None,
+def _module_record(shape, spec: QuantSpec | None, tokens: int | None, policy: str | None,
                    applied: str | None = None, error: float | None = None, damp: float | None = None,
                    error_kind: str | None = None) -> dict:
     rec: dict = {"shape": [int(shape[0]), int(shape[1])]}
@@ -424,7 +423,7 @@ def _streamed_layer(run: _Run, layer: int) -> tuple[dict, dict]:
         spec = run.specs[info.name]
         if spec is None:
             tensors[info.weight] = run.reader.get(info.weight)
-            run.modules[info.name] = _module_record(info.name, (info.out_features, info.in_features), None,
+            run.modules[info.name] = _module_record((info.out_features, info.in_features), None,
                                                     None, None)
             continue
         weight = get(info.weight)
@@ -432,7 +431,7 @@ def _streamed_layer(run: _Run, layer: int) -> tuple[dict, dict]:
         del weight
         for key, value in pack_result(_cpu(result), spec.bits).items():
             tensors[f"{info.name}.{key}"] = value
-        run.modules[info.name] = _module_record(info.name, (info.out_features, info.in_features), spec, None,
+        run.modules[info.name] = _module_record((info.out_features, info.in_features), spec, None,
                                                 None, "rtn", error=float(result.error), error_kind="weight")
         del result
     return tensors, {"layer": layer}
@@ -440,7 +439,7 @@ def _streamed_layer(run: _Run, layer: int) -> tuple[dict, dict]:
 
 # -- tensors outside the quantised modules --------------------------------------------------------
 def _passthrough(run: _Run, layer: int) -> dict:
-    """Every tensor of the layer that is not a quantised module's weight, unchanged."""
+    """Every tensor of the layer but the attention and expert weights (written where they are solved)."""
     prefix = run.adapter.layer_prefix(layer)
     solved = {i.weight for i in run.adapter.layer_linears(layer) if i.kind in ("attention", "expert")}
     return {name: run.reader.get(name, check_finite=True) for name in run.reader.names
@@ -479,7 +478,7 @@ def _finish_record(run: _Run, source: Path, calib_info: dict | None, method: str
     all_infos = [i for layer in range(a.config.num_layers) for i in a.layer_linears(layer)] + a.global_linears()
     for info in all_infos:
         if info.name not in run.modules and (info.kind != "lm_head" or run.reader.has(info.weight)):
-            run.modules[info.name] = _module_record(info.name, (info.out_features, info.in_features), None, None, None)
+            run.modules[info.name] = _module_record((info.out_features, info.in_features), None, None, None)
         if info.name in run.modules:
             run.modules[info.name] = {"kind": info.kind, **run.modules[info.name]}
     source_params = sum(run.reader.numel(n) for n in run.reader.names)
