@@ -220,3 +220,50 @@ def test_failure_before_any_layer_leaves_nothing(tmp_path, tiny_mixtral):
     with pytest.raises(MoequantError):
         compress(tiny_mixtral, tmp_path / "o", calib=SMALL)  # no tokenizer
     assert not (tmp_path / ".o.moequant-partial").exists() and not (tmp_path / "o").exists()
+
+
+KILLABLE = """
+import sys, time
+from pathlib import Path
+from moequant.pipeline import CalibSettings, compress
+from moequant.progress import Progress
+
+class PauseMidLayer(Progress):
+    def stage(self, step, name):
+        if step == 1 and name == "experts":
+            Path(sys.argv[3]).write_text("in layer 1")
+            time.sleep(120)
+
+compress(sys.argv[1], sys.argv[2], calib=CalibSettings(samples=4, seqlen=64, seed=0), progress=PauseMidLayer())
+"""
+
+
+def test_killed_mid_layer_resumes_byte_identical(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = add_tokenizer(make_mixtral(tmp_path / "src", seed=6, num_hidden_layers=3))
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(src), str(tmp_path / "out"), str(marker)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the run did not reach layer 1"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    partial = tmp_path / ".out.moequant-partial"
+    assert not (tmp_path / "out").exists() and not (partial / "config.json").exists()
+    assert json.loads((partial / "resume" / "state.json").read_text())["completed_layers"] == 1
+    resumed = compress(src, tmp_path / "out", calib=SMALL, resume=True)
+    full = compress(src, tmp_path / "full", calib=SMALL)
+    a, b = digest(full.path), digest(resumed.path)
+    a.pop("moequant.json"), b.pop("moequant.json")
+    assert a == b
