@@ -563,7 +563,7 @@ def _write_metadata(run: _Run, source: Path, record: dict) -> None:
                    if not n.endswith(".gate") and n != "model.embed_tokens" and (n != "lm_head" or s is not None)}
     config["quantization_config"] = quantization_config(
         quant_specs, __version__, run.recipe.name, run.recipe.damp, run.recipe.act_order,
-        lm_head=run.specs.get("lm_head") is not None,
+        lm_head=run.specs.get("lm_head") is not None, others=[n for n in run.specs if n not in quant_specs],
     )
     run.writer.write_json("config.json", config)
     run.writer.write_json(RECORD_FILE, record)

@@ -13,15 +13,17 @@ def _key(spec: QuantSpec) -> tuple[int, int, bool]:
 
 
 def quantization_config(specs: dict[str, QuantSpec | None], version: str, recipe_name: str,
-                        damp: float, act_order: bool, lm_head: bool) -> dict:
+                        damp: float, act_order: bool, lm_head: bool, others: list[str] = ()) -> dict:
     """The GPTQ ``quantization_config`` for a checkpoint whose modules got ``specs``.
 
     ``specs`` maps every linear module that a GPTQ reader would quantise by default (attention
     and expert projections, plus ``lm_head`` when quantised) to its spec, or ``None`` where it
     stays 16-bit. The most common (bits, group size, sym) becomes the default; every module that
     differs gets a ``dynamic`` entry (``+:`` override, ``-:`` left unquantised). Patterns are
-    written for ``re.match`` on module names and generalised over layer and expert indices where
-    that stays exact.
+    written for ``re.match`` on module names and generalised where that stays exact: over layer
+    and expert indices, and to a parent module (``...self_attn``) when every module under it
+    shares the override, so that readers which fuse projections (``qkv_proj``, a fused experts
+    module) find them too. ``others`` names modules that no pattern may match (routers).
     """
     quantised = {n: s for n, s in specs.items() if s is not None}
     counts = Counter(_key(s) for s in quantised.values())
@@ -32,7 +34,7 @@ def quantization_config(specs: dict[str, QuantSpec | None], version: str, recipe
         if key != default:
             wanted[name] = key
     dynamic: dict[str, dict] = {}
-    for pattern, key in _compact_patterns(wanted, list(specs)):
+    for pattern, key in _compact_patterns(wanted, list(specs) + list(others)):
         if key == ("skip",):
             dynamic[f"-:{pattern}"] = {}
         else:
@@ -80,7 +82,18 @@ def _compact_patterns(wanted: dict[str, tuple], all_names: list[str]) -> list[tu
 
 
 def _generalisations(name: str) -> list[str]:
-    """Patterns for ``name`` from the most general (every index a wildcard) to exact."""
+    """Patterns for ``name``, most general first: its ancestors (below the layer), then itself."""
+    pieces = name.split(".")
+    first = next((i + 2 for i, p in enumerate(pieces) if p.isdigit()), len(pieces))
+    out = []
+    for end in range(first, len(pieces)):
+        if not pieces[end - 1].isdigit():
+            out.append(_wildcard(".".join(pieces[:end]))[0].removesuffix("$"))
+    return out + _wildcard(name)
+
+
+def _wildcard(name: str) -> list[str]:
+    """Exact patterns for ``name`` from every index a wildcard to none."""
     parts = re.split(r"(\.\d+\.)", name)
     escaped = [re.escape(p) if not re.fullmatch(r"\.\d+\.", p) else None for p in parts]
     numbers = [i for i, p in enumerate(escaped) if p is None]
