@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from moequant import __version__
 from moequant.arch.base import LinearInfo
-from moequant.arch.mixtral import LayerWeights, MixtralAdapter, load_layer_weights
+from moequant.arch.mixtral import ExpertWeights, MixtralAdapter, load_expert_weights, load_layer_weights
 from moequant.arch.registry import adapter_for
 from moequant.calib import load_text, load_tokenizer, random_windows, tokenize
 from moequant.checkpoint.gptq_config import quantization_config
@@ -247,7 +247,7 @@ def _calibrated_layer(run: _Run, layer: int, x: torch.Tensor) -> tuple[dict, tor
     a, rec, dev = run.adapter, run.recipe, run.device
     c = a.config
     get = _getter(run.reader, dev)
-    w = load_layer_weights(a, get, layer)
+    w = load_layer_weights(a, get, layer, with_experts=False)
     tensors = _passthrough(run, layer)
     cos, sin = a.rotary(x.shape[1], dev)
     chunks = list(torch.split(x, run.batch))
@@ -280,10 +280,14 @@ def _calibrated_layer(run: _Run, layer: int, x: torch.Tensor) -> tuple[dict, tor
     starved = [e for e in range(c.num_experts) if counts[e] < rec.min_tokens]
 
     run.progress.stage(layer, "experts")
+    moe_out = torch.zeros_like(h2)
     for first in range(0, c.num_experts, run.expert_batch):
         group = list(range(first, min(first + run.expert_batch, c.num_experts)))
-        _solve_experts(run, layer, w, group, h2, probs, top_ids, top_w, starved, tensors)
-    x = x + a.moe(h2, top_ids, top_w, w.experts).view_as(x)
+        experts = {e: load_expert_weights(a, get, layer, e) for e in group}
+        _solve_experts(run, layer, experts, h2, probs, top_ids, top_w, starved, tensors)
+        a.add_experts(moe_out, h2, top_ids, top_w, experts)
+        del experts
+    x = x + moe_out.view_as(x)
     layer_record = {
         "layer": layer,
         "routing_histogram": counts.tolist(),
@@ -308,11 +312,13 @@ def _expert_rows(run: _Run, e: int, h: torch.Tensor, probs: torch.Tensor, top_id
     return torch.cat([token, everyone]), torch.cat([routed_w, probs[:, e]]), "augmented"
 
 
-def _solve_experts(run: _Run, layer: int, w: LayerWeights, group: list[int], h2: torch.Tensor,
+def _solve_experts(run: _Run, layer: int, experts: dict[int, ExpertWeights], h2: torch.Tensor,
                    probs: torch.Tensor, top_ids: torch.Tensor, top_w: torch.Tensor, starved: list[int],
                    tensors: dict) -> None:
+    """Quantise the experts of one batch; their weights in ``experts`` become the dequantised ones."""
     a = run.adapter
     c = a.config
+    group = sorted(experts)
     rows = [_expert_rows(run, e, h2, probs, top_ids, top_w, e in starved) for e in group]
     acc = HessianAccumulator(len(group), c.hidden_size, run.device)
     for i, (idx, wt, _) in enumerate(rows):
@@ -322,23 +328,23 @@ def _solve_experts(run: _Run, layer: int, w: LayerWeights, group: list[int], h2:
     routed = [int((top_ids == e).sum()) for e in group]
     policies = [r[2] for r in rows]
     for role in ("w1", "w3"):
-        stacked = torch.stack([getattr(w.experts[e], role) for e in group])
+        stacked = torch.stack([getattr(experts[e], role) for e in group])
         names = [a.expert_name(layer, e, role) for e in group]
         deq = _solve(run, names, stacked, h13, tensors, routed, policies)
         for i, e in enumerate(group):
-            setattr(w.experts[e], role, deq[i])
+            setattr(experts[e], role, deq[i])
     del h13, acc
     acc = HessianAccumulator(len(group), c.intermediate_size, run.device)
     for i, (idx, wt, _) in enumerate(rows):
-        ew = w.experts[group[i]]
+        ew = experts[group[i]]
         for part_idx, part_w in _row_chunks(idx, wt):
             hx = h2[part_idx]
             acc.add(F.silu(F.linear(hx, ew.w1)) * F.linear(hx, ew.w3), i, part_w)
-    stacked = torch.stack([w.experts[e].w2 for e in group])
+    stacked = torch.stack([experts[e].w2 for e in group])
     names = [a.expert_name(layer, e, "w2") for e in group]
     deq = _solve(run, names, stacked, acc.hessian(inplace=True), tensors, routed, policies)
     for i, e in enumerate(group):
-        w.experts[e].w2 = deq[i]
+        experts[e].w2 = deq[i]
 
 
 def _row_chunks(idx: torch.Tensor, weights: torch.Tensor | None, size: int = 1 << 16):

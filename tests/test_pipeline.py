@@ -267,3 +267,11 @@ def test_killed_mid_layer_resumes_byte_identical(tmp_path):
     a, b = digest(full.path), digest(resumed.path)
     a.pop("moequant.json"), b.pop("moequant.json")
     assert a == b
+
+
+def test_expert_batches_give_the_same_checkpoint(tmp_path, tiny_mixtral_tok):
+    whole = compress(tiny_mixtral_tok, tmp_path / "all", recipe="mixtral-a4e2", calib=SMALL)
+    batched = compress(tiny_mixtral_tok, tmp_path / "three", recipe="mixtral-a4e2", calib=SMALL, expert_batch=3)
+    a, b = digest(whole.path), digest(batched.path)
+    a.pop("moequant.json"), b.pop("moequant.json")
+    assert a == b

@@ -225,13 +225,18 @@ class MixtralAdapter:
             experts: list[ExpertWeights]) -> torch.Tensor:
         """Sparse MoE block output ``[T, H]`` for routed tokens ``h [T, H]``."""
         out = torch.zeros_like(h)
-        for e, w in enumerate(experts):
+        self.add_experts(out, h, top_ids, top_w, dict(enumerate(experts)))
+        return out
+
+    def add_experts(self, out: torch.Tensor, h: torch.Tensor, top_ids: torch.Tensor, top_w: torch.Tensor,
+                    experts: dict[int, ExpertWeights]) -> None:
+        """Add the weighted outputs of ``experts`` (by expert index, in order) for their routed tokens to ``out``."""
+        for e, w in sorted(experts.items()):
             token, slot = torch.where(top_ids == e)
             if token.numel() == 0:
                 continue
             y = self.expert_mlp(h[token], w) * top_w[token, slot, None].to(h.dtype)
             out.index_add_(0, token, y)
-        return out
 
     def layer_forward(self, x: torch.Tensor, w: LayerWeights, cos: torch.Tensor,
                       sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,18 +261,22 @@ def _sliding_causal_mask(t: int, window: int, device: torch.device) -> torch.Ten
     return (j <= i) & (i - j < window)
 
 
-def load_layer_weights(adapter: MixtralAdapter, get, layer: int) -> LayerWeights:
+def load_expert_weights(adapter: MixtralAdapter, get, layer: int, expert: int) -> ExpertWeights:
+    """One expert's matrices through ``get(tensor_name) -> Tensor``."""
+    return ExpertWeights(*(get(adapter.expert_name(layer, expert, r) + ".weight") for r in ("w1", "w3", "w2")))
+
+
+def load_layer_weights(adapter: MixtralAdapter, get, layer: int, with_experts: bool = True) -> LayerWeights:
     """Gather one layer's weights through ``get(tensor_name) -> Tensor``.
 
     ``get`` decides dtype, device and whether a quantised module is dequantised, so the same
-    gathering serves original and compressed checkpoints.
+    gathering serves original and compressed checkpoints. Without ``with_experts`` the experts
+    are left out (to be read a few at a time with :func:`load_expert_weights`).
     """
     in_norm, post_norm = adapter.norm_names(layer)
     attn = {r: get(adapter.attention_name(layer, r) + ".weight") for r in ATTN_ROLES}
-    experts = [
-        ExpertWeights(*(get(adapter.expert_name(layer, e, r) + ".weight") for r in ("w1", "w3", "w2")))
-        for e in range(adapter.config.num_experts)
-    ]
+    experts = [load_expert_weights(adapter, get, layer, e)
+               for e in range(adapter.config.num_experts)] if with_experts else []
     return LayerWeights(
         input_norm=get(in_norm), q=attn["q"], k=attn["k"], v=attn["v"], o=attn["o"],
         post_norm=get(post_norm), gate=get(adapter.router_name(layer) + ".weight"), experts=experts,
