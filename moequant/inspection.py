@@ -7,6 +7,7 @@ from pathlib import Path
 
 from moequant.arch.registry import adapter_for
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
+from moequant.checkpoint.weights import packed_bits as packed_code_bits
 from moequant.sizes import packed_bits
 
 _QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -68,8 +69,7 @@ def describe(path: str | Path, allow_pickle: bool = False) -> dict:
 def _module_bits(reader: CheckpointReader, info) -> tuple[int, int]:
     """``(bits per weight code, stored bits)`` of one linear module."""
     if reader.has(info.name + ".qweight"):
-        rows = reader.shape(info.name + ".qweight")[0]
-        bits = rows * 32 // info.in_features
+        bits = packed_code_bits(reader, info.name, info.in_features)
         groups = reader.shape(info.name + ".scales")[0]
         group_size = info.in_features // groups
         return bits, packed_bits(info.out_features, info.in_features, bits, group_size)

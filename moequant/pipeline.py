@@ -41,6 +41,7 @@ from moequant.quant.pack import check_packable, pack_result
 from moequant.quant.rtn import rtn
 from moequant.quant.types import QuantResult, QuantSpec
 from moequant.recipe import Recipe, load_recipe
+from moequant.sizes import packed_bits
 
 RECORD_FILE = "moequant.json"
 RECIPE_FILE = "recipe.yaml"
@@ -491,10 +492,8 @@ def _finish_record(run: _Run, source: Path, calib_info: dict | None, method: str
     quant_params = sum(i.numel for i in all_infos if run.specs.get(i.name) is not None)
     out_bytes = sum(run.writer.shard_path(k).stat().st_size
                     for k in [_layer_key(i) for i in range(a.config.num_layers)] + [_GLOBALS_KEY])
-    quant_bits = 0
-    for layer in range(a.config.num_layers):
-        quant_bits += _quantised_bits(run, _layer_key(layer))
-    quant_bits += _quantised_bits(run, _GLOBALS_KEY)
+    quant_bits = sum(packed_bits(i.out_features, i.in_features, s.bits, s.group_size)
+                     for i in all_infos if (s := run.specs.get(i.name)) is not None)
     by_group: dict[str, dict] = {}
     for info in all_infos:
         spec = run.specs.get(info.name)
@@ -542,21 +541,6 @@ def _finish_record(run: _Run, source: Path, calib_info: dict | None, method: str
         "timing": {"total_s": round(time.perf_counter() - started, 3), "device": str(run.device),
                    "layers_s": [r.get("time_s") for r in run.layers]},
     }
-
-
-def _quantised_bits(run: _Run, key: str) -> int:
-    from safetensors import safe_open
-
-    bits = 0
-    with safe_open(str(run.writer.shard_path(key)), framework="pt") as f:
-        for name in f.keys():
-            if name.endswith((".qweight", ".qzeros", ".scales", ".g_idx")):
-                s = f.get_slice(name)
-                n = 1
-                for d in s.get_shape():
-                    n *= d
-                bits += n * (16 if name.endswith(".scales") else 32)
-    return bits
 
 
 def _natural(name: str) -> list:
