@@ -29,6 +29,8 @@ GROUPS_PER_TILE = 0  # sorted groups and the whole K tile inside one group: one 
 GROUPS_BY_DIVISION = 1  # sorted groups, g = k // group_size per row
 GROUPS_FROM_G_IDX = 2  # any g_idx, read from memory
 
+GEMV_MAX_ROWS = 2  # up to this many activation rows, pick_config takes the gemv kernel
+
 
 @triton.jit
 def _extract(lo, hi, shift, BITS: tl.constexpr):
@@ -39,6 +41,49 @@ def _extract(lo, hi, shift, BITS: tl.constexpr):
         # Two shifts keep each shift amount below 32 when s == 0.
         v = v | ((hi.to(tl.uint32, bitcast=True) << 1) << (31 - s))
     return (v & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _codes_3d(
+    qw_ptr,
+    k0,
+    offs_n,
+    mask_n,
+    k_words,
+    stride_qk,
+    stride_qn,
+    BITS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Codes ``[BLOCK_K // PW, PW, BLOCK_N]`` (int32) of input rows ``k0 .. k0 + BLOCK_K``, columns ``offs_n``.
+
+    Input row ``k0 + r * PW + j`` sits at ``[r, j]``, with ``PW = 32`` for 3 bits (3-word blocks)
+    and ``32 // BITS`` (values per word) otherwise. Every packed word is loaded once and expanded
+    in registers; ``k0`` and ``BLOCK_K`` are multiples of 32, so a tile covers whole words.
+    """
+    if BITS == 3:
+        blocks: tl.constexpr = BLOCK_K // 32
+        row = (k0 // 32 + tl.arange(0, blocks)) * 3
+        mask = (row < k_words)[:, None] & mask_n[None, :]
+        ptrs = qw_ptr + row[:, None] * stride_qk + offs_n[None, :] * stride_qn
+        w0 = tl.load(ptrs, mask=mask, other=0)[:, None, :]
+        w1 = tl.load(ptrs + stride_qk, mask=mask, other=0)[:, None, :]
+        w2 = tl.load(ptrs + 2 * stride_qk, mask=mask, other=0)[:, None, :]
+        bit = tl.arange(0, 32)[None, :, None] * 3
+        word = bit // 32
+        lo = tl.where(word == 0, w0, tl.where(word == 1, w1, w2))
+        hi = tl.where(word == 0, w1, w2)
+        q = _extract(lo, hi, bit % 32, BITS)
+    else:
+        per_word: tl.constexpr = 32 // BITS
+        rows: tl.constexpr = BLOCK_K // per_word
+        row = k0 // per_word + tl.arange(0, rows)
+        mask = (row < k_words)[:, None] & mask_n[None, :]
+        w = tl.load(qw_ptr + row[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask, other=0)
+        shift = tl.arange(0, per_word)[None, :, None] * BITS
+        q = _extract(w[:, None, :], w[:, None, :], shift, BITS)
+    return q
 
 
 @triton.jit
@@ -54,33 +99,15 @@ def _load_codes(
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Codes ``[BLOCK_K, BLOCK_N]`` (int32) of input rows ``k0 .. k0 + BLOCK_K`` and columns ``offs_n``.
-
-    Every packed word is loaded once and expanded in registers; ``k0`` and ``BLOCK_K`` are
-    multiples of 32, so a tile covers whole words (3 bits: whole 3-word blocks).
-    """
-    if BITS == 3:
-        blocks: tl.constexpr = BLOCK_K // 32
-        row = (k0 // 32 + tl.arange(0, blocks)) * 3
-        mask = (row < k_words)[:, None] & mask_n[None, :]
-        ptrs = qw_ptr + row[:, None] * stride_qk + offs_n[None, :] * stride_qn
-        w0 = tl.load(ptrs, mask=mask, other=0)[:, None, :]
-        w1 = tl.load(ptrs + stride_qk, mask=mask, other=0)[:, None, :]
-        w2 = tl.load(ptrs + 2 * stride_qk, mask=mask, other=0)[:, None, :]
-        bit = tl.arange(0, 32)[None, :, None] * 3
-        word = bit // 32
-        lo = tl.where(word == 0, w0, tl.where(word == 1, w1, w2))
-        hi = tl.where(word == 0, w1, w2)
-        q = _extract(lo, hi, bit % 32, BITS)  # [blocks, 32, BLOCK_N]
-    else:
-        per_word: tl.constexpr = 32 // BITS
-        rows: tl.constexpr = BLOCK_K // per_word
-        row = k0 // per_word + tl.arange(0, rows)
-        mask = (row < k_words)[:, None] & mask_n[None, :]
-        w = tl.load(qw_ptr + row[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask, other=0)
-        shift = tl.arange(0, per_word)[None, :, None] * BITS
-        q = _extract(w[:, None, :], w[:, None, :], shift, BITS)  # [rows, per_word, BLOCK_N]
+    """Codes ``[BLOCK_K, BLOCK_N]`` (int32) of input rows ``k0 .. k0 + BLOCK_K`` and columns ``offs_n``."""
+    q = _codes_3d(qw_ptr, k0, offs_n, mask_n, k_words, stride_qk, stride_qn, BITS, BLOCK_K, BLOCK_N)
     return tl.reshape(q, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
+def _codes_as_float(q):
+    """Small non-negative int32 codes as float32, exactly: their bits under 2^23's exponent, minus 2^23."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
@@ -147,6 +174,64 @@ def dequant_tile(
 
 
 @triton.jit
+def dot_dequant(
+    a,
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    g_ptr,
+    offs_k,
+    offs_n,
+    mask_k,
+    mask_n,
+    k0,
+    k_words,
+    n_words,
+    stride_qk,
+    stride_qn,
+    stride_zg,
+    stride_zn,
+    stride_sg,
+    stride_sn,
+    group_size,
+    BITS: tl.constexpr,
+    GROUP_MODE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """``a [BLOCK_M, BLOCK_K] @ W^T tile [BLOCK_K, BLOCK_N]`` in float32, ``a`` in ``DOT_DTYPE``.
+
+    When the tile lies in one group, ``sum_k a (q - z) s = s * (a @ q - z * sum_k a)``: the tile
+    is only unpacked and converted, and scale and zero touch the ``[BLOCK_M, BLOCK_N]`` result.
+    """
+    if GROUP_MODE == 0:
+        q = _load_codes(qw_ptr, k0, offs_n, mask_n, k_words, stride_qk, stride_qn, BITS, BLOCK_K, BLOCK_N)
+        q = _codes_as_float(q).to(DOT_DTYPE)
+        if IEEE_FP32:
+            part = tl.dot(a, q, input_precision="ieee")
+        else:
+            part = tl.dot(a, q)
+        g = k0 // group_size
+        z = _load_zeros(qz_ptr + g * stride_zg, offs_n, mask_n, n_words, stride_zn, BITS).to(tl.float32)
+        s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+        a_sum = tl.sum(a.to(tl.float32), axis=1)
+        out = s[None, :] * (part - a_sum[:, None] * z[None, :])
+    else:
+        w = dequant_tile(
+            qw_ptr, qz_ptr, s_ptr, g_ptr, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
+            stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+            BITS, GROUP_MODE, DOT_DTYPE, BLOCK_K, BLOCK_N,
+        )  # fmt: skip
+        if IEEE_FP32:
+            out = tl.dot(a, w, input_precision="ieee")
+        else:
+            out = tl.dot(a, w)
+    return out
+
+
+@triton.jit
 def _dequant_matmul_kernel(
     x_ptr,
     qw_ptr,
@@ -200,15 +285,11 @@ def _dequant_matmul_kernel(
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         ).to(DOT_DTYPE)
-        w = dequant_tile(
-            qw_ptr, qz_ptr, s_ptr, g_ptr, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
+        acc += dot_dequant(
+            a, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
             stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-            BITS, GROUP_MODE, DOT_DTYPE, BLOCK_K, BLOCK_N,
+            BITS, GROUP_MODE, DOT_DTYPE, IEEE_FP32, BLOCK_K, BLOCK_N,
         )  # fmt: skip
-        if IEEE_FP32:
-            acc += tl.dot(a, w, input_precision="ieee")
-        else:
-            acc += tl.dot(a, w)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     out_mask = mask_m[:, None] & mask_n[None, :]
     if ATOMIC_ADD:
@@ -217,9 +298,249 @@ def _dequant_matmul_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _byte_as_float(plane, c, i: tl.constexpr, ASM: tl.constexpr):
+    """Byte ``i`` of each uint32 in ``plane [R, N]``, read as float32 ``2^23 + byte``.
+
+    With ``ASM`` (a compiled GPU kernel) one ``prmt`` puts the byte under the top three bytes of
+    ``c = 2^23 + z`` (``[N]`` float32, ``z < 256``), which are those of ``2^23``; otherwise shift,
+    mask and OR (any backend, the interpreter too).
+    """
+    if ASM:
+        c_bits = tl.zeros(plane.shape, tl.uint32) + c.to(tl.uint32, bitcast=True)[None, :]
+        v = tl.inline_asm_elementwise(
+            f"prmt.b32 $0, $1, $2, {0x7650 | i};", "=r,r,r", [plane, c_bits], dtype=tl.uint32, is_pure=True, pack=1
+        )
+    else:
+        v = ((plane >> (8 * i)) & 0xFF) | 0x4B000000
+    return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _byte_plane_sum(plane, x, c, ASM: tl.constexpr):
+    """``sum_i x[r, i] * (byte_i(plane[r, n]) - z[n])``: ``plane [R, N]`` uint32 words holding one
+    code per byte, ``x [R, 4]`` float32, ``c = 2^23 + z`` ``[N]``; returns ``[R, N]``."""
+    rows: tl.constexpr = x.shape[0]
+    x02, x13 = tl.split(tl.reshape(x, (rows, 2, 2)))
+    x0, x2 = tl.split(x02)
+    x1, x3 = tl.split(x13)
+    out = x0[:, None] * (_byte_as_float(plane, c, 0, ASM) - c[None, :])
+    out += x1[:, None] * (_byte_as_float(plane, c, 1, ASM) - c[None, :])
+    out += x2[:, None] * (_byte_as_float(plane, c, 2, ASM) - c[None, :])
+    out += x3[:, None] * (_byte_as_float(plane, c, 3, ASM) - c[None, :])
+    return out
+
+
+@triton.jit
+def _gemv_words_sum(w, x, c, BITS: tl.constexpr, ASM: tl.constexpr):
+    """``sum_j x[r, j] * (q_j(w[r, n]) - z[n])`` for 2, 4 or 8-bit words ``w [R, N]`` (uint32) and
+    ``x [R, 32 / BITS]`` float32; returns ``[R, N]``.
+
+    ``c = 2^23 + z`` per column: a code ``q`` with ``2^23``'s exponent bits ORed in reads as the
+    float ``2^23 + q``, so one subtraction gives ``q - z`` exactly. Each word is split into
+    ``8 / BITS`` byte planes (plane ``b`` holds value ``i * 8 / BITS + b`` in byte ``i``), so that
+    each code is one byte of a plane.
+    """
+    rows: tl.constexpr = x.shape[0]
+    if BITS == 8:
+        part = _byte_plane_sum(w, x, c, ASM)
+    elif BITS == 4:
+        x_even, x_odd = tl.split(tl.reshape(x, (rows, 4, 2)))
+        part = _byte_plane_sum(w & 0x0F0F0F0F, x_even, c, ASM)
+        part += _byte_plane_sum((w >> 4) & 0x0F0F0F0F, x_odd, c, ASM)
+    else:
+        x_02, x_13 = tl.split(tl.reshape(x, (rows, 4, 2, 2)))
+        x0, x2 = tl.split(x_02)
+        x1, x3 = tl.split(x_13)
+        part = _byte_plane_sum(w & 0x03030303, x0, c, ASM)
+        part += _byte_plane_sum((w >> 2) & 0x03030303, x1, c, ASM)
+        part += _byte_plane_sum((w >> 4) & 0x03030303, x2, c, ASM)
+        part += _byte_plane_sum((w >> 6) & 0x03030303, x3, c, ASM)
+    return part
+
+
+@triton.jit
+def _gemv_3bit_sum(w0, w1, w2, x, c, ASM: tl.constexpr):
+    """``sum_j x[r, j] * (q_j - z[n])`` for 3-bit blocks of three words ``w0, w1, w2 [R, N]`` (32
+    codes each, value ``j`` at stream bits ``[3j, 3j + 3)``) and ``x [R, 32]``; returns ``[R, N]``.
+
+    The exponent bits of ``2^23`` come from ``c = 2^23 + z`` at run time, so that with ``ASM``
+    mask and OR are one ``lop3``.
+    """
+    w0 = w0.to(tl.uint32, bitcast=True)[:, None, :]
+    w1 = w1.to(tl.uint32, bitcast=True)[:, None, :]
+    w2 = w2.to(tl.uint32, bitcast=True)[:, None, :]
+    bit = tl.arange(0, 32)[None, :, None] * 3
+    word = bit // 32
+    shift = (bit % 32).to(tl.uint32)
+    lo = tl.where(word == 0, w0, tl.where(word == 1, w1, w2))
+    hi = tl.where(word == 0, w1, w2)
+    v = (lo >> shift) | ((hi << 1) << (31 - shift))
+    exponent = (c.to(tl.uint32, bitcast=True) & 0xFFFFFF00)[None, None, :]
+    if ASM:
+        exponent = tl.zeros(v.shape, tl.uint32) + exponent
+        v = tl.inline_asm_elementwise(
+            "lop3.b32 $0, $1, 7, $2, 0xEA;", "=r,r,r", [v, exponent], dtype=tl.uint32, is_pure=True, pack=1
+        )
+    else:
+        v = (v & 7) | exponent
+    f = v.to(tl.float32, bitcast=True) - c[None, None, :]
+    return tl.sum(x[:, :, None] * f, axis=1)
+
+
+@triton.jit
+def gemv_row(
+    x_row,
+    stride_xk,
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    g_ptr,
+    offs_n,
+    N,
+    k_lo,
+    k_hi,
+    k_words,
+    n_words,
+    stride_qk,
+    stride_qn,
+    stride_zg,
+    stride_zn,
+    stride_sg,
+    stride_sn,
+    group_size,
+    BITS: tl.constexpr,
+    GROUP_MODE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ASM: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    """``sum_{k_lo <= k < k_hi} x[k] * W[n, k]`` for the columns ``offs_n`` (``[BLOCK_N]`` float32)
+    of one activation row ``x_row``, in float32 registers without ``tl.dot``.
+
+    With one group per tile, partial sums stay per packed row across the K loop and are reduced
+    over rows once at the end. ``EVEN``: every tile is whole (``K`` and ``N`` multiples of the
+    block sizes, ``k_lo`` of ``BLOCK_K``), so no load needs a mask.
+    """
+    mask_n = offs_n < N
+    if GROUP_MODE == 0:
+        per_word: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # values per word (3 bits: per 3 words)
+        rows: tl.constexpr = BLOCK_K // per_word
+        r = tl.arange(0, rows)
+        kk = r[:, None] * per_word + tl.arange(0, per_word)[None, :]
+        x_ptrs = x_row + (k_lo + kk) * stride_xk
+        words: tl.constexpr = 3 if BITS == 3 else 1  # words per row of the tile
+        w_ptrs = qw_ptr + ((k_lo // per_word + r) * words)[:, None] * stride_qk + offs_n[None, :] * stride_qn
+        acc_rows = tl.zeros((rows, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            g = k0 // group_size
+            if EVEN:
+                x = tl.load(x_ptrs).to(tl.float32)
+                z = _load_zeros(qz_ptr + g * stride_zg, offs_n, offs_n < N, n_words, stride_zn, BITS)
+                s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn).to(tl.float32)
+            else:
+                x = tl.load(x_ptrs, mask=k0 + kk < k_hi, other=0.0).to(tl.float32)
+                z = _load_zeros(qz_ptr + g * stride_zg, offs_n, mask_n, n_words, stride_zn, BITS)
+                s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+            c = z.to(tl.float32) + 8388608.0
+            if BITS == 3:
+                if EVEN:
+                    w0 = tl.load(w_ptrs)
+                    w1 = tl.load(w_ptrs + stride_qk)
+                    w2 = tl.load(w_ptrs + 2 * stride_qk)
+                else:
+                    w_mask = (k0 + r * per_word < k_hi)[:, None] & mask_n[None, :]
+                    w0 = tl.load(w_ptrs, mask=w_mask, other=0)
+                    w1 = tl.load(w_ptrs + stride_qk, mask=w_mask, other=0)
+                    w2 = tl.load(w_ptrs + 2 * stride_qk, mask=w_mask, other=0)
+                part = _gemv_3bit_sum(w0, w1, w2, x, c, ASM)
+            else:
+                if EVEN:
+                    w = tl.load(w_ptrs)
+                else:
+                    w_mask = (k0 + r * per_word < k_hi)[:, None] & mask_n[None, :]
+                    w = tl.load(w_ptrs, mask=w_mask, other=0)
+                part = _gemv_words_sum(w.to(tl.uint32, bitcast=True), x, c, BITS, ASM)
+            acc_rows += s[None, :] * part
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += rows * words * stride_qk
+        acc = tl.sum(acc_rows, axis=0)
+    else:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k_hi
+            w = dequant_tile(
+                qw_ptr, qz_ptr, s_ptr, g_ptr, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
+                stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+                BITS, GROUP_MODE, tl.float32, BLOCK_K, BLOCK_N,
+            )  # fmt: skip
+            xk = tl.load(x_row + offs_k * stride_xk, mask=mask_k, other=0.0).to(tl.float32)
+            acc += tl.sum(xk[:, None] * w, axis=0)
+    return acc
+
+
+@triton.jit
+def _dequant_gemv_kernel(
+    x_ptr,
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    g_ptr,
+    out_ptr,
+    N,
+    K,
+    k_words,
+    n_words,
+    stride_xm,
+    stride_xk,
+    stride_qk,
+    stride_qn,
+    stride_zg,
+    stride_zn,
+    stride_sg,
+    stride_sn,
+    stride_om,
+    stride_on,
+    group_size,
+    k_per_split,
+    BITS: tl.constexpr,
+    GROUP_MODE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ATOMIC_ADD: tl.constexpr,
+    ASM: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    """One activation row per program (grid ``[N blocks, splits, M]``), see :func:`gemv_row`: for
+    decode, where a dot's 16-row minimum would idle."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    x_row = x_ptr + m * stride_xm
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    acc = gemv_row(
+        x_row, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, N, k_lo, k_hi, k_words, n_words,
+        stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN,
+    )  # fmt: skip
+    out_ptrs = out_ptr + m * stride_om + offs_n * stride_on
+    if ATOMIC_ADD:
+        tl.atomic_add(out_ptrs, acc, mask=mask_n)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
 @dataclass(frozen=True)
 class MatmulConfig:
-    """Tile sizes of one launch: powers of two, ``block_m, block_n >= 16``, ``block_k >= 32``."""
+    """Tile sizes of one launch: powers of two, ``block_m, block_n >= 16``, ``block_k >= 32``.
+
+    ``gemv=True`` selects the one-row-per-program kernel (no ``tl.dot``); it takes ``block_m=1``.
+    """
 
     block_m: int
     block_n: int
@@ -227,9 +548,15 @@ class MatmulConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    gemv: bool = False
 
     def __post_init__(self) -> None:
-        check_tiles(self.block_m, self.block_n, self.block_k)
+        if self.gemv:
+            if self.block_m != 1:
+                raise ValueError(f"the gemv kernel takes one row per program: block_m must be 1, got {self.block_m}")
+            check_tiles(16, self.block_n, self.block_k)
+        else:
+            check_tiles(self.block_m, self.block_n, self.block_k)
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
 
@@ -271,7 +598,13 @@ def split_for(k: int, block_k: int, tiles: int, target_programs: int) -> int:
 
 
 def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> MatmulConfig:
-    """Tile sizes for ``[m, k] @ [k, n]``: small-M tiles with split-K for decode, larger tiles for prefill."""
+    """Tile sizes for ``[m, k] @ [k, n]``: the gemv kernel for one or two rows, small-M tiles with
+    split-K up to 64 rows, larger tiles for prefill."""
+    if m <= GEMV_MAX_ROWS:
+        bk = pick_block_k(group_size, 128)
+        tiles = m * triton.cdiv(n, 64)
+        split = split_for(k, bk, tiles, 2 * device_programs(device))
+        return MatmulConfig(1, 64, bk, split, num_warps=4, num_stages=3, gemv=True)
     if m <= 16:
         bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
     elif m <= 64:
@@ -376,6 +709,19 @@ def dequant_matmul_triton(
     split = triton.cdiv(k, k_per_split)
     out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split > 1 else x.new_empty(m, n)
     g_arg = g_idx if g_idx is not None else qweight  # unread unless GROUP_MODE reads g_idx
+    atomic = split > 1
+    if cfg.gemv:
+        grid = (triton.cdiv(n, cfg.block_n), split, m)
+        _dequant_gemv_kernel[grid](
+            x2, qweight, qzeros, scales, g_arg, out,
+            n, k, qweight.shape[0], qzeros.shape[1],
+            x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
+            qzeros.stride(0), qzeros.stride(1), scales.stride(0), scales.stride(1),
+            out.stride(0), out.stride(1), group_size, k_per_split,
+            BITS=bits, GROUP_MODE=mode, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ATOMIC_ADD=atomic,
+            ASM=x.device.type == "cuda", EVEN=k % cfg.block_k == 0 and n % cfg.block_n == 0, num_warps=cfg.num_warps, num_stages=stages_for(mode, cfg.num_stages),
+        )  # fmt: skip
+        return out.to(x.dtype).reshape(*x.shape[:-1], n)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     _dequant_matmul_kernel[grid](
         x2, qweight, qzeros, scales, g_arg, out,
@@ -384,7 +730,7 @@ def dequant_matmul_triton(
         qzeros.stride(0), qzeros.stride(1), scales.stride(0), scales.stride(1),
         out.stride(0), out.stride(1), group_size, k_per_split,
         BITS=bits, GROUP_MODE=mode, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        ATOMIC_ADD=split > 1, DOT_DTYPE=dtype, IEEE_FP32=ieee,
+        ATOMIC_ADD=atomic, DOT_DTYPE=dtype, IEEE_FP32=ieee,
         num_warps=cfg.num_warps, num_stages=stages_for(mode, cfg.num_stages),
     )  # fmt: skip
     return out.to(x.dtype).reshape(*x.shape[:-1], n)

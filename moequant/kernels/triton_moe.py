@@ -24,8 +24,8 @@ from moequant.kernels.packed import PackedExperts
 from moequant.kernels.reference import check_moe_shapes
 from moequant.kernels.triton_matmul import (
     check_tiles,
-    dequant_tile,
     device_programs,
+    dot_dequant,
     dot_dtype,
     group_mode,
     pick_block_k,
@@ -143,22 +143,16 @@ def _moe_gate_up_kernel(
             mask=valid[:, None] & mask_k[None, :],
             other=0.0,
         ).to(DOT_DTYPE)
-        w_gate = dequant_tile(
-            qw_e, qz_e, s_e, g_e, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
+        acc_gate += dot_dequant(
+            a, qw_e, qz_e, s_e, g_e, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
             stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-            BITS, GROUP_MODE, DOT_DTYPE, BLOCK_K, BLOCK_N,
+            BITS, GROUP_MODE, DOT_DTYPE, IEEE_FP32, BLOCK_K, BLOCK_N,
         )  # fmt: skip
-        w_up = dequant_tile(
-            qw_e, qz_e, s_e, g_e, offs_k, offs_n + inter, mask_k, mask_n, k0, k_words, n_words,
+        acc_up += dot_dequant(
+            a, qw_e, qz_e, s_e, g_e, offs_k, offs_n + inter, mask_k, mask_n, k0, k_words, n_words,
             stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-            BITS, GROUP_MODE, DOT_DTYPE, BLOCK_K, BLOCK_N,
+            BITS, GROUP_MODE, DOT_DTYPE, IEEE_FP32, BLOCK_K, BLOCK_N,
         )  # fmt: skip
-        if IEEE_FP32:
-            acc_gate += tl.dot(a, w_gate, input_precision="ieee")
-            acc_up += tl.dot(a, w_up, input_precision="ieee")
-        else:
-            acc_gate += tl.dot(a, w_gate)
-            acc_up += tl.dot(a, w_up)
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
     tl.store(
         out_ptr + slot[:, None] * stride_os + offs_n[None, :] * stride_oi,
@@ -234,15 +228,11 @@ def _moe_down_kernel(
             mask=valid[:, None] & mask_k[None, :],
             other=0.0,
         ).to(DOT_DTYPE)
-        w = dequant_tile(
-            qw_e, qz_e, s_e, g_e, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
+        acc += dot_dequant(
+            a, qw_e, qz_e, s_e, g_e, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
             stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-            BITS, GROUP_MODE, DOT_DTYPE, BLOCK_K, BLOCK_N,
+            BITS, GROUP_MODE, DOT_DTYPE, IEEE_FP32, BLOCK_K, BLOCK_N,
         )  # fmt: skip
-        if IEEE_FP32:
-            acc += tl.dot(a, w, input_precision="ieee")
-        else:
-            acc += tl.dot(a, w)
     route_w = tl.load(weight_ptr + slot, mask=valid, other=0.0).to(tl.float32)
     acc = acc * route_w[:, None]
     out_ptrs = out_ptr + slot[:, None] * stride_os + offs_n[None, :] * stride_oh

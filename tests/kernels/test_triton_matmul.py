@@ -116,3 +116,42 @@ def test_pick_block_k_keeps_a_tile_in_one_group(triton_kernels):
     assert tm.group_mode(True, 48, 64) == tm.GROUPS_BY_DIVISION
     assert tm.group_mode(True, 128, 64) == tm.GROUPS_PER_TILE
     assert tm.group_mode(False, 128, 64) == tm.GROUPS_FROM_G_IDX
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize(
+    ("variant", "group", "sorted_groups"),
+    [("tile_in_group", 64, True), ("groups_inside_tile", 32, True), ("read_g_idx", 64, False)],
+)
+@pytest.mark.parametrize("split", [1, 3])
+def test_gemv_kernel_matches_reference(triton_kernels, make_linear, bits, variant, group, sorted_groups, split):
+    tm, _ = triton_kernels
+    k, n = 192, 96  # K spans a partial 64-row tile at the end of a split; N a partial 64-column block
+    lin = make_linear(n, k, bits, group, seed=bits + split, shuffled_groups=not sorted_groups)
+    cfg = tm.MatmulConfig(block_m=1, block_n=64, block_k=64, split_k=split, gemv=True)
+    x = _x(2, k, seed=bits)
+    got = tm.dequant_matmul_triton(
+        x, **lin, bits=bits, group_size=group, sorted_groups=sorted_groups, config=cfg
+    )
+    torch.testing.assert_close(got, dequant_matmul_ref(x, **lin, bits=bits), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_gemv_kernel_half_precision(triton_kernels, make_linear, dtype, tol):
+    tm, _ = triton_kernels
+    lin = make_linear(64, 128, 3, 64, seed=1)
+    x = _x(1, 128, seed=2).to(dtype)
+    cfg = tm.MatmulConfig(block_m=1, block_n=32, block_k=64, gemv=True)
+    got = tm.dequant_matmul_triton(x, **lin, bits=3, group_size=64, config=cfg)
+    assert got.dtype == dtype
+    want = dequant_matmul_ref(x.float(), **lin, bits=3)
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_decode_takes_the_gemv_kernel(triton_kernels):
+    tm, _ = triton_kernels
+    cpu = torch.device("cpu")
+    assert tm.pick_config(1, 4096, 4096, 128, cpu).gemv
+    assert not tm.pick_config(tm.GEMV_MAX_ROWS + 1, 4096, 4096, 128, cpu).gemv
+    with pytest.raises(ValueError, match="block_m must be 1"):
+        tm.MatmulConfig(block_m=16, block_n=64, block_k=64, gemv=True)
