@@ -42,6 +42,7 @@ TARGETS_ONE_TOKEN = {4: 3.3, 3: 4.2, 2: 5.5}
 GROUP_SIZE = 128
 ROTATE_BYTES = 512 << 20  # weights rotated through at least this many bytes: well past any L2
 MAX_COPIES = 512
+ERR_OK = 2e-2  # bf16 activations and output: relative error of a correct kernel stays far below
 
 
 def device_slug(name: str) -> str:
@@ -148,6 +149,133 @@ class Timer:
         return statistics.median(times)
 
 
+class Deadline:
+    """A wall-clock budget for the sweeps, so that a run on a lent GPU ends with results."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def passed(self) -> bool:
+        return time.monotonic() > self.end
+
+
+def config_dict(cfg) -> dict:
+    return {key: getattr(cfg, key) for key in cfg.__dataclass_fields__}
+
+
+def matmul_candidates(m: int, n: int, k: int, device: torch.device) -> list:
+    """Tile configurations to try for ``[m, k] @ [k, n]``: gemv shapes for few rows, dot tiles else."""
+    from moequant.kernels.triton_matmul import MatmulConfig, device_programs, split_for
+
+    out = []
+    programs = device_programs(device)
+    if m <= 4:
+        for bn, bk, warps in [
+            (64, 128, 4),
+            (128, 128, 4),
+            (64, 64, 2),
+            (128, 64, 4),
+            (256, 128, 8),
+            (32, 128, 2),
+        ]:
+            splits = {1}
+            for target in (programs, 2 * programs, 4 * programs):
+                splits.add(split_for(k, bk, m * triton_cdiv(n, bn), target))
+            out += [MatmulConfig(1, bn, bk, sp, warps, 3, gemv=True) for sp in sorted(splits)]
+    if m >= 4:
+        bm = 16 if m <= 16 else min(64, 1 << (m - 1).bit_length())
+        tiles = [(bm, 64, 128, 4, 4), (bm, 128, 64, 4, 3), (bm, 64, 64, 4, 4), (bm, 128, 128, 8, 3)]
+        if m > 64:
+            tiles = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 64, 128, 4, 3)]
+        for bm_, bn, bk, warps, stages in tiles:
+            splits = {1, split_for(k, bk, triton_cdiv(m, bm_) * triton_cdiv(n, bn), programs)}
+            out += [MatmulConfig(bm_, bn, bk, sp, warps, stages) for sp in sorted(splits)]
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def sweep_matmul(
+    x, copies: list[dict], bits: int, want, timer: Timer, device, deadline: Deadline
+) -> list[dict]:
+    """Time every candidate configuration on the same inputs; each checked against ``want``."""
+    from moequant.kernels.triton_matmul import dequant_matmul_triton
+
+    k = x.shape[-1]
+    n = copies[0]["qweight"].shape[1]
+    results = []
+    for cfg in matmul_candidates(x.shape[0], n, k, device):
+        if deadline.passed():
+            break
+        try:
+            got = dequant_matmul_triton(
+                x, **copies[0], g_idx=None, bits=bits, group_size=GROUP_SIZE, config=cfg
+            )
+            err = rel_err(got, want)
+            t = timer(functools.partial(_packed_linear_cfg, x, copies, bits, cfg), len(copies))
+        except Exception as exc:  # noqa: BLE001 - a candidate that fails is recorded, not fatal
+            results.append({"config": config_dict(cfg), "error": str(exc).splitlines()[0][:200], "ok": False})
+            continue
+        results.append({"config": config_dict(cfg), "ms": t * 1e3, "max_rel_err": err, "ok": err < ERR_OK})
+    return results
+
+
+def _packed_linear_cfg(x, copies: list[dict], bits: int, cfg, i: int):
+    from moequant.kernels.triton_matmul import dequant_matmul_triton
+
+    return dequant_matmul_triton(x, **copies[i], g_idx=None, bits=bits, group_size=GROUP_SIZE, config=cfg)
+
+
+def moe_candidates(slots: int, experts: int, hidden: int, inter: int, device: torch.device) -> list:
+    """MoE kernel configurations to try for ``slots`` routed slots."""
+    from moequant.kernels.triton_matmul import device_programs, split_for
+    from moequant.kernels.triton_moe import MoeConfig
+
+    programs = device_programs(device)
+    out = []
+    if slots <= 2 * experts:
+        for bn, bk, warps in [(64, 128, 4), (128, 128, 4), (64, 64, 2), (32, 128, 2)]:
+            splits = {1}
+            for target in (programs, 2 * programs, 4 * programs):
+                splits.add(split_for(inter, bk, slots * triton_cdiv(hidden, bn), target))
+            out += [MoeConfig(1, bn, bk, bk, sp, warps, 3, gemv=True) for sp in sorted(splits)]
+    if slots >= 8:
+        per_expert = slots / experts
+        bm = 16 if per_expert <= 16 else 32
+        for bn, bk, warps, stages in [(64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4), (32, 128, 4, 3)]:
+            blocks = min(experts, slots) + triton_cdiv(slots, bm)
+            splits = {1, split_for(inter, bk, blocks * triton_cdiv(hidden, bn), programs)}
+            out += [MoeConfig(bm, bn, bk, bk, sp, warps, stages) for sp in sorted(splits)]
+    return out
+
+
+def sweep_moe(x, ids, weights, experts: list, want, timer: Timer, device, deadline: Deadline) -> list[dict]:
+    """Time every candidate MoE configuration on the same routing; each checked against ``want``."""
+    from moequant.kernels.triton_moe import fused_moe_triton
+
+    a, b = experts[0]
+    results = []
+    for cfg in moe_candidates(ids.numel(), a.num_experts, x.shape[1], b.in_features, device):
+        if deadline.passed():
+            break
+        try:
+            err = rel_err(fused_moe_triton(x, ids, weights, a, b, config=cfg), want)
+            t = timer(functools.partial(_packed_moe_cfg, x, ids, weights, experts, cfg), len(experts))
+        except Exception as exc:  # noqa: BLE001 - a candidate that fails is recorded, not fatal
+            results.append({"config": config_dict(cfg), "error": str(exc).splitlines()[0][:200], "ok": False})
+            continue
+        results.append({"config": config_dict(cfg), "ms": t * 1e3, "max_rel_err": err, "ok": err < ERR_OK})
+    return results
+
+
+def _packed_moe_cfg(x, ids, weights, experts: list, cfg, i: int):
+    from moequant.kernels.triton_moe import fused_moe_triton
+
+    return fused_moe_triton(x, ids, weights, *experts[i], config=cfg)
+
+
 def copy_bandwidth(device: torch.device, timer: Timer, smoke: bool) -> float:
     """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written)."""
     nbytes = (1 << 20) if smoke else (1 << 30)
@@ -163,7 +291,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def bench_matmul(args, device, timer: Timer, copy_bw: float, gen: torch.Generator) -> list[dict]:
     from moequant.kernels.reference import dequant_matmul_ref
-    from moequant.kernels.triton_matmul import dequant_matmul_triton
+    from moequant.kernels.triton_matmul import dequant_matmul_triton, pick_config
 
     dtype = torch.float32 if args.smoke else torch.bfloat16
     rows = []
@@ -185,6 +313,15 @@ def bench_matmul(args, device, timer: Timer, copy_bw: float, gen: torch.Generato
             err = rel_err(got, dequant_matmul_ref(x_check.float(), **packed, g_idx=g_idx, bits=bits))
             for m in args.tokens:
                 t = timer(functools.partial(_packed_linear, xs[m], copies, bits), len(copies))
+                sweep = None
+                if (
+                    args.sweep
+                    and bits in args.sweep_bits
+                    and m in args.sweep_tokens
+                    and not args.deadline.passed()
+                ):
+                    want = dequant_matmul_ref(xs[m].float(), **packed, g_idx=g_idx, bits=bits)
+                    sweep = sweep_matmul(xs[m], copies, bits, want, timer, device, args.deadline)
                 row = {
                     "K": k,
                     "N": n,
@@ -198,7 +335,20 @@ def bench_matmul(args, device, timer: Timer, copy_bw: float, gen: torch.Generato
                     "GBps": nbytes / t / 1e9,
                     "copy_bw_fraction": nbytes / t / copy_bw,
                     "max_rel_err": err,
+                    "config": config_dict(pick_config(m, n, k, GROUP_SIZE, device)),
                 }
+                if sweep:
+                    row["sweep"] = sweep
+                    best = min((c for c in sweep if c["ok"]), key=lambda c: c["ms"], default=None)
+                    if best:
+                        row["best"] = {
+                            **best,
+                            "speedup": base[m] / (best["ms"] / 1e3),
+                            "copy_bw_fraction": nbytes / (best["ms"] / 1e3) / copy_bw,
+                        }
+                        print(
+                            f"    sweep best {best['ms']:.4f} ms ({base[m] / (best['ms'] / 1e3):.2f}x): {best['config']}"
+                        )
                 rows.append(row)
                 print(
                     f"  {k:>5}x{n:<5} m={m:<4} {bits}-bit  {row['ms']:8.4f} ms  bf16 {row['bf16_ms']:8.4f} ms  "
@@ -212,7 +362,7 @@ def bench_matmul(args, device, timer: Timer, copy_bw: float, gen: torch.Generato
 def bench_moe(args, device, timer: Timer, copy_bw: float, gen: torch.Generator) -> list[dict]:
     from moequant.kernels.packed import PackedExperts
     from moequant.kernels.reference import fused_moe_ref
-    from moequant.kernels.triton_moe import fused_moe_triton
+    from moequant.kernels.triton_moe import fused_moe_triton, pick_moe_config
 
     e, top_k, hidden, inter = args.moe["experts"], args.moe["top_k"], args.moe["hidden"], args.moe["inter"]
     dtype = torch.float32 if args.smoke else torch.bfloat16
@@ -270,6 +420,10 @@ def bench_moe(args, device, timer: Timer, copy_bw: float, gen: torch.Generator) 
             )
             t = timer(functools.partial(_packed_moe, x, ids, weights, experts), len(experts))
             active_bytes = total * active // e
+            sweep = None
+            if args.sweep and bits in args.sweep_bits and not args.deadline.passed():
+                want = fused_moe_ref(x.float(), ids, weights, a, b)
+                sweep = sweep_moe(x, ids, weights, experts, want, timer, device, args.deadline)
             row = {
                 "batch": batch,
                 "bits": bits,
@@ -285,7 +439,22 @@ def bench_moe(args, device, timer: Timer, copy_bw: float, gen: torch.Generator) 
                 "GBps": active_bytes / t / 1e9,
                 "copy_bw_fraction": active_bytes / t / copy_bw,
                 "max_rel_err": err,
+                "config": config_dict(
+                    pick_moe_config(batch * top_k, e, hidden, inter, GROUP_SIZE, GROUP_SIZE, device)
+                ),
             }
+            if sweep:
+                row["sweep"] = sweep
+                best = min((c for c in sweep if c["ok"]), key=lambda c: c["ms"], default=None)
+                if best:
+                    row["best"] = {
+                        **best,
+                        "speedup": base / (best["ms"] / 1e3),
+                        "copy_bw_fraction": active_bytes / (best["ms"] / 1e3) / copy_bw,
+                    }
+                    print(
+                        f"    sweep best {best['ms']:.4f} ms ({base / (best['ms'] / 1e3):.2f}x): {best['config']}"
+                    )
             rows.append(row)
             print(
                 f"  moe batch={batch:<3} {bits}-bit  {row['ms']:8.4f} ms  bf16 loop {row['bf16_loop_ms']:8.4f} ms  "
@@ -345,7 +514,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--smoke", action="store_true", help="tiny shapes on the CPU interpreter (TRITON_INTERPRET=1)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep", action="store_true", help="also time candidate tile configurations per case")
+    p.add_argument("--sweep-bits", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--sweep-tokens", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument(
+        "--sweep-budget-s", type=float, default=240.0, help="stop sweeping after this many seconds"
+    )
     args = p.parse_args(argv)
+    args.deadline = Deadline(args.sweep_budget_s)
     if args.smoke:
         args.shapes = [(256, 128), (128, 256)]
         args.moe = {"experts": 4, "top_k": 2, "hidden": 128, "inter": 256}

@@ -1,10 +1,31 @@
 #!/usr/bin/env bash
-# The GPU measurements in one run, for a machine with CUDA and moequant installed with its
-# triton extra: kernel speed against bf16 (evals/results/kernels-<device>.json) and GPTQ on one
-# Mixtral-8x7B-shaped layer with 128 x 512 calibration tokens (evals/results/gptq-cuda.json).
-set -euo pipefail
+# The GPU checks in one run, for a machine with CUDA, PyTorch and Triton but maybe not moequant:
+#   1. the compiled kernels against the torch reference (tests/gpu),
+#   2. kernel speed against bf16, with a sweep of tile configurations (kernels-<device>.json),
+#   3. GPTQ on one Mixtral-8x7B-shaped layer with 128 x 512 calibration tokens (gptq-cuda.json).
+# Logs and JSON go to $RESULTS (default evals/results/gpu-run). Wheels of missing Python packages
+# may be put in .whl/ (installed into /tmp/site first). Each step has its own time limit.
+# Environment: SWEEP_BUDGET_S (default 150), SKIP_GPTQ=1, SKIP_TESTS=1, BENCH_ARGS (extra arguments).
+set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-$PY evals/bench_kernels.py
-$PY evals/bench_gptq.py --parts solver,layer --device cuda
+RESULTS=${RESULTS:-evals/results/gpu-run}
+mkdir -p "$RESULTS"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+if compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+$PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$RESULTS/install.log" 2>&1 \
+    || { echo "moequant install failed (see install.log); using PYTHONPATH"; export PYTHONPATH=.:${PYTHONPATH:-}; }
+$PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    timeout 120 $PY -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -25 | tee "$RESULTS/tests-gpu.log"
+fi
+timeout 330 $PY evals/bench_kernels.py --sweep --sweep-budget-s "${SWEEP_BUDGET_S:-150}" \
+    --out "$RESULTS/kernels.json" ${BENCH_ARGS:-} 2>&1 | tee "$RESULTS/kernels.log" | grep -v "^    sweep"
+if [ "${SKIP_GPTQ:-0}" != 1 ]; then
+    timeout 130 $PY evals/bench_gptq.py --parts layer --device cuda 2>&1 | tail -5 | tee "$RESULTS/gptq.log"
+    cp evals/results/gptq-cuda.json "$RESULTS/" 2>/dev/null || true
+fi

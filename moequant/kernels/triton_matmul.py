@@ -105,12 +105,6 @@ def _load_codes(
 
 
 @triton.jit
-def _codes_as_float(q):
-    """Small non-negative int32 codes as float32, exactly: their bits under 2^23's exponent, minus 2^23."""
-    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
 def _load_zeros(qz_row_ptr, offs_n, mask, n_words, stride_zn, BITS: tl.constexpr):
     """True zero points (stored + 1) of columns ``offs_n`` in the packed row(s) at ``qz_row_ptr``."""
     bit = offs_n * BITS
@@ -203,21 +197,22 @@ def dot_dequant(
 ):
     """``a [BLOCK_M, BLOCK_K] @ W^T tile [BLOCK_K, BLOCK_N]`` in float32, ``a`` in ``DOT_DTYPE``.
 
-    When the tile lies in one group, ``sum_k a (q - z) s = s * (a @ q - z * sum_k a)``: the tile
-    is only unpacked and converted, and scale and zero touch the ``[BLOCK_M, BLOCK_N]`` result.
+    When the tile lies in one group, ``sum_k a (q - z) s = s * (a @ (q - z))``: the scale touches
+    the ``[BLOCK_M, BLOCK_N]`` result, not the tile, and ``q - z`` costs one subtraction (codes
+    are turned into floats by ORing in the exponent bits of ``2^23``).
     """
     if GROUP_MODE == 0:
         q = _load_codes(qw_ptr, k0, offs_n, mask_n, k_words, stride_qk, stride_qn, BITS, BLOCK_K, BLOCK_N)
-        q = _codes_as_float(q).to(DOT_DTYPE)
+        g = k0 // group_size
+        z = _load_zeros(qz_ptr + g * stride_zg, offs_n, mask_n, n_words, stride_zn, BITS).to(tl.float32)
+        s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+        # q - z in [-255, 255] is exact in every dot dtype.
+        q = ((q | 0x4B000000).to(tl.float32, bitcast=True) - (z + 8388608.0)[None, :]).to(DOT_DTYPE)
         if IEEE_FP32:
             part = tl.dot(a, q, input_precision="ieee")
         else:
             part = tl.dot(a, q)
-        g = k0 // group_size
-        z = _load_zeros(qz_ptr + g * stride_zg, offs_n, mask_n, n_words, stride_zn, BITS).to(tl.float32)
-        s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
-        a_sum = tl.sum(a.to(tl.float32), axis=1)
-        out = s[None, :] * (part - a_sum[:, None] * z[None, :])
+        out = s[None, :] * part
     else:
         w = dequant_tile(
             qw_ptr, qz_ptr, s_ptr, g_ptr, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
@@ -309,7 +304,12 @@ def _byte_as_float(plane, c, i: tl.constexpr, ASM: tl.constexpr):
     if ASM:
         c_bits = tl.zeros(plane.shape, tl.uint32) + c.to(tl.uint32, bitcast=True)[None, :]
         v = tl.inline_asm_elementwise(
-            f"prmt.b32 $0, $1, $2, {0x7650 | i};", "=r,r,r", [plane, c_bits], dtype=tl.uint32, is_pure=True, pack=1
+            f"prmt.b32 $0, $1, $2, {0x7650 | i};",
+            "=r,r,r",
+            [plane, c_bits],
+            dtype=tl.uint32,
+            is_pure=True,
+            pack=1,
         )
     else:
         v = ((plane >> (8 * i)) & 0xFF) | 0x4B000000
@@ -553,7 +553,9 @@ class MatmulConfig:
     def __post_init__(self) -> None:
         if self.gemv:
             if self.block_m != 1:
-                raise ValueError(f"the gemv kernel takes one row per program: block_m must be 1, got {self.block_m}")
+                raise ValueError(
+                    f"the gemv kernel takes one row per program: block_m must be 1, got {self.block_m}"
+                )
             check_tiles(16, self.block_n, self.block_k)
         else:
             check_tiles(self.block_m, self.block_n, self.block_k)

@@ -27,6 +27,7 @@ from moequant.kernels.triton_matmul import (
     device_programs,
     dot_dequant,
     dot_dtype,
+    gemv_row,
     group_mode,
     pick_block_k,
     split_for,
@@ -243,9 +244,135 @@ def _moe_down_kernel(
         tl.store(out_ptrs, acc, mask=out_mask)
 
 
+@triton.jit
+def _moe_gemv_gate_up_kernel(
+    x_ptr,
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    g_ptr,
+    out_ptr,
+    ids_ptr,
+    top_k,
+    H,
+    inter,
+    k_words,
+    n_words,
+    stride_xt,
+    stride_xh,
+    stride_qe,
+    stride_qk,
+    stride_qn,
+    stride_ze,
+    stride_zg,
+    stride_zn,
+    stride_se,
+    stride_sg,
+    stride_sn,
+    stride_ge,
+    stride_os,
+    stride_oi,
+    group_size,
+    BITS: tl.constexpr,
+    GROUP_MODE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ASM: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    """Decode form of the gate/up kernel: one routed slot per program (grid ``[T*k, I blocks]``),
+    :func:`gemv_row` for the gate and up columns, ``silu(gate) * up`` stored for the slot."""
+    slot = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(ids_ptr + slot).to(tl.int64)
+    x_row = x_ptr + (slot // top_k) * stride_xt
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    qw_e = qw_ptr + e * stride_qe
+    qz_e = qz_ptr + e * stride_ze
+    s_e = s_ptr + e * stride_se
+    g_e = g_ptr + e * stride_ge
+    gate = gemv_row(
+        x_row, stride_xh, qw_e, qz_e, s_e, g_e, offs_n, inter, 0, H, k_words, n_words,
+        stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN,
+    )  # fmt: skip
+    up = gemv_row(
+        x_row, stride_xh, qw_e, qz_e, s_e, g_e, offs_n + inter, 2 * inter, 0, H, k_words, n_words,
+        stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN,
+    )  # fmt: skip
+    h = gate * tl.sigmoid(gate) * up
+    tl.store(
+        out_ptr + slot * stride_os + offs_n * stride_oi, h.to(out_ptr.dtype.element_ty), mask=offs_n < inter
+    )
+
+
+@triton.jit
+def _moe_gemv_down_kernel(
+    h_ptr,
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    g_ptr,
+    out_ptr,
+    weight_ptr,
+    ids_ptr,
+    top_k,
+    inter,
+    H,
+    k_words,
+    n_words,
+    stride_hs,
+    stride_hi,
+    stride_qe,
+    stride_qk,
+    stride_qn,
+    stride_ze,
+    stride_zg,
+    stride_zn,
+    stride_se,
+    stride_sg,
+    stride_sn,
+    stride_ge,
+    stride_ot,
+    stride_oh,
+    group_size,
+    k_per_split,
+    BITS: tl.constexpr,
+    GROUP_MODE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ASM: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    """Decode form of the down kernel: one routed slot per program (grid ``[T*k, H blocks,
+    splits]``); the routing weight applied, each slot's part added atomically into its token's
+    float32 output row."""
+    slot = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    e = tl.load(ids_ptr + slot).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, inter)
+    acc = gemv_row(
+        h_ptr + slot * stride_hs, stride_hi, qw_ptr + e * stride_qe, qz_ptr + e * stride_ze,
+        s_ptr + e * stride_se, g_ptr + e * stride_ge, offs_n, H, k_lo, k_hi, k_words, n_words,
+        stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN,
+    )  # fmt: skip
+    acc = acc * tl.load(weight_ptr + slot).to(tl.float32)
+    out_ptrs = out_ptr + (slot // top_k) * stride_ot + offs_n * stride_oh
+    tl.atomic_add(out_ptrs, acc, mask=offs_n < H)
+
+
 @dataclass(frozen=True)
 class MoeConfig:
-    """Tile sizes of the two MoE kernels; ``split_k`` applies to the down projection."""
+    """Tile sizes of the two MoE kernels; ``split_k`` applies to the down projection.
+
+    ``gemv=True`` selects the decode kernels (one routed slot per program, no ``tl.dot``, no
+    sorting); they take ``block_m=1``.
+    """
 
     block_m: int
     block_n: int
@@ -254,18 +381,36 @@ class MoeConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    gemv: bool = False
 
     def __post_init__(self) -> None:
-        check_tiles(self.block_m, self.block_n, self.block_k_gate_up, self.block_k_down)
+        if self.gemv:
+            if self.block_m != 1:
+                raise ValueError(
+                    f"the gemv kernels take one slot per program: block_m must be 1, got {self.block_m}"
+                )
+            check_tiles(16, self.block_n, self.block_k_gate_up, self.block_k_down)
+        else:
+            check_tiles(self.block_m, self.block_n, self.block_k_gate_up, self.block_k_down)
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+
+
+MOE_GEMV_MAX_SLOTS_PER_EXPERT = 1.0  # up to this many routed slots per expert, the decode kernels
 
 
 def pick_moe_config(
     slots: int, num_experts: int, hidden: int, inter: int, group_w13: int, group_w2: int, device: torch.device
 ) -> MoeConfig:
-    """Tiles for ``slots = T * k`` routed slots: small row blocks when experts see few tokens each."""
+    """Tiles for ``slots = T * k`` routed slots: the decode kernels when experts see about one token
+    each, small row blocks when they see few."""
     per_expert = slots / max(num_experts, 1)
+    if per_expert <= MOE_GEMV_MAX_SLOTS_PER_EXPERT:
+        bk13 = pick_block_k(group_w13, 128)
+        bk2 = pick_block_k(group_w2, 128)
+        tiles = slots * triton.cdiv(hidden, 64)
+        split = split_for(inter, bk2, tiles, 2 * device_programs(device))
+        return MoeConfig(1, 64, bk13, bk2, split, gemv=True)
     block_m = 16 if per_expert <= 16 else (32 if per_expert <= 64 else 64)
     block_n = 64
     bk13 = pick_block_k(group_w13, 64 if block_m == 64 else 128)
@@ -315,6 +460,8 @@ def fused_moe_triton(
         slots, w13.num_experts, hidden, inter, w13.group_size, w2.group_size, x.device
     )
     dtype, ieee = dot_dtype(x.dtype, x.device)
+    if cfg.gemv:
+        return _fused_moe_gemv(x, topk_ids, topk_weights, w13, w2, cfg)
     sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, w13.num_experts, cfg.block_m)
     num_blocks = expert_ids.numel()
 
@@ -351,3 +498,53 @@ def fused_moe_triton(
         num_warps=cfg.num_warps, num_stages=stages_for(mode2, cfg.num_stages),
     )  # fmt: skip
     return y.view(t, top_k, hidden).sum(dim=1).to(x.dtype)
+
+
+def _fused_moe_gemv(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: PackedExperts,
+    w2: PackedExperts,
+    cfg: MoeConfig,
+) -> torch.Tensor:
+    """:func:`fused_moe_triton` with the decode kernels: ``[T, H]`` in ``x.dtype``."""
+    t, hidden = x.shape
+    top_k = topk_ids.shape[1]
+    inter = w2.in_features
+    slots = t * top_k
+    ids = topk_ids.reshape(-1)
+    asm = x.device.type == "cuda"
+
+    mode13, g13, gs13 = _groups(w13, cfg.block_k_gate_up)
+    h = x.new_empty(slots, inter)
+    even13 = hidden % cfg.block_k_gate_up == 0 and inter % cfg.block_n == 0
+    _moe_gemv_gate_up_kernel[(slots, triton.cdiv(inter, cfg.block_n))](
+        x, w13.qweight, w13.qzeros, w13.scales, g13, h, ids,
+        top_k, hidden, inter, w13.qweight.shape[1], w13.qzeros.shape[2],
+        x.stride(0), x.stride(1),
+        w13.qweight.stride(0), w13.qweight.stride(1), w13.qweight.stride(2),
+        w13.qzeros.stride(0), w13.qzeros.stride(1), w13.qzeros.stride(2),
+        w13.scales.stride(0), w13.scales.stride(1), w13.scales.stride(2),
+        gs13, h.stride(0), h.stride(1), w13.group_size,
+        BITS=w13.bits, GROUP_MODE=mode13, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k_gate_up,
+        ASM=asm, EVEN=even13, num_warps=cfg.num_warps, num_stages=stages_for(mode13, cfg.num_stages),
+    )  # fmt: skip
+
+    mode2, g2, gs2 = _groups(w2, cfg.block_k_down)
+    k_per_split = triton.cdiv(triton.cdiv(inter, cfg.split_k), cfg.block_k_down) * cfg.block_k_down
+    split = triton.cdiv(inter, k_per_split)
+    y = torch.zeros(t, hidden, device=x.device, dtype=torch.float32)
+    even2 = inter % cfg.block_k_down == 0 and hidden % cfg.block_n == 0
+    _moe_gemv_down_kernel[(slots, triton.cdiv(hidden, cfg.block_n), split)](
+        h, w2.qweight, w2.qzeros, w2.scales, g2, y, topk_weights.reshape(-1), ids,
+        top_k, inter, hidden, w2.qweight.shape[1], w2.qzeros.shape[2],
+        h.stride(0), h.stride(1),
+        w2.qweight.stride(0), w2.qweight.stride(1), w2.qweight.stride(2),
+        w2.qzeros.stride(0), w2.qzeros.stride(1), w2.qzeros.stride(2),
+        w2.scales.stride(0), w2.scales.stride(1), w2.scales.stride(2),
+        gs2, y.stride(0), y.stride(1), w2.group_size, k_per_split,
+        BITS=w2.bits, GROUP_MODE=mode2, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k_down,
+        ASM=asm, EVEN=even2, num_warps=cfg.num_warps, num_stages=stages_for(mode2, cfg.num_stages),
+    )  # fmt: skip
+    return y.to(x.dtype)

@@ -114,3 +114,40 @@ def test_many_tokens_per_expert(triton_kernels, make_experts, bits):
     weights = torch.rand(67, 2, generator=gen)
     got = tmoe.fused_moe_triton(x, ids, weights, w13, w2)
     torch.testing.assert_close(got, fused_moe_ref(x, ids, weights, w13, w2), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("bits", "case", "shuffled", "split"),
+    [(b, "uneven_top2", False, 1) for b in BITS]
+    + [(b, "single_top1", False, 3) for b in BITS]
+    + [(3, "uneven_top2", True, 2)],
+)
+def test_decode_kernels_match_reference(triton_kernels, make_experts, bits, case, shuffled, split):
+    _, tmoe = triton_kernels
+    w13, w2 = _experts(make_experts, bits, shuffled=shuffled)
+    x, ids, weights = _routing(case)
+    cfg = tmoe.MoeConfig(block_m=1, block_n=32, block_k_gate_up=32, block_k_down=64, split_k=split, gemv=True)
+    got = tmoe.fused_moe_triton(x, ids, weights, w13, w2, config=cfg)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    torch.testing.assert_close(got, fused_moe_ref(x, ids, weights, w13, w2), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+def test_decode_kernels_half_precision(triton_kernels, make_experts, dtype, tol):
+    _, tmoe = triton_kernels
+    w13, w2 = _experts(make_experts, 4)
+    x, ids, weights = _routing("single_top1")
+    assert tmoe.pick_moe_config(1, E, HIDDEN, INTER, 32, 64, torch.device("cpu")).gemv
+    got = tmoe.fused_moe_triton(x.to(dtype), ids, weights, w13, w2)
+    assert got.dtype == dtype
+    want = fused_moe_ref(x.to(dtype).float(), ids, weights, w13, w2)
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_decode_kernels_only_for_few_tokens_per_expert(triton_kernels):
+    _, tmoe = triton_kernels
+    cpu = torch.device("cpu")
+    assert tmoe.pick_moe_config(2, 8, 4096, 14336, 128, 128, cpu).gemv  # one token, top-2 of 8
+    assert not tmoe.pick_moe_config(64, 8, 4096, 14336, 128, 128, cpu).gemv
+    with pytest.raises(ValueError, match="block_m must be 1"):
+        tmoe.MoeConfig(block_m=16, block_n=64, block_k_gate_up=64, block_k_down=64, gemv=True)

@@ -1,0 +1,168 @@
+"""Compile moequant's Triton kernels for a GPU target without a GPU and report what the compiler made.
+
+For each kernel variant (bits, tile sizes, warps): registers per thread, local-memory spill bytes,
+shared memory, and the instruction mix of its main K loop, with the loop's instructions per
+weight per thread (fewer is better: decode is bound by bytes only when this is small). Uses
+Triton's ahead-of-time compiler and the ``cuobjdump`` bundled with Triton.
+
+    python evals/kernel_sass.py [--arch 90] [--kernels gemv,dot,moe_gemv] [--bits 2 3 4 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+POINTER_TYPES = {"x_ptr": "*bf16", "h_ptr": "*bf16", "s_ptr": "*fp16", "out_ptr": "*fp32", "weight_ptr": "*fp32"}
+
+
+def _cuobjdump() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _instructions(sass: str) -> list[tuple[int, str]]:
+    out = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            out.append((int(m.group(1), 16), m.group(2)))
+    return out
+
+
+def _opcode(text: str) -> str:
+    parts = text.split()
+    return parts[1] if parts[0].startswith("@") else parts[0]
+
+
+def main_loop(sass: str) -> tuple[int, collections.Counter] | None:
+    """Length and opcode counts of the longest backward-branch loop in a SASS listing."""
+    ins = _instructions(sass)
+    best = None
+    for addr, text in ins:
+        m = re.search(r"BRA\s.*?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+            if best is None or len(body) > best[0]:
+                best = (len(body), collections.Counter(_opcode(t) for t in body))
+    return best
+
+
+def compile_variant(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int) -> dict:
+    """Compile ``fn`` for ``sm_<arch>``; registers, spills, shared memory and the main loop."""
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = POINTER_TYPES.get(name, "*i32")
+        else:
+            signature[name] = "i32"
+    kernel = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        usage = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    loop = main_loop(sass)
+    return {
+        "regs": int(re.search(r"REG:(\d+)", usage).group(1)),
+        "local": int(re.search(r"LOCAL:(\d+)", usage).group(1)),
+        "shared": kernel.metadata.shared,
+        "loop": loop[0] if loop else 0,
+        "ops": loop[1] if loop else collections.Counter(),
+    }
+
+
+def variants(kernels: set[str], bits_list: list[int]):
+    """``(label, fn, constexprs, warps, stages, weights per loop iteration)`` to compile."""
+    from moequant.kernels import triton_matmul as tm
+    from moequant.kernels import triton_moe as tmoe
+
+    for bits in bits_list:
+        if "gemv" in kernels:
+            for bn, bk, warps in [(64, 128, 4), (128, 128, 4), (64, 64, 2), (256, 128, 8)]:
+                yield (
+                    f"gemv {bits}-bit n{bn} k{bk} w{warps}",
+                    tm._dequant_gemv_kernel,
+                    dict(BITS=bits, GROUP_MODE=0, BLOCK_N=bn, BLOCK_K=bk, ATOMIC_ADD=True, ASM=True, EVEN=True),
+                    warps,
+                    3,
+                    bn * bk,
+                )
+        if "dot" in kernels:
+            for bm, bn, bk, warps, stages in [(16, 64, 128, 4, 4), (64, 128, 64, 4, 3)]:
+                yield (
+                    f"dot {bits}-bit m{bm} n{bn} k{bk} w{warps}",
+                    tm._dequant_matmul_kernel,
+                    dict(BITS=bits, GROUP_MODE=0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ATOMIC_ADD=True,
+                         DOT_DTYPE=tl.bfloat16, IEEE_FP32=False),
+                    warps,
+                    stages,
+                    bn * bk,
+                )
+        if "moe_gemv" in kernels:
+            for name, fn in [("gate_up", tmoe._moe_gemv_gate_up_kernel), ("down", tmoe._moe_gemv_down_kernel)]:
+                yield (
+                    f"moe {name} {bits}-bit n64 k128 w4",
+                    fn,
+                    dict(BITS=bits, GROUP_MODE=0, BLOCK_N=64, BLOCK_K=128, ASM=True, EVEN=True),
+                    4,
+                    3,
+                    64 * 128 * (2 if name == "gate_up" else 1),
+                )
+        if "moe_dot" in kernels:
+            for name, fn in [("gate_up", tmoe._moe_gate_up_kernel), ("down", tmoe._moe_down_kernel)]:
+                consts = dict(BITS=bits, GROUP_MODE=0, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
+                              DOT_DTYPE=tl.bfloat16, IEEE_FP32=False)
+                if name == "down":
+                    consts["ATOMIC_ADD"] = True
+                yield (f"moe {name} dot {bits}-bit m16 n64 k128 w4", fn, consts, 4, 3,
+                       64 * 128 * (2 if name == "gate_up" else 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
+    ap.add_argument("--kernels", default="gemv,dot,moe_gemv,moe_dot")
+    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
+    args = ap.parse_args(argv)
+    failures = 0
+    for label, fn, consts, warps, stages, weights in variants(set(args.kernels.split(",")), args.bits):
+        try:
+            r = compile_variant(fn, consts, warps, stages, args.arch)
+        except Exception as exc:  # noqa: BLE001 - report every variant that does not compile
+            failures += 1
+            print(f"{label:38s} FAILED: {str(exc).splitlines()[0][:200]}")
+            continue
+        per_weight = r["loop"] * 32 * warps / weights
+        top = " ".join(f"{op}:{n}" for op, n in r["ops"].most_common(6))
+        print(f"{label:38s} regs {r['regs']:3d} spill {r['local']:4d} B shared {r['shared']:6d} B  "
+              f"loop {r['loop']:5d} instr = {per_weight:5.2f}/weight/thread  {top}", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
