@@ -169,22 +169,19 @@ def matmul_candidates(m: int, n: int, k: int, device: torch.device) -> list:
 
     out = []
     programs = device_programs(device)
-    if m <= 4:
-        for bn, bk, warps in [
-            (64, 128, 4),
-            (128, 128, 4),
-            (64, 64, 2),
-            (128, 64, 4),
-            (256, 128, 8),
-            (32, 128, 2),
-        ]:
+    if m <= 8:
+        bm = min(1 << (m - 1).bit_length(), 8)
+        shapes = [(64, 128, 4), (128, 128, 4), (128, 64, 4), (64, 64, 2), (32, 128, 2), (256, 128, 8)]
+        if bm > 1:
+            shapes = [(128, 64, 4), (64, 64, 4), (64, 64, 2), (32, 128, 2), (128, 128, 8)]
+        for bn, bk, warps in shapes:
             splits = {1}
             for target in (programs, 2 * programs, 4 * programs):
-                splits.add(split_for(k, bk, m * triton_cdiv(n, bn), target))
-            out += [MatmulConfig(1, bn, bk, sp, warps, 3, gemv=True) for sp in sorted(splits)]
+                splits.add(split_for(k, bk, triton_cdiv(m, bm) * triton_cdiv(n, bn), target))
+            out += [MatmulConfig(bm, bn, bk, sp, warps, 3, gemv=True) for sp in sorted(splits)]
     if m >= 4:
         bm = 16 if m <= 16 else min(64, 1 << (m - 1).bit_length())
-        tiles = [(bm, 64, 128, 4, 4), (bm, 128, 64, 4, 3), (bm, 64, 64, 4, 4), (bm, 128, 128, 8, 3)]
+        tiles = [(bm, 64, 128, 4, 4), (bm, 128, 64, 4, 3)]
         if m > 64:
             tiles = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 64, 128, 4, 3)]
         for bm_, bn, bk, warps, stages in tiles:
@@ -302,6 +299,8 @@ def bench_matmul(args, device, timer: Timer, copy_bw: float, gen: torch.Generato
         ]
         xs = {m: torch.randn(m, k, generator=gen, device=device).to(dtype) for m in args.tokens}
         base = {m: timer(functools.partial(_linear, xs[m], w16s), len(w16s)) for m in args.tokens}
+        # What split-K adds around the kernel: a zeroed float32 buffer and the cast back.
+        overhead = {m: timer(functools.partial(_zeros_and_cast, m, n, dtype, device), 1) for m in args.tokens}
         del w16s, w16
         for bits in args.bits:
             packed = random_packed(k, n, bits, device, gen)
@@ -331,6 +330,7 @@ def bench_matmul(args, device, timer: Timer, copy_bw: float, gen: torch.Generato
                     "ms": t * 1e3,
                     "bf16_ms": base[m] * 1e3,
                     "speedup": base[m] / t,
+                    "split_overhead_ms": overhead[m] * 1e3,
                     "weight_bytes": nbytes,
                     "GBps": nbytes / t / 1e9,
                     "copy_bw_fraction": nbytes / t / copy_bw,
@@ -465,6 +465,10 @@ def bench_moe(args, device, timer: Timer, copy_bw: float, gen: torch.Generator) 
     return rows
 
 
+def _zeros_and_cast(m: int, n: int, dtype: torch.dtype, device: torch.device, _i: int) -> torch.Tensor:
+    return torch.zeros(m, n, device=device, dtype=torch.float32).to(dtype)
+
+
 def _linear(x: torch.Tensor, weights: list[torch.Tensor], i: int) -> torch.Tensor:
     return F.linear(x, weights[i])
 
@@ -502,7 +506,7 @@ def one_token_targets(rows: list[dict]) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 256])
     p.add_argument("--moe-batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--samples", type=int, default=15, help="timed samples per case; the median is reported")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="time eager launches")
@@ -516,7 +520,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", action="store_true", help="also time candidate tile configurations per case")
     p.add_argument("--sweep-bits", type=int, nargs="+", default=[2, 3, 4])
-    p.add_argument("--sweep-tokens", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--sweep-tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument(
         "--sweep-budget-s", type=float, default=240.0, help="stop sweeping after this many seconds"
     )

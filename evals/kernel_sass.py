@@ -30,7 +30,13 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-POINTER_TYPES = {"x_ptr": "*bf16", "h_ptr": "*bf16", "s_ptr": "*fp16", "out_ptr": "*fp32", "weight_ptr": "*fp32"}
+POINTER_TYPES = {
+    "x_ptr": "*bf16",
+    "h_ptr": "*bf16",
+    "s_ptr": "*fp16",
+    "out_ptr": "*fp32",
+    "weight_ptr": "*fp32",
+}
 
 
 def _cuobjdump() -> str:
@@ -103,11 +109,29 @@ def variants(kernels: set[str], bits_list: list[int]):
 
     for bits in bits_list:
         if "gemv" in kernels:
-            for bn, bk, warps in [(64, 128, 4), (128, 128, 4), (64, 64, 2), (256, 128, 8)]:
+            for bm, bn, bk, warps in [
+                (1, 64, 128, 4),
+                (1, 128, 128, 4),
+                (1, 64, 64, 2),
+                (1, 256, 128, 8),
+                (2, 128, 64, 4),
+                (4, 128, 64, 4),
+                (4, 64, 64, 4),
+                (8, 64, 64, 4),
+            ]:
                 yield (
-                    f"gemv {bits}-bit n{bn} k{bk} w{warps}",
+                    f"gemv {bits}-bit m{bm} n{bn} k{bk} w{warps}",
                     tm._dequant_gemv_kernel,
-                    dict(BITS=bits, GROUP_MODE=0, BLOCK_N=bn, BLOCK_K=bk, ATOMIC_ADD=True, ASM=True, EVEN=True),
+                    dict(
+                        BITS=bits,
+                        GROUP_MODE=0,
+                        BLOCK_M=bm,
+                        BLOCK_N=bn,
+                        BLOCK_K=bk,
+                        ATOMIC_ADD=True,
+                        ASM=True,
+                        EVEN=True,
+                    ),
                     warps,
                     3,
                     bn * bk,
@@ -117,14 +141,25 @@ def variants(kernels: set[str], bits_list: list[int]):
                 yield (
                     f"dot {bits}-bit m{bm} n{bn} k{bk} w{warps}",
                     tm._dequant_matmul_kernel,
-                    dict(BITS=bits, GROUP_MODE=0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ATOMIC_ADD=True,
-                         DOT_DTYPE=tl.bfloat16, IEEE_FP32=False),
+                    dict(
+                        BITS=bits,
+                        GROUP_MODE=0,
+                        BLOCK_M=bm,
+                        BLOCK_N=bn,
+                        BLOCK_K=bk,
+                        ATOMIC_ADD=True,
+                        DOT_DTYPE=tl.bfloat16,
+                        IEEE_FP32=False,
+                    ),
                     warps,
                     stages,
                     bn * bk,
                 )
         if "moe_gemv" in kernels:
-            for name, fn in [("gate_up", tmoe._moe_gemv_gate_up_kernel), ("down", tmoe._moe_gemv_down_kernel)]:
+            for name, fn in [
+                ("gate_up", tmoe._moe_gemv_gate_up_kernel),
+                ("down", tmoe._moe_gemv_down_kernel),
+            ]:
                 yield (
                     f"moe {name} {bits}-bit n64 k128 w4",
                     fn,
@@ -135,12 +170,25 @@ def variants(kernels: set[str], bits_list: list[int]):
                 )
         if "moe_dot" in kernels:
             for name, fn in [("gate_up", tmoe._moe_gate_up_kernel), ("down", tmoe._moe_down_kernel)]:
-                consts = dict(BITS=bits, GROUP_MODE=0, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
-                              DOT_DTYPE=tl.bfloat16, IEEE_FP32=False)
+                consts = dict(
+                    BITS=bits,
+                    GROUP_MODE=0,
+                    BLOCK_M=16,
+                    BLOCK_N=64,
+                    BLOCK_K=128,
+                    DOT_DTYPE=tl.bfloat16,
+                    IEEE_FP32=False,
+                )
                 if name == "down":
                     consts["ATOMIC_ADD"] = True
-                yield (f"moe {name} dot {bits}-bit m16 n64 k128 w4", fn, consts, 4, 3,
-                       64 * 128 * (2 if name == "gate_up" else 1))
+                yield (
+                    f"moe {name} dot {bits}-bit m16 n64 k128 w4",
+                    fn,
+                    consts,
+                    4,
+                    3,
+                    64 * 128 * (2 if name == "gate_up" else 1),
+                )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,8 +207,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         per_weight = r["loop"] * 32 * warps / weights
         top = " ".join(f"{op}:{n}" for op, n in r["ops"].most_common(6))
-        print(f"{label:38s} regs {r['regs']:3d} spill {r['local']:4d} B shared {r['shared']:6d} B  "
-              f"loop {r['loop']:5d} instr = {per_weight:5.2f}/weight/thread  {top}", flush=True)
+        print(
+            f"{label:38s} regs {r['regs']:3d} spill {r['local']:4d} B shared {r['shared']:6d} B  "
+            f"loop {r['loop']:5d} instr = {per_weight:5.2f}/weight/thread  {top}",
+            flush=True,
+        )
     return 1 if failures else 0
 
 

@@ -27,7 +27,7 @@ from moequant.kernels.triton_matmul import (
     device_programs,
     dot_dequant,
     dot_dtype,
-    gemv_row,
+    gemv_rows,
     group_mode,
     pick_block_k,
     split_for,
@@ -291,16 +291,18 @@ def _moe_gemv_gate_up_kernel(
     qz_e = qz_ptr + e * stride_ze
     s_e = s_ptr + e * stride_se
     g_e = g_ptr + e * stride_ge
-    gate = gemv_row(
-        x_row, stride_xh, qw_e, qz_e, s_e, g_e, offs_n, inter, 0, H, k_words, n_words,
+    gate = gemv_rows(
+        x_row, 1, 0, stride_xh, qw_e, qz_e, s_e, g_e, offs_n, inter, 0, H, k_words, n_words,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN,
+        BITS, GROUP_MODE, 1, BLOCK_N, BLOCK_K, ASM, EVEN,
     )  # fmt: skip
-    up = gemv_row(
-        x_row, stride_xh, qw_e, qz_e, s_e, g_e, offs_n + inter, 2 * inter, 0, H, k_words, n_words,
+    up = gemv_rows(
+        x_row, 1, 0, stride_xh, qw_e, qz_e, s_e, g_e, offs_n + inter, 2 * inter, 0, H, k_words, n_words,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN,
+        BITS, GROUP_MODE, 1, BLOCK_N, BLOCK_K, ASM, EVEN,
     )  # fmt: skip
+    gate = tl.reshape(gate, (BLOCK_N,))
+    up = tl.reshape(up, (BLOCK_N,))
     h = gate * tl.sigmoid(gate) * up
     tl.store(
         out_ptr + slot * stride_os + offs_n * stride_oi, h.to(out_ptr.dtype.element_ty), mask=offs_n < inter
@@ -355,12 +357,13 @@ def _moe_gemv_down_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, inter)
-    acc = gemv_row(
-        h_ptr + slot * stride_hs, stride_hi, qw_ptr + e * stride_qe, qz_ptr + e * stride_ze,
+    acc = gemv_rows(
+        h_ptr + slot * stride_hs, 1, 0, stride_hi, qw_ptr + e * stride_qe, qz_ptr + e * stride_ze,
         s_ptr + e * stride_se, g_ptr + e * stride_ge, offs_n, H, k_lo, k_hi, k_words, n_words,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN,
+        BITS, GROUP_MODE, 1, BLOCK_N, BLOCK_K, ASM, EVEN,
     )  # fmt: skip
+    acc = tl.reshape(acc, (BLOCK_N,))
     acc = acc * tl.load(weight_ptr + slot).to(tl.float32)
     out_ptrs = out_ptr + (slot // top_k) * stride_ot + offs_n * stride_oh
     tl.atomic_add(out_ptrs, acc, mask=offs_n < H)

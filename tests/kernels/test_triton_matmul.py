@@ -124,7 +124,9 @@ def test_pick_block_k_keeps_a_tile_in_one_group(triton_kernels):
     [("tile_in_group", 64, True), ("groups_inside_tile", 32, True), ("read_g_idx", 64, False)],
 )
 @pytest.mark.parametrize("split", [1, 3])
-def test_gemv_kernel_matches_reference(triton_kernels, make_linear, bits, variant, group, sorted_groups, split):
+def test_gemv_kernel_matches_reference(
+    triton_kernels, make_linear, bits, variant, group, sorted_groups, split
+):
     tm, _ = triton_kernels
     k, n = 192, 96  # K spans a partial 64-row tile at the end of a split; N a partial 64-column block
     lin = make_linear(n, k, bits, group, seed=bits + split, shuffled_groups=not sorted_groups)
@@ -153,5 +155,30 @@ def test_decode_takes_the_gemv_kernel(triton_kernels):
     cpu = torch.device("cpu")
     assert tm.pick_config(1, 4096, 4096, 128, cpu).gemv
     assert not tm.pick_config(tm.GEMV_MAX_ROWS + 1, 4096, 4096, 128, cpu).gemv
-    with pytest.raises(ValueError, match="block_m must be 1"):
+    with pytest.raises(ValueError, match="1, 2, 4 or 8 rows"):
         tm.MatmulConfig(block_m=16, block_n=64, block_k=64, gemv=True)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize(("block_m", "m", "group"), [(2, 3, 64), (4, 5, 64), (8, 8, 32)])
+def test_gemv_kernel_rows_per_program(triton_kernels, make_linear, bits, block_m, m, group):
+    tm, _ = triton_kernels
+    k, n = 128, 64
+    lin = make_linear(n, k, bits, group, seed=bits + m)
+    cfg = tm.MatmulConfig(block_m=block_m, block_n=32, block_k=64, split_k=2, gemv=True)
+    x = _x(m, k, seed=m)
+    got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=group, config=cfg)
+    torch.testing.assert_close(got, dequant_matmul_ref(x, **lin, bits=bits), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("gemv", [True, False])
+def test_zero_point_of_two_to_the_bits(triton_kernels, make_linear, bits, gemv):
+    # v1 checkpoints store z - 1; all-ones stored zeros read back as z = 2^bits.
+    tm, _ = triton_kernels
+    lin = make_linear(32, 128, bits, 64, seed=bits)
+    lin["qzeros"].fill_(-1)
+    cfg = tm.MatmulConfig(block_m=1 if gemv else 16, block_n=32, block_k=64, gemv=gemv)
+    x = _x(1, 128, seed=1)
+    got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=64, config=cfg)
+    torch.testing.assert_close(got, dequant_matmul_ref(x, **lin, bits=bits), rtol=1e-4, atol=1e-4)
