@@ -29,7 +29,7 @@ GROUPS_PER_TILE = 0  # sorted groups and the whole K tile inside one group: one 
 GROUPS_BY_DIVISION = 1  # sorted groups, g = k // group_size per row
 GROUPS_FROM_G_IDX = 2  # any g_idx, read from memory
 
-GEMV_MAX_ROWS = 8  # up to this many activation rows, pick_config takes the gemv kernel
+GEMV_MAX_ROWS = 2  # up to this many activation rows, pick_config takes the gemv kernel
 GEMV_BLOCK_M = (1, 2, 4, 8)
 
 
@@ -468,9 +468,10 @@ def gemv_rows(
     registers without ``tl.dot``: each code is unpacked once and used for every row.
 
     With one group per tile, partial sums stay per packed row across the K loop and are reduced
-    over rows once at the end, and the next tile's loads are issued before this tile's arithmetic.
-    ``EVEN``: every tile is whole (``K`` and ``N`` multiples of the block sizes, ``k_lo`` of
-    ``BLOCK_K``), so only the activation rows need a mask.
+    over rows once at the end. (Loading the next tile before this tile's arithmetic measured
+    slower on an H200: it costs registers, and so resident programs.) ``EVEN``: every tile is
+    whole (``K`` and ``N`` multiples of the block sizes, ``k_lo`` of ``BLOCK_K``), so only the
+    activation rows need a mask.
     """
     mask_n = offs_n < N
     mm = tl.arange(0, BLOCK_M)
@@ -485,26 +486,15 @@ def gemv_rows(
         w_ptrs = qw_ptr + ((k_lo // per_word + r) * words)[:, None] * stride_qk + offs_n[None, :] * stride_qn
         if EVEN:
             x_mask = m_mask[:, None, None]
-            w_mask = mask_n[None, :]  # unused
-        else:
-            x_mask = m_mask[:, None, None] & (kk < k_hi)[None, :, :]
-            w_mask = (k_lo + r * per_word < k_hi)[:, None] & mask_n[None, :]
-        x, w0, w1, w2, z, s = _gemv_load(
-            x_ptrs, x_mask, w_ptrs, w_mask, qz_ptr, s_ptr, offs_n, mask_n, k_lo // group_size, n_words,
-            stride_qk, stride_zg, stride_zn, stride_sg, stride_sn, BITS, EVEN,
-        )  # fmt: skip
+            w_mask = mask_n[None, :]  # unused: whole tiles load without a mask
         acc_rows = tl.zeros((BLOCK_M, rows, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            # Prefetch the next tile (the last iteration reloads its own, which stays in bounds).
-            step = tl.where(k0 + BLOCK_K < k_hi, BLOCK_K, 0)
-            x_ptrs += step * stride_xk
-            w_ptrs += (step // per_word) * words * stride_qk
             if not EVEN:
-                x_mask = m_mask[:, None, None] & (kk + (k0 + step - k_lo) < k_hi)[None, :, :]
-                w_mask = (k0 + step + r * per_word < k_hi)[:, None] & mask_n[None, :]
-            x_n, w0_n, w1_n, w2_n, z_n, s_n = _gemv_load(
-                x_ptrs, x_mask, w_ptrs, w_mask, qz_ptr, s_ptr, offs_n, mask_n, (k0 + step) // group_size,
-                n_words, stride_qk, stride_zg, stride_zn, stride_sg, stride_sn, BITS, EVEN,
+                x_mask = m_mask[:, None, None] & (kk + (k0 - k_lo) < k_hi)[None, :, :]
+                w_mask = (k0 + r * per_word < k_hi)[:, None] & mask_n[None, :]
+            x, w0, w1, w2, z, s = _gemv_load(
+                x_ptrs, x_mask, w_ptrs, w_mask, qz_ptr, s_ptr, offs_n, mask_n, k0 // group_size, n_words,
+                stride_qk, stride_zg, stride_zn, stride_sg, stride_sn, BITS, EVEN,
             )  # fmt: skip
             c = z.to(tl.float32) + 8388608.0
             e23 = c.to(tl.uint32, bitcast=True) & 0xFF800000
@@ -514,7 +504,8 @@ def gemv_rows(
             else:
                 part = _gemv_words_sum(w0.to(tl.uint32, bitcast=True), xf, c, e23, BITS, ASM)
             acc_rows += s.to(tl.float32)[None, None, :] * part
-            x, w0, w1, w2, z, s = x_n, w0_n, w1_n, w2_n, z_n, s_n
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += rows * words * stride_qk
         acc = tl.sum(acc_rows, axis=1)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -658,18 +649,17 @@ def split_for(k: int, block_k: int, tiles: int, target_programs: int) -> int:
 
 
 def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> MatmulConfig:
-    """Tile sizes for ``[m, k] @ [k, n]``: the gemv kernel up to ``GEMV_MAX_ROWS`` rows (all rows of
-    a program share each unpacked code), small-M dot tiles with split-K up to 64 rows, larger
-    tiles for prefill. Split-K brings the programs to about four per SM."""
+    """Tile sizes for ``[m, k] @ [k, n]``, from sweeps on an H200 (evals/results/kernels-*.json):
+    the gemv kernel for up to ``GEMV_MAX_ROWS`` rows with split-K to about four programs per SM,
+    16-row dot tiles with split-K to two per SM up to 64 rows, larger tiles for prefill."""
     if m <= GEMV_MAX_ROWS:
         bm = min(triton.next_power_of_2(max(m, 1)), GEMV_BLOCK_M[-1])
-        bn, bk = (128, 128) if bm == 1 else ((128, 64) if bm == 2 else (64, 64))
-        bk = pick_block_k(group_size, bk)
-        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        bk = pick_block_k(group_size, 128 if bm == 1 else 64)
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, 128)
         split = split_for(k, bk, tiles, 2 * device_programs(device))
-        return MatmulConfig(bm, bn, bk, split, num_warps=4, num_stages=3, gemv=True)
+        return MatmulConfig(bm, 128, bk, split, num_warps=4, num_stages=3, gemv=True)
     if m <= 16:
-        bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
+        bm, bn, bk, warps, stages = 16, 128, 64, 4, 3
     elif m <= 64:
         bm, bn, bk, warps, stages = triton.next_power_of_2(m), 64, 128, 4, 3
     else:

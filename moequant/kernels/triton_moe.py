@@ -399,21 +399,23 @@ class MoeConfig:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
 
 
-MOE_GEMV_MAX_SLOTS_PER_EXPERT = 1.0  # up to this many routed slots per expert, the decode kernels
+MOE_GEMV_MAX_SLOTS_PER_EXPERT = 2.0  # up to this many routed slots per expert, the decode kernels
 
 
 def pick_moe_config(
     slots: int, num_experts: int, hidden: int, inter: int, group_w13: int, group_w2: int, device: torch.device
 ) -> MoeConfig:
-    """Tiles for ``slots = T * k`` routed slots: the decode kernels when experts see about one token
-    each, small row blocks when they see few."""
+    """Tiles for ``slots = T * k`` routed slots, from sweeps on an H200: the decode kernels while
+    experts see two tokens or fewer each (re-reading an expert per slot still beats 16-row tiles
+    there), small row blocks when they see few."""
     per_expert = slots / max(num_experts, 1)
     if per_expert <= MOE_GEMV_MAX_SLOTS_PER_EXPERT:
         bk13 = pick_block_k(group_w13, 128)
         bk2 = pick_block_k(group_w2, 128)
-        tiles = slots * triton.cdiv(hidden, 64)
-        split = split_for(inter, bk2, tiles, 2 * device_programs(device))
-        return MoeConfig(1, 64, bk13, bk2, split, gemv=True)
+        bn, warps = (32, 2) if slots <= 4 else (128, 4)
+        tiles = slots * triton.cdiv(hidden, bn)
+        split = split_for(inter, bk2, tiles, 4 * device_programs(device))
+        return MoeConfig(1, bn, bk13, bk2, split, num_warps=warps, gemv=True)
     block_m = 16 if per_expert <= 16 else (32 if per_expert <= 64 else 64)
     block_n = 64
     bk13 = pick_block_k(group_w13, 64 if block_m == 64 else 128)
