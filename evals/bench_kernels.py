@@ -169,21 +169,12 @@ def matmul_candidates(m: int, n: int, k: int, device: torch.device) -> list:
 
     out = []
     programs = device_programs(device)
-    if m <= 8:
-        bm = min(1 << (m - 1).bit_length(), 8)
-        shapes = [
-            (128, 128, 4),
-            (64, 128, 4),
-            (64, 64, 2),
-            (32, 128, 2),
-        ]  # wider tiles spill (evals/kernel_sass.py)
-        if bm > 1:
-            shapes = [(128, 64, 4), (64, 64, 2)]
-        for bn, bk, warps in shapes:
+    if m == 1:
+        for bn, bk, warps in [(128, 128, 4), (64, 128, 4), (64, 64, 2), (32, 128, 2)]:  # wider tiles spill
             splits = {1}
             for target in (programs, 2 * programs, 4 * programs):
-                splits.add(split_for(k, bk, triton_cdiv(m, bm) * triton_cdiv(n, bn), target))
-            out += [MatmulConfig(bm, bn, bk, sp, warps, 3, gemv=True) for sp in sorted(splits)]
+                splits.add(split_for(k, bk, triton_cdiv(n, bn), target))
+            out += [MatmulConfig(1, bn, bk, sp, warps, 3, gemv=True) for sp in sorted(splits)]
     if m >= 2:
         bm = 16 if m <= 16 else min(64, 1 << (m - 1).bit_length())
         tiles = [(bm, 64, 128, 4, 4), (bm, 128, 64, 4, 3)]
@@ -445,7 +436,7 @@ def bench_moe(args, device, timer: Timer, copy_bw: float, gen: torch.Generator) 
                 "copy_bw_fraction": active_bytes / t / copy_bw,
                 "max_rel_err": err,
                 "config": config_dict(
-                    pick_moe_config(batch * top_k, e, hidden, inter, GROUP_SIZE, GROUP_SIZE, device)
+                    pick_moe_config(batch * top_k, e, hidden, inter, GROUP_SIZE, GROUP_SIZE, device, bits=bits)
                 ),
             }
             if sweep:

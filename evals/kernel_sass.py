@@ -109,28 +109,12 @@ def variants(kernels: set[str], bits_list: list[int]):
 
     for bits in bits_list:
         if "gemv" in kernels:
-            for bm, bn, bk, warps in [
-                (1, 64, 128, 4),
-                (1, 128, 128, 4),
-                (1, 64, 64, 2),
-                (1, 256, 128, 8),
-                (2, 128, 64, 4),
-                (4, 128, 64, 4),
-                (4, 64, 64, 4),
-                (8, 64, 64, 4),
-            ]:
+            for bn, bk, warps in [(128, 128, 4), (64, 128, 4), (64, 64, 2), (32, 128, 2)]:
                 yield (
-                    f"gemv {bits}-bit m{bm} n{bn} k{bk} w{warps}",
+                    f"gemv {bits}-bit n{bn} k{bk} w{warps}",
                     tm._dequant_gemv_kernel,
                     dict(
-                        BITS=bits,
-                        GROUP_MODE=0,
-                        BLOCK_M=bm,
-                        BLOCK_N=bn,
-                        BLOCK_K=bk,
-                        ATOMIC_ADD=True,
-                        ASM=True,
-                        EVEN=True,
+                        BITS=bits, GROUP_MODE=0, BLOCK_N=bn, BLOCK_K=bk, ATOMIC_ADD=True, ASM=True, EVEN=True
                     ),
                     warps,
                     3,

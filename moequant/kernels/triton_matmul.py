@@ -29,8 +29,7 @@ GROUPS_PER_TILE = 0  # sorted groups and the whole K tile inside one group: one 
 GROUPS_BY_DIVISION = 1  # sorted groups, g = k // group_size per row
 GROUPS_FROM_G_IDX = 2  # any g_idx, read from memory
 
-GEMV_MAX_ROWS = 2  # up to this many activation rows, pick_config takes the gemv kernel
-GEMV_BLOCK_M = (1, 2, 4, 8)
+GEMV_MAX_ROWS = 1  # up to this many activation rows, pick_config takes the gemv kernel
 
 
 @triton.jit
@@ -295,19 +294,20 @@ def _dequant_matmul_kernel(
 
 
 @triton.jit
-def _byte_as_float(plane, e23, i: tl.constexpr, ASM: tl.constexpr):
+def _byte_as_float(plane, c, i: tl.constexpr, ASM: tl.constexpr):
     """Byte ``i`` of each uint32 in ``plane [R, N]``, read as float32 ``2^23 + byte``.
 
-    ``e23`` (``[N]`` uint32) holds the bits of ``2^23``, produced at run time so that it stays in
-    a register: with ``ASM`` (a compiled GPU kernel) one ``prmt`` puts the byte under its top
-    three bytes; otherwise shift, mask and OR (any backend, the interpreter too).
+    With ``ASM`` (a compiled GPU kernel) one ``prmt`` puts the byte under the top three bytes of
+    ``2^23``, whose bits are taken from ``c = 2^23 + z`` (``[N]`` float32, ``z <= 256``) at run time
+    so that they stay in a register; otherwise shift, mask and OR (any backend, the interpreter too).
     """
     if ASM:
-        e23 = tl.zeros(plane.shape, tl.uint32) + e23[None, :]
+        e23 = c.to(tl.uint32, bitcast=True) & 0xFF800000  # sign and exponent: the bits of 2^23
+        c_bits = tl.zeros(plane.shape, tl.uint32) + e23[None, :]
         v = tl.inline_asm_elementwise(
             f"prmt.b32 $0, $1, $2, {0x7650 | i};",
             "=r,r,r",
-            [plane, e23],
+            [plane, c_bits],
             dtype=tl.uint32,
             is_pure=True,
             pack=1,
@@ -318,55 +318,56 @@ def _byte_as_float(plane, e23, i: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _byte_plane_sum(plane, x, c, e23, ASM: tl.constexpr):
-    """``sum_i x[m, r, i] * (byte_i(plane[r, n]) - z[n])``: ``plane [R, N]`` uint32 words holding
-    one code per byte, ``x [M, R, 4]`` float32, ``c = 2^23 + z`` ``[N]``; returns ``[M, R, N]``."""
-    bm: tl.constexpr = x.shape[0]
-    rows: tl.constexpr = x.shape[1]
-    x02, x13 = tl.split(tl.reshape(x, (bm, rows, 2, 2)))
+def _byte_plane_sum(plane, x, c, ASM: tl.constexpr):
+    """``sum_i x[r, i] * (byte_i(plane[r, n]) - z[n])``: ``plane [R, N]`` uint32 words holding one
+    code per byte, ``x [R, 4]`` float32, ``c = 2^23 + z`` ``[N]``; returns ``[R, N]``."""
+    rows: tl.constexpr = x.shape[0]
+    x02, x13 = tl.split(tl.reshape(x, (rows, 2, 2)))
     x0, x2 = tl.split(x02)
     x1, x3 = tl.split(x13)
-    out = x0[:, :, None] * (_byte_as_float(plane, e23, 0, ASM) - c[None, :])[None, :, :]
-    out += x1[:, :, None] * (_byte_as_float(plane, e23, 1, ASM) - c[None, :])[None, :, :]
-    out += x2[:, :, None] * (_byte_as_float(plane, e23, 2, ASM) - c[None, :])[None, :, :]
-    out += x3[:, :, None] * (_byte_as_float(plane, e23, 3, ASM) - c[None, :])[None, :, :]
+    out = x0[:, None] * (_byte_as_float(plane, c, 0, ASM) - c[None, :])
+    out += x1[:, None] * (_byte_as_float(plane, c, 1, ASM) - c[None, :])
+    out += x2[:, None] * (_byte_as_float(plane, c, 2, ASM) - c[None, :])
+    out += x3[:, None] * (_byte_as_float(plane, c, 3, ASM) - c[None, :])
     return out
 
 
 @triton.jit
-def _gemv_words_sum(w, x, c, e23, BITS: tl.constexpr, ASM: tl.constexpr):
-    """``sum_j x[m, r, j] * (q_j(w[r, n]) - z[n])`` for 2, 4 or 8-bit words ``w [R, N]`` (uint32)
-    and ``x [M, R, 32 / BITS]`` float32; returns ``[M, R, N]``.
+def _gemv_words_sum(w, x, c, BITS: tl.constexpr, ASM: tl.constexpr):
+    """``sum_j x[r, j] * (q_j(w[r, n]) - z[n])`` for 2, 4 or 8-bit words ``w [R, N]`` (uint32) and
+    ``x [R, 32 / BITS]`` float32; returns ``[R, N]``.
 
     ``c = 2^23 + z`` per column: a code ``q`` with ``2^23``'s exponent bits ORed in reads as the
     float ``2^23 + q``, so one subtraction gives ``q - z`` exactly. Each word is split into
     ``8 / BITS`` byte planes (plane ``b`` holds value ``i * 8 / BITS + b`` in byte ``i``), so that
     each code is one byte of a plane.
     """
-    bm: tl.constexpr = x.shape[0]
-    rows: tl.constexpr = x.shape[1]
+    rows: tl.constexpr = x.shape[0]
     if BITS == 8:
-        part = _byte_plane_sum(w, x, c, e23, ASM)
+        part = _byte_plane_sum(w, x, c, ASM)
     elif BITS == 4:
-        x_even, x_odd = tl.split(tl.reshape(x, (bm, rows, 4, 2)))
-        part = _byte_plane_sum(w & 0x0F0F0F0F, x_even, c, e23, ASM)
-        part += _byte_plane_sum((w >> 4) & 0x0F0F0F0F, x_odd, c, e23, ASM)
+        x_even, x_odd = tl.split(tl.reshape(x, (rows, 4, 2)))
+        part = _byte_plane_sum(w & 0x0F0F0F0F, x_even, c, ASM)
+        part += _byte_plane_sum((w >> 4) & 0x0F0F0F0F, x_odd, c, ASM)
     else:
-        x_02, x_13 = tl.split(tl.reshape(x, (bm, rows, 4, 2, 2)))
+        x_02, x_13 = tl.split(tl.reshape(x, (rows, 4, 2, 2)))
         x0, x2 = tl.split(x_02)
         x1, x3 = tl.split(x_13)
-        part = _byte_plane_sum(w & 0x03030303, x0, c, e23, ASM)
-        part += _byte_plane_sum((w >> 2) & 0x03030303, x1, c, e23, ASM)
-        part += _byte_plane_sum((w >> 4) & 0x03030303, x2, c, e23, ASM)
-        part += _byte_plane_sum((w >> 6) & 0x03030303, x3, c, e23, ASM)
+        part = _byte_plane_sum(w & 0x03030303, x0, c, ASM)
+        part += _byte_plane_sum((w >> 2) & 0x03030303, x1, c, ASM)
+        part += _byte_plane_sum((w >> 4) & 0x03030303, x2, c, ASM)
+        part += _byte_plane_sum((w >> 6) & 0x03030303, x3, c, ASM)
     return part
 
 
 @triton.jit
-def _gemv_3bit_sum(w0, w1, w2, x, c, e23, ASM: tl.constexpr):
-    """``sum_j x[m, r, j] * (q_j - z[n])`` for 3-bit blocks of three words ``w0, w1, w2 [R, N]``
-    (32 codes each, value ``j`` at stream bits ``[3j, 3j + 3)``) and ``x [M, R, 32]``; returns
-    ``[M, R, N]``. With ``ASM`` mask and OR of the exponent bits ``e23`` are one ``lop3``."""
+def _gemv_3bit_sum(w0, w1, w2, x, c, ASM: tl.constexpr):
+    """``sum_j x[r, j] * (q_j - z[n])`` for 3-bit blocks of three words ``w0, w1, w2 [R, N]`` (32
+    codes each, value ``j`` at stream bits ``[3j, 3j + 3)``) and ``x [R, 32]``; returns ``[R, N]``.
+
+    The exponent bits of ``2^23`` come from ``c = 2^23 + z`` at run time, so that with ``ASM``
+    mask and OR are one ``lop3``.
+    """
     w0 = w0.to(tl.uint32, bitcast=True)[:, None, :]
     w1 = w1.to(tl.uint32, bitcast=True)[:, None, :]
     w2 = w2.to(tl.uint32, bitcast=True)[:, None, :]
@@ -376,67 +377,21 @@ def _gemv_3bit_sum(w0, w1, w2, x, c, e23, ASM: tl.constexpr):
     lo = tl.where(word == 0, w0, tl.where(word == 1, w1, w2))
     hi = tl.where(word == 0, w1, w2)
     v = (lo >> shift) | ((hi << 1) << (31 - shift))
+    exponent = (c.to(tl.uint32, bitcast=True) & 0xFF800000)[None, None, :]
     if ASM:
-        e23 = tl.zeros(v.shape, tl.uint32) + e23[None, None, :]
+        exponent = tl.zeros(v.shape, tl.uint32) + exponent
         v = tl.inline_asm_elementwise(
-            "lop3.b32 $0, $1, 7, $2, 0xEA;", "=r,r,r", [v, e23], dtype=tl.uint32, is_pure=True, pack=1
+            "lop3.b32 $0, $1, 7, $2, 0xEA;", "=r,r,r", [v, exponent], dtype=tl.uint32, is_pure=True, pack=1
         )
     else:
-        v = (v & 7) | 0x4B000000
+        v = (v & 7) | exponent
     f = v.to(tl.float32, bitcast=True) - c[None, None, :]
-    return tl.sum(x[:, :, :, None] * f[None, :, :, :], axis=2)
+    return tl.sum(x[:, :, None] * f, axis=1)
 
 
 @triton.jit
-def _gemv_load(
-    x_ptrs,
-    x_mask,
-    w_ptrs,
-    w_mask,
-    qz_ptr,
-    s_ptr,
-    offs_n,
-    mask_n,
-    g,
-    n_words,
-    stride_qk,
-    stride_zg,
-    stride_zn,
-    stride_sg,
-    stride_sn,
-    BITS: tl.constexpr,
-    EVEN: tl.constexpr,
-):
-    """One K tile of the gemv: activations, packed words (three for 3 bits), zeros and scales.
-    ``EVEN``: the tile is whole, only ``x_mask`` (activation rows) applies."""
-    x = tl.load(x_ptrs, mask=x_mask, other=0.0)
-    if EVEN:
-        w0 = tl.load(w_ptrs)
-        if BITS == 3:
-            w1 = tl.load(w_ptrs + stride_qk)
-            w2 = tl.load(w_ptrs + 2 * stride_qk)
-        else:
-            w1 = w0
-            w2 = w0
-        s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn)
-    else:
-        w0 = tl.load(w_ptrs, mask=w_mask, other=0)
-        if BITS == 3:
-            w1 = tl.load(w_ptrs + stride_qk, mask=w_mask, other=0)
-            w2 = tl.load(w_ptrs + 2 * stride_qk, mask=w_mask, other=0)
-        else:
-            w1 = w0
-            w2 = w0
-        s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0)
-    z = _load_zeros(qz_ptr + g * stride_zg, offs_n, mask_n, n_words, stride_zn, BITS)
-    return x, w0, w1, w2, z, s
-
-
-@triton.jit
-def gemv_rows(
-    x_ptr,
-    m_valid,
-    stride_xm,
+def gemv_row(
+    x_row,
     stride_xk,
     qw_ptr,
     qz_ptr,
@@ -457,58 +412,63 @@ def gemv_rows(
     group_size,
     BITS: tl.constexpr,
     GROUP_MODE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ASM: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    """``sum_{k_lo <= k < k_hi} x[m, k] * W[n, k]`` (``[BLOCK_M, BLOCK_N]`` float32) for the first
-    ``m_valid`` of ``BLOCK_M`` activation rows at ``x_ptr`` and the columns ``offs_n``, in float32
-    registers without ``tl.dot``: each code is unpacked once and used for every row.
+    """``sum_{k_lo <= k < k_hi} x[k] * W[n, k]`` for the columns ``offs_n`` (``[BLOCK_N]`` float32)
+    of one activation row ``x_row``, in float32 registers without ``tl.dot``.
 
     With one group per tile, partial sums stay per packed row across the K loop and are reduced
-    over rows once at the end. (Loading the next tile before this tile's arithmetic measured
-    slower on an H200: it costs registers, and so resident programs.) ``EVEN``: every tile is
-    whole (``K`` and ``N`` multiples of the block sizes, ``k_lo`` of ``BLOCK_K``), so only the
-    activation rows need a mask.
+    over rows once at the end. ``EVEN``: every tile is whole (``K`` and ``N`` multiples of the
+    block sizes, ``k_lo`` of ``BLOCK_K``), so no load needs a mask.
     """
     mask_n = offs_n < N
-    mm = tl.arange(0, BLOCK_M)
-    m_mask = mm < m_valid
     if GROUP_MODE == 0:
         per_word: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # values per word (3 bits: per 3 words)
         rows: tl.constexpr = BLOCK_K // per_word
-        words: tl.constexpr = 3 if BITS == 3 else 1  # words per row of the tile
         r = tl.arange(0, rows)
-        kk = k_lo + r[:, None] * per_word + tl.arange(0, per_word)[None, :]
-        x_ptrs = x_ptr + mm[:, None, None] * stride_xm + kk[None, :, :] * stride_xk
+        kk = r[:, None] * per_word + tl.arange(0, per_word)[None, :]
+        x_ptrs = x_row + (k_lo + kk) * stride_xk
+        words: tl.constexpr = 3 if BITS == 3 else 1  # words per row of the tile
         w_ptrs = qw_ptr + ((k_lo // per_word + r) * words)[:, None] * stride_qk + offs_n[None, :] * stride_qn
-        if EVEN:
-            x_mask = m_mask[:, None, None]
-            w_mask = mask_n[None, :]  # unused: whole tiles load without a mask
-        acc_rows = tl.zeros((BLOCK_M, rows, BLOCK_N), dtype=tl.float32)
+        acc_rows = tl.zeros((rows, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            if not EVEN:
-                x_mask = m_mask[:, None, None] & (kk + (k0 - k_lo) < k_hi)[None, :, :]
-                w_mask = (k0 + r * per_word < k_hi)[:, None] & mask_n[None, :]
-            x, w0, w1, w2, z, s = _gemv_load(
-                x_ptrs, x_mask, w_ptrs, w_mask, qz_ptr, s_ptr, offs_n, mask_n, k0 // group_size, n_words,
-                stride_qk, stride_zg, stride_zn, stride_sg, stride_sn, BITS, EVEN,
-            )  # fmt: skip
-            c = z.to(tl.float32) + 8388608.0
-            e23 = c.to(tl.uint32, bitcast=True) & 0xFF800000
-            xf = x.to(tl.float32)
-            if BITS == 3:
-                part = _gemv_3bit_sum(w0, w1, w2, xf, c, e23, ASM)
+            g = k0 // group_size
+            if EVEN:
+                x = tl.load(x_ptrs).to(tl.float32)
+                z = _load_zeros(qz_ptr + g * stride_zg, offs_n, offs_n < N, n_words, stride_zn, BITS)
+                s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn).to(tl.float32)
             else:
-                part = _gemv_words_sum(w0.to(tl.uint32, bitcast=True), xf, c, e23, BITS, ASM)
-            acc_rows += s.to(tl.float32)[None, None, :] * part
+                x = tl.load(x_ptrs, mask=k0 + kk < k_hi, other=0.0).to(tl.float32)
+                z = _load_zeros(qz_ptr + g * stride_zg, offs_n, mask_n, n_words, stride_zn, BITS)
+                s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+            c = z.to(tl.float32) + 8388608.0
+            if BITS == 3:
+                if EVEN:
+                    w0 = tl.load(w_ptrs)
+                    w1 = tl.load(w_ptrs + stride_qk)
+                    w2 = tl.load(w_ptrs + 2 * stride_qk)
+                else:
+                    w_mask = (k0 + r * per_word < k_hi)[:, None] & mask_n[None, :]
+                    w0 = tl.load(w_ptrs, mask=w_mask, other=0)
+                    w1 = tl.load(w_ptrs + stride_qk, mask=w_mask, other=0)
+                    w2 = tl.load(w_ptrs + 2 * stride_qk, mask=w_mask, other=0)
+                part = _gemv_3bit_sum(w0, w1, w2, x, c, ASM)
+            else:
+                if EVEN:
+                    w = tl.load(w_ptrs)
+                else:
+                    w_mask = (k0 + r * per_word < k_hi)[:, None] & mask_n[None, :]
+                    w = tl.load(w_ptrs, mask=w_mask, other=0)
+                part = _gemv_words_sum(w.to(tl.uint32, bitcast=True), x, c, BITS, ASM)
+            acc_rows += s[None, :] * part
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += rows * words * stride_qk
-        acc = tl.sum(acc_rows, axis=1)
+        acc = tl.sum(acc_rows, axis=0)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < k_hi
@@ -517,12 +477,8 @@ def gemv_rows(
                 stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
                 BITS, GROUP_MODE, tl.float32, BLOCK_K, BLOCK_N,
             )  # fmt: skip
-            xk = tl.load(
-                x_ptr + mm[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                mask=m_mask[:, None] & mask_k[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            acc += tl.sum(xk[:, :, None] * w[None, :, :], axis=1)
+            xk = tl.load(x_row + offs_k * stride_xk, mask=mask_k, other=0.0).to(tl.float32)
+            acc += tl.sum(xk[:, None] * w, axis=0)
     return acc
 
 
@@ -534,7 +490,6 @@ def _dequant_gemv_kernel(
     s_ptr,
     g_ptr,
     out_ptr,
-    M,
     N,
     K,
     k_words,
@@ -553,42 +508,39 @@ def _dequant_gemv_kernel(
     k_per_split,
     BITS: tl.constexpr,
     GROUP_MODE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ATOMIC_ADD: tl.constexpr,
     ASM: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    """``BLOCK_M`` activation rows per program (grid ``[N blocks, splits, M blocks]``), see
-    :func:`gemv_rows`: for decode, where a dot's 16-row minimum would idle."""
+    """One activation row per program (grid ``[N blocks, splits, M]``), see :func:`gemv_row`: for
+    decode, where a dot's 16-row minimum would idle."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    m0 = tl.program_id(2) * BLOCK_M
+    m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    x_row = x_ptr + m * stride_xm
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    acc = gemv_rows(
-        x_ptr + m0 * stride_xm, M - m0, stride_xm, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, N,
-        k_lo, k_hi, k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
-        group_size, BITS, GROUP_MODE, BLOCK_M, BLOCK_N, BLOCK_K, ASM, EVEN,
+    acc = gemv_row(
+        x_row, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, N, k_lo, k_hi, k_words, n_words,
+        stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN,
     )  # fmt: skip
-    mm = m0 + tl.arange(0, BLOCK_M)
-    out_ptrs = out_ptr + mm[:, None] * stride_om + offs_n[None, :] * stride_on
-    out_mask = (mm < M)[:, None] & mask_n[None, :]
+    out_ptrs = out_ptr + m * stride_om + offs_n * stride_on
     if ATOMIC_ADD:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+        tl.atomic_add(out_ptrs, acc, mask=mask_n)
     else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @dataclass(frozen=True)
 class MatmulConfig:
     """Tile sizes of one launch: powers of two, ``block_m, block_n >= 16``, ``block_k >= 32``.
 
-    ``gemv=True`` selects the kernel without ``tl.dot`` (``block_m`` rows of 1, 2, 4 or 8 per
-    program, each code unpacked once for all of them).
+    ``gemv=True`` selects the one-row-per-program kernel (no ``tl.dot``); it takes ``block_m=1``.
     """
 
     block_m: int
@@ -601,9 +553,9 @@ class MatmulConfig:
 
     def __post_init__(self) -> None:
         if self.gemv:
-            if self.block_m not in GEMV_BLOCK_M:
+            if self.block_m != 1:
                 raise ValueError(
-                    f"the gemv kernel takes 1, 2, 4 or 8 rows per program, got block_m={self.block_m}"
+                    f"the gemv kernel takes one row per program: block_m must be 1, got {self.block_m}"
                 )
             check_tiles(16, self.block_n, self.block_k)
         else:
@@ -649,15 +601,14 @@ def split_for(k: int, block_k: int, tiles: int, target_programs: int) -> int:
 
 
 def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> MatmulConfig:
-    """Tile sizes for ``[m, k] @ [k, n]``, from sweeps on an H200 (evals/results/kernels-*.json):
-    the gemv kernel for up to ``GEMV_MAX_ROWS`` rows with split-K to about four programs per SM,
-    16-row dot tiles with split-K to two per SM up to 64 rows, larger tiles for prefill."""
+    """Tile sizes for ``[m, k] @ [k, n]``, from tile sweeps on an H200 (evals/results/kernels-*.json):
+    the gemv kernel for one row with split-K to about four programs per SM, 16-row dot tiles with
+    split-K to two per SM up to 64 rows, larger tiles for prefill."""
     if m <= GEMV_MAX_ROWS:
-        bm = min(triton.next_power_of_2(max(m, 1)), GEMV_BLOCK_M[-1])
-        bk = pick_block_k(group_size, 128 if bm == 1 else 64)
-        tiles = triton.cdiv(m, bm) * triton.cdiv(n, 128)
+        bk = pick_block_k(group_size, 128)
+        tiles = max(m, 1) * triton.cdiv(n, 128)
         split = split_for(k, bk, tiles, 2 * device_programs(device))
-        return MatmulConfig(bm, 128, bk, split, num_warps=4, num_stages=3, gemv=True)
+        return MatmulConfig(1, 128, bk, split, num_warps=4, num_stages=3, gemv=True)
     if m <= 16:
         bm, bn, bk, warps, stages = 16, 128, 64, 4, 3
     elif m <= 64:
@@ -764,14 +715,14 @@ def dequant_matmul_triton(
     g_arg = g_idx if g_idx is not None else qweight  # unread unless GROUP_MODE reads g_idx
     atomic = split > 1
     if cfg.gemv:
-        grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
+        grid = (triton.cdiv(n, cfg.block_n), split, m)
         _dequant_gemv_kernel[grid](
             x2, qweight, qzeros, scales, g_arg, out,
-            m, n, k, qweight.shape[0], qzeros.shape[1],
+            n, k, qweight.shape[0], qzeros.shape[1],
             x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
             qzeros.stride(0), qzeros.stride(1), scales.stride(0), scales.stride(1),
             out.stride(0), out.stride(1), group_size, k_per_split,
-            BITS=bits, GROUP_MODE=mode, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ATOMIC_ADD=atomic,
+            BITS=bits, GROUP_MODE=mode, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ATOMIC_ADD=atomic,
             ASM=x.device.type == "cuda", EVEN=k % cfg.block_k == 0 and n % cfg.block_n == 0, num_warps=cfg.num_warps, num_stages=stages_for(mode, cfg.num_stages),
         )  # fmt: skip
         return out.to(x.dtype).reshape(*x.shape[:-1], n)

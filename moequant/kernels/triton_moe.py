@@ -27,7 +27,7 @@ from moequant.kernels.triton_matmul import (
     device_programs,
     dot_dequant,
     dot_dtype,
-    gemv_rows,
+    gemv_row,
     group_mode,
     pick_block_k,
     split_for,
@@ -291,18 +291,16 @@ def _moe_gemv_gate_up_kernel(
     qz_e = qz_ptr + e * stride_ze
     s_e = s_ptr + e * stride_se
     g_e = g_ptr + e * stride_ge
-    gate = gemv_rows(
-        x_row, 1, 0, stride_xh, qw_e, qz_e, s_e, g_e, offs_n, inter, 0, H, k_words, n_words,
+    gate = gemv_row(
+        x_row, stride_xh, qw_e, qz_e, s_e, g_e, offs_n, inter, 0, H, k_words, n_words,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-        BITS, GROUP_MODE, 1, BLOCK_N, BLOCK_K, ASM, EVEN,
+        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN,
     )  # fmt: skip
-    up = gemv_rows(
-        x_row, 1, 0, stride_xh, qw_e, qz_e, s_e, g_e, offs_n + inter, 2 * inter, 0, H, k_words, n_words,
+    up = gemv_row(
+        x_row, stride_xh, qw_e, qz_e, s_e, g_e, offs_n + inter, 2 * inter, 0, H, k_words, n_words,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-        BITS, GROUP_MODE, 1, BLOCK_N, BLOCK_K, ASM, EVEN,
+        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN,
     )  # fmt: skip
-    gate = tl.reshape(gate, (BLOCK_N,))
-    up = tl.reshape(up, (BLOCK_N,))
     h = gate * tl.sigmoid(gate) * up
     tl.store(
         out_ptr + slot * stride_os + offs_n * stride_oi, h.to(out_ptr.dtype.element_ty), mask=offs_n < inter
@@ -357,13 +355,12 @@ def _moe_gemv_down_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, inter)
-    acc = gemv_rows(
-        h_ptr + slot * stride_hs, 1, 0, stride_hi, qw_ptr + e * stride_qe, qz_ptr + e * stride_ze,
+    acc = gemv_row(
+        h_ptr + slot * stride_hs, stride_hi, qw_ptr + e * stride_qe, qz_ptr + e * stride_ze,
         s_ptr + e * stride_se, g_ptr + e * stride_ge, offs_n, H, k_lo, k_hi, k_words, n_words,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-        BITS, GROUP_MODE, 1, BLOCK_N, BLOCK_K, ASM, EVEN,
+        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN,
     )  # fmt: skip
-    acc = tl.reshape(acc, (BLOCK_N,))
     acc = acc * tl.load(weight_ptr + slot).to(tl.float32)
     out_ptrs = out_ptr + (slot // top_k) * stride_ot + offs_n * stride_oh
     tl.atomic_add(out_ptrs, acc, mask=offs_n < H)
@@ -403,16 +400,24 @@ MOE_GEMV_MAX_SLOTS_PER_EXPERT = 2.0  # up to this many routed slots per expert, 
 
 
 def pick_moe_config(
-    slots: int, num_experts: int, hidden: int, inter: int, group_w13: int, group_w2: int, device: torch.device
+    slots: int,
+    num_experts: int,
+    hidden: int,
+    inter: int,
+    group_w13: int,
+    group_w2: int,
+    device: torch.device,
+    bits: int = 4,
 ) -> MoeConfig:
-    """Tiles for ``slots = T * k`` routed slots, from sweeps on an H200: the decode kernels while
-    experts see two tokens or fewer each (re-reading an expert per slot still beats 16-row tiles
-    there), small row blocks when they see few."""
+    """Tiles for ``slots = T * k`` routed slots, from tile sweeps on an H200: the decode kernels
+    while experts see two tokens or fewer each (re-reading an expert per slot still beats 16-row
+    tiles there; narrow column blocks for a single token, except for 3 bits, whose unpacking
+    needs the registers), small row blocks when experts see few tokens."""
     per_expert = slots / max(num_experts, 1)
     if per_expert <= MOE_GEMV_MAX_SLOTS_PER_EXPERT:
         bk13 = pick_block_k(group_w13, 128)
         bk2 = pick_block_k(group_w2, 128)
-        bn, warps = (32, 2) if slots <= 4 else (128, 4)
+        bn, warps = (32, 2) if slots <= 4 and bits != 3 else (128, 4)
         tiles = slots * triton.cdiv(hidden, bn)
         split = split_for(inter, bk2, tiles, 4 * device_programs(device))
         return MoeConfig(1, bn, bk13, bk2, split, num_warps=warps, gemv=True)
@@ -462,7 +467,7 @@ def fused_moe_triton(
     if slots == 0:
         return x.new_zeros(t, hidden)
     cfg = config or pick_moe_config(
-        slots, w13.num_experts, hidden, inter, w13.group_size, w2.group_size, x.device
+        slots, w13.num_experts, hidden, inter, w13.group_size, w2.group_size, x.device, bits=w13.bits
     )
     dtype, ieee = dot_dtype(x.dtype, x.device)
     if cfg.gemv:
