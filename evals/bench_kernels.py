@@ -199,6 +199,20 @@ def sweep_matmul(
     k = x.shape[-1]
     n = copies[0]["qweight"].shape[1]
     results = []
+    if x.shape[0] >= 16:
+        try:
+            err = rel_err(_dequant_then_matmul(x, copies, bits, 0), want)
+            t = timer(functools.partial(_dequant_then_matmul, x, copies, bits), len(copies))
+            results.append(
+                {
+                    "config": {"dequant_then_matmul": True},
+                    "ms": t * 1e3,
+                    "max_rel_err": err,
+                    "ok": err < ERR_OK,
+                }
+            )
+        except Exception as exc:  # noqa: BLE001 - a candidate that fails is recorded, not fatal
+            results.append({"config": {"dequant_then_matmul": True}, "error": str(exc)[:200], "ok": False})
     for cfg in matmul_candidates(x.shape[0], n, k, device):
         if deadline.passed():
             break
@@ -213,6 +227,12 @@ def sweep_matmul(
             continue
         results.append({"config": config_dict(cfg), "ms": t * 1e3, "max_rel_err": err, "ok": err < ERR_OK})
     return results
+
+
+def _dequant_then_matmul(x, copies: list[dict], bits: int, i: int):
+    from moequant.kernels.triton_matmul import dequantize_triton
+
+    return x @ dequantize_triton(**copies[i], g_idx=None, bits=bits, group_size=GROUP_SIZE, dtype=x.dtype)
 
 
 def _packed_linear_cfg(x, copies: list[dict], bits: int, cfg, i: int):
@@ -436,7 +456,9 @@ def bench_moe(args, device, timer: Timer, copy_bw: float, gen: torch.Generator) 
                 "copy_bw_fraction": active_bytes / t / copy_bw,
                 "max_rel_err": err,
                 "config": config_dict(
-                    pick_moe_config(batch * top_k, e, hidden, inter, GROUP_SIZE, GROUP_SIZE, device, bits=bits)
+                    pick_moe_config(
+                        batch * top_k, e, hidden, inter, GROUP_SIZE, GROUP_SIZE, device, bits=bits
+                    )
                 ),
             }
             if sweep:
@@ -516,7 +538,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", action="store_true", help="also time candidate tile configurations per case")
     p.add_argument("--sweep-bits", type=int, nargs="+", default=[2, 3, 4])
-    p.add_argument("--sweep-tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--sweep-tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     p.add_argument(
         "--sweep-budget-s", type=float, default=240.0, help="stop sweeping after this many seconds"
     )

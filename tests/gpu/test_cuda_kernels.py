@@ -58,7 +58,9 @@ def kernels():
     ("bits", "dtype"),
     [(b, torch.bfloat16) for b in BITS] + [(3, torch.float16), (3, torch.float32), (4, torch.float16)],
 )
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 1024, 512), (1, 1056, 224), (5, 1024, 512), (70, 1056, 224)])
+@pytest.mark.parametrize(
+    ("m", "k", "n"), [(1, 1024, 512), (1, 1056, 224), (5, 1024, 512), (70, 1056, 224), (130, 1056, 224)]
+)
 def test_matmul_default_config(kernels, bits, dtype, m, k, n):
     tm, _ = kernels
     lin = packed(n, k, bits, 32, seed=bits * 10 + m)

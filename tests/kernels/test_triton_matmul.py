@@ -170,3 +170,18 @@ def test_zero_point_of_two_to_the_bits(triton_kernels, make_linear, bits, gemv):
     x = _x(1, 128, seed=1)
     got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=64, config=cfg)
     torch.testing.assert_close(got, dequant_matmul_ref(x, **lin, bits=bits), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_many_rows_dequantise_once_then_multiply(triton_kernels, make_linear, bits, shuffled):
+    tm, _ = triton_kernels
+    k, n, group = 128, 96, 32
+    lin = make_linear(n, k, bits, group, seed=bits, shuffled_groups=shuffled)
+    wt = tm.dequantize_triton(**lin, bits=bits, group_size=group, dtype=torch.float32, sorted_groups=not shuffled)
+    eye = torch.eye(k)
+    assert wt.shape == (k, n)
+    torch.testing.assert_close(wt, dequant_matmul_ref(eye, **lin, bits=bits), rtol=1e-5, atol=1e-6)
+    x = _x(tm.DEQUANT_MIN_ROWS + 3, k, seed=bits)
+    got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=group, sorted_groups=not shuffled)
+    torch.testing.assert_close(got, dequant_matmul_ref(x, **lin, bits=bits), rtol=1e-4, atol=1e-4)
