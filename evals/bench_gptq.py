@@ -113,13 +113,15 @@ def part_layer(samples: int, seqlen: int, device: str, expert_batch: int, workdi
     peak, seconds = bench_memory.peak_rss_of(cmd)
     record = json.loads((out / "moequant.json").read_text())
     layer_s = record["timing"]["layers_s"][0]
+    phases = (record["timing"].get("layer_phases_s") or [None])[0]
     shutil.rmtree(out, ignore_errors=True)
     result = {"samples": samples, "seqlen": seqlen, "tokens": samples * seqlen, "expert_batch": expert_batch,
-              "layer_seconds": layer_s, "command_seconds": round(seconds, 1), "peak_rss_gib": round(peak / 2**30, 2)}
+              "layer_seconds": layer_s, "layer_phases_s": phases, "command_seconds": round(seconds, 1),
+              "peak_rss_gib": round(peak / 2**30, 2)}
     if device.startswith("cuda"):
         result["target"] = "< 20 s per layer"
     print(f"layer: {samples}x{seqlen} tokens, one Mixtral-8x7B layer in {layer_s:.1f} s "
-          f"(command {seconds:.0f} s), peak RSS {peak / 2**30:.2f} GiB")
+          f"(command {seconds:.0f} s), peak RSS {peak / 2**30:.2f} GiB; phases (s): {phases}")
     return result
 
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from moequant.quant.gptq import gptq_quantize, output_error
 from moequant.quant.hessian import HessianAccumulator
 from moequant.quant.pack import check_packable, pack_result
 from moequant.quant.rtn import rtn
-from moequant.quant.types import QuantResult, QuantSpec
+from moequant.quant.types import QuantSpec
 from moequant.recipe import Recipe, load_recipe
 from moequant.sizes import packed_bits
 
@@ -83,6 +84,23 @@ class _Run:
     expert_batch: int
     modules: dict[str, dict] = field(default_factory=dict)
     layers: list[dict] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of the current layer
+
+    @contextmanager
+    def phase(self, name: str):
+        """Add the seconds spent inside to ``phases[name]`` (device work finished at both ends)."""
+        _sync(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync(self.device)
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def plan(adapter: MixtralAdapter, recipe: Recipe, method: str | None = None) -> dict[str, QuantSpec | None]:
@@ -194,11 +212,14 @@ def compress(
     try:
         for layer in range(start_layer, n_layers):
             t0 = time.perf_counter()
+            run.phases = {}
             if calibrate:
                 tensors, hidden, layer_record = _calibrated_layer(run, layer, hidden)
             else:
                 tensors, layer_record = _streamed_layer(run, layer)
             layer_record["time_s"] = round(time.perf_counter() - t0, 3)
+            if run.phases:
+                layer_record["phases_s"] = {name: round(sec, 3) for name, sec in run.phases.items()}
             writer.write_shard(_layer_key(layer), tensors)
             run.layers.append(layer_record)
             _save_state(partial, fingerprint, layer + 1, run, calib_info, hidden)
@@ -248,26 +269,29 @@ def _calibrated_layer(run: _Run, layer: int, x: torch.Tensor) -> tuple[dict, tor
     a, rec, dev = run.adapter, run.recipe, run.device
     c = a.config
     get = _getter(run.reader, dev)
-    w = load_layer_weights(a, get, layer, with_experts=False)
-    tensors = _passthrough(run, layer)
+    with run.phase("read"):
+        w = load_layer_weights(a, get, layer, with_experts=False)
+        tensors = _passthrough(run, layer)
     cos, sin = a.rotary(x.shape[1], dev)
     chunks = list(torch.split(x, run.batch))
 
     run.progress.stage(layer, "attention")
-    acc = HessianAccumulator(1, c.hidden_size, dev)
-    for xc in chunks:
-        acc.add(a.norm(xc, w.input_norm).reshape(-1, c.hidden_size))
-    h_qkv = acc.hessian(inplace=True)[0]
+    with run.phase("hessians"):
+        acc = HessianAccumulator(1, c.hidden_size, dev)
+        for xc in chunks:
+            acc.add(a.norm(xc, w.input_norm).reshape(-1, c.hidden_size))
+        h_qkv = acc.hessian(inplace=True)[0]
     tokens = int(acc.tokens[0])
     for role in ("q", "k", "v"):
         setattr(w, role, _solve(run, [a.attention_name(layer, role)], getattr(w, role)[None], h_qkv[None],
                                 tensors, [tokens], [None])[0])
     del h_qkv, acc
-    acc = HessianAccumulator(1, c.num_heads * c.head_dim, dev)
-    ctx = []
-    for xc in chunks:
-        ctx.append(a.attention(a.norm(xc, w.input_norm), w.q, w.k, w.v, cos, sin))
-        acc.add(ctx[-1].reshape(-1, ctx[-1].shape[-1]))
+    with run.phase("forward"):
+        acc = HessianAccumulator(1, c.num_heads * c.head_dim, dev)
+        ctx = []
+        for xc in chunks:
+            ctx.append(a.attention(a.norm(xc, w.input_norm), w.q, w.k, w.v, cos, sin))
+            acc.add(ctx[-1].reshape(-1, ctx[-1].shape[-1]))
     w.o = _solve(run, [a.attention_name(layer, "o")], w.o[None], acc.hessian(inplace=True), tensors,
                  [tokens], [None])[0]
     del acc
@@ -284,9 +308,11 @@ def _calibrated_layer(run: _Run, layer: int, x: torch.Tensor) -> tuple[dict, tor
     moe_out = torch.zeros_like(h2)
     for first in range(0, c.num_experts, run.expert_batch):
         group = list(range(first, min(first + run.expert_batch, c.num_experts)))
-        experts = {e: load_expert_weights(a, get, layer, e) for e in group}
+        with run.phase("read"):
+            experts = {e: load_expert_weights(a, get, layer, e) for e in group}
         _solve_experts(run, layer, experts, h2, probs, top_ids, top_w, starved, tensors)
-        a.add_experts(moe_out, h2, top_ids, top_w, experts)
+        with run.phase("forward"):
+            a.add_experts(moe_out, h2, top_ids, top_w, experts)
         del experts
     x = x + moe_out.view_as(x)
     layer_record = {
@@ -321,11 +347,12 @@ def _solve_experts(run: _Run, layer: int, experts: dict[int, ExpertWeights], h2:
     c = a.config
     group = sorted(experts)
     rows = [_expert_rows(run, e, h2, probs, top_ids, top_w, e in starved) for e in group]
-    acc = HessianAccumulator(len(group), c.hidden_size, run.device)
-    for i, (idx, wt, _) in enumerate(rows):
-        for part in _row_chunks(idx, wt):
-            acc.add(h2[part[0]], i, part[1])
-    h13 = acc.hessian(inplace=True)
+    with run.phase("hessians"):
+        acc = HessianAccumulator(len(group), c.hidden_size, run.device)
+        for i, (idx, wt, _) in enumerate(rows):
+            for part in _row_chunks(idx, wt):
+                acc.add(h2[part[0]], i, part[1])
+        h13 = acc.hessian(inplace=True)
     routed = [int((top_ids == e).sum()) for e in group]
     policies = [r[2] for r in rows]
     for role in ("w1", "w3"):
@@ -335,12 +362,13 @@ def _solve_experts(run: _Run, layer: int, experts: dict[int, ExpertWeights], h2:
         for i, e in enumerate(group):
             setattr(experts[e], role, deq[i])
     del h13, acc
-    acc = HessianAccumulator(len(group), c.intermediate_size, run.device)
-    for i, (idx, wt, _) in enumerate(rows):
-        ew = experts[group[i]]
-        for part_idx, part_w in _row_chunks(idx, wt):
-            hx = h2[part_idx]
-            acc.add(F.silu(F.linear(hx, ew.w1)) * F.linear(hx, ew.w3), i, part_w)
+    with run.phase("hessians"):
+        acc = HessianAccumulator(len(group), c.intermediate_size, run.device)
+        for i, (idx, wt, _) in enumerate(rows):
+            ew = experts[group[i]]
+            for part_idx, part_w in _row_chunks(idx, wt):
+                hx = h2[part_idx]
+                acc.add(F.silu(F.linear(hx, ew.w1)) * F.linear(hx, ew.w3), i, part_w)
     stacked = torch.stack([experts[e].w2 for e in group])
     names = [a.expert_name(layer, e, "w2") for e in group]
     deq = _solve(run, names, stacked, acc.hessian(inplace=True), tensors, routed, policies)
@@ -372,13 +400,16 @@ def _solve(run: _Run, names: list[str], weights: torch.Tensor, hessians: torch.T
         sel = torch.tensor(members, device=weights.device)
         w_sel = weights.index_select(0, sel)
         h_sel = None if hessians is None else hessians.index_select(0, sel.to(hessians.device))
-        if spec.method == "gptq" and h_sel is not None:
-            result = gptq_quantize(w_sel, h_sel, spec)
-        else:
-            result = rtn(w_sel, spec.bits, spec.group_size, spec.sym, spec.clip_grid)
-            if h_sel is not None:
-                result.error = output_error(w_sel, result.dequantize(), h_sel)
-        packed = pack_result(_cpu(result), spec.bits)
+        with run.phase("solve"):
+            if spec.method == "gptq" and h_sel is not None:
+                result = gptq_quantize(w_sel, h_sel, spec)
+            else:
+                result = rtn(w_sel, spec.bits, spec.group_size, spec.sym, spec.clip_grid)
+                if h_sel is not None:
+                    result.error = output_error(w_sel, result.dequantize(), h_sel)
+        with run.phase("pack"):
+            # Packed on the solver's device: b/32 of the codes' bytes cross to the host.
+            packed = {key: value.cpu() for key, value in pack_result(result, spec.bits).items()}
         deq = result.dequantize()
         for j, i in enumerate(members):
             for key, value in packed.items():
@@ -391,11 +422,6 @@ def _solve(run: _Run, names: list[str], weights: torch.Tensor, hessians: torch.T
             )
             out[i] = deq[j].to(out.dtype)
     return out
-
-
-def _cpu(result: QuantResult) -> QuantResult:
-    return QuantResult(*(t.cpu() for t in (result.codes, result.scales, result.zeros, result.g_idx,
-                                           result.error, result.damp)))
 
 
 def _module_record(shape, spec: QuantSpec | None, tokens: int | None, policy: str | None,
@@ -436,8 +462,8 @@ def _streamed_layer(run: _Run, layer: int) -> tuple[dict, dict]:
         weight = get(info.weight)
         result = rtn(weight, spec.bits, spec.group_size, spec.sym, spec.clip_grid)
         del weight
-        for key, value in pack_result(_cpu(result), spec.bits).items():
-            tensors[f"{info.name}.{key}"] = value
+        for key, value in pack_result(result, spec.bits).items():
+            tensors[f"{info.name}.{key}"] = value.cpu()
         run.modules[info.name] = _module_record((info.out_features, info.in_features), spec, None,
                                                 None, "rtn", error=float(result.error), error_kind="weight")
         del result
@@ -536,10 +562,11 @@ def _finish_record(run: _Run, source: Path, calib_info: dict | None, method: str
         },
         "groups": groups,
         "starved_experts": starved,
-        "layers": [{k: v for k, v in r.items() if k != "time_s"} for r in run.layers],
+        "layers": [{k: v for k, v in r.items() if k not in ("time_s", "phases_s")} for r in run.layers],
         "modules": dict(sorted(run.modules.items(), key=lambda kv: _natural(kv[0]))),
         "timing": {"total_s": round(time.perf_counter() - started, 3), "device": str(run.device),
-                   "layers_s": [r.get("time_s") for r in run.layers]},
+                   "layers_s": [r.get("time_s") for r in run.layers],
+                   "layer_phases_s": [r.get("phases_s") for r in run.layers]},
     }
 
 

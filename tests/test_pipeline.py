@@ -64,6 +64,10 @@ def test_gptq_beats_rtn_and_records_every_expert(tmp_path, tiny_mixtral_tok):
     assert all(gptq["modules"][n]["error"] < rtn_rec["modules"][n]["error"] for n in attn[:4])
     mean = lambda rec, names: sum(rec["modules"][n]["error"] for n in names) / len(names)  # noqa: E731
     assert mean(gptq, list(experts)) < mean(rtn_rec, list(experts))
+    timing = gptq["timing"]
+    for layer_s, phases in zip(timing["layers_s"], timing["layer_phases_s"], strict=True):
+        assert set(phases) == {"read", "hessians", "forward", "solve", "pack"}
+        assert 0 < sum(phases.values()) <= layer_s
 
 
 def test_tiny_calibration_leaves_no_expert_behind(tmp_path, tiny_mixtral_tok):
