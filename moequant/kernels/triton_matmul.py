@@ -1,12 +1,19 @@
-"""Triton matmul that dequantises GPTQ-packed weights in registers.
+"""Triton matmuls that dequantise GPTQ-packed weights in registers.
 
 ``y[M, N] = x[M, K] @ W^T`` with ``W [N, K]`` packed as ``qweight int32 [K*b/32, N]``,
 ``qzeros int32 [G, N*b/32]`` (``z - 1``), ``scales fp16 [G, N]``. Each program loads the packed
 words of a ``[BLOCK_K, BLOCK_N]`` tile once and expands them in registers (value ``k`` of a column
 is stream bits ``[k*b, k*b + b)``; for 3 bits values 10 and 21 of every 32 continue into the next
-word), applies its group's scale and zero, and feeds ``tl.dot`` with fp32 accumulation. Split-K
-programs add their partial sums atomically into a float32 buffer, which keeps the GPU busy at
-decode sizes.
+word). Three forms, chosen by :func:`dequant_matmul_triton` from the row count:
+
+- one row (decode): the GEMV kernel, products and sums in float32 registers without ``tl.dot``
+  (:func:`gemv_row`);
+- up to ``DEQUANT_MIN_ROWS``: ``tl.dot`` on the unpacked ``q - z`` tile with float32
+  accumulation, the group's scale applied to the product (:func:`dot_dequant`);
+- more rows (prefill): ``W^T`` written once in the activation dtype, then torch's matmul.
+
+Split-K programs add their partial sums atomically into a float32 buffer, which keeps the GPU
+busy at decode sizes.
 
 Import this module only after ``TRITON_INTERPRET`` has its final value: Triton decides at
 decoration time whether kernels are compiled or interpreted.

@@ -1,4 +1,4 @@
-"""Fused MoE over GPTQ-packed experts: two Triton kernels and the routing bookkeeping.
+"""Fused MoE over GPTQ-packed experts: Triton kernels and the routing bookkeeping.
 
 The ``T * k`` routed slots (slot ``s = t * k + j`` is token ``t``'s ``j``-th expert) are sorted by
 expert and each expert's run is padded to a multiple of ``BLOCK_M``, so that every block of
@@ -8,6 +8,10 @@ expert and each expert's run is padded to a multiple of ``BLOCK_M``, so that eve
    ``e`` -> intermediate ``[T*k, I]`` (in the activation dtype);
 2. ``down``: per block, ``topk_weight * (h W2_e^T)`` -> float32 ``[T*k, H]`` (split-K programs add
    atomically), and the ``k`` slots of each token are summed afterwards.
+
+When experts see at most two tokens each (decode), the same two steps run without sorting, one
+routed slot per program with the GEMV inner loop of :mod:`moequant.kernels.triton_matmul`, the
+down step adding each slot's weighted output straight into its token's row.
 
 Experts without tokens get no blocks and are never read. Import after ``TRITON_INTERPRET`` is set.
 """
