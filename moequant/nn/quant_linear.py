@@ -9,7 +9,6 @@ the weight outlives a call. The triton backend dequantises inside the kernel.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 from moequant.errors import MoequantError
 from moequant.kernels import dispatch
 from moequant.kernels.packed import check_bits, effective_group_size, is_monotone_g_idx
+from moequant.quant.pack import unpack_rows
 
 # Largest transient float32 block (elements) the torch path dequantises at once: 16 MiB.
 CHUNK_ELEMENTS = 1 << 22
@@ -33,37 +33,6 @@ def packed_shapes(out_features: int, in_features: int, bits: int, group_size: in
     g = effective_group_size(group_size, k)
     groups = -(-k // g)
     return {"qweight": (k * bits // 32, n), "qzeros": (groups, n * bits // 32), "scales": (groups, n), "g_idx": (k,)}
-
-
-@functools.cache
-def _unpack_plan(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(word, shift, mask)`` of every value of a packing block, int32 shaped ``[1, values, 1]``
-    (``word`` is flat int64 for ``index_select``).
-
-    Value ``i`` of a block starts at stream bit ``b*i``: bit ``shift`` of word ``word``. For
-    b = 3 the block is 32 values in 3 words and values 10 and 21 straddle two words: the mask
-    keeps the bits in the first word, and :func:`unpack_rows` adds the rest.
-    """
-    values = 32 if bits == 3 else 32 // bits
-    offset = torch.arange(values, dtype=torch.int64) * bits
-    word, shift = offset // 32, (offset % 32).to(torch.int32)
-    mask = torch.clamp(32 - shift, max=bits)
-    mask = ((1 << mask) - 1).to(torch.int32)
-    return word.to(device), shift.view(1, -1, 1).to(device), mask.view(1, -1, 1).to(device)
-
-
-def unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Values packed along dim 0: int32 ``[R, C]`` -> int32 ``[R*32/bits, C]`` in ``[0, 2^bits)``."""
-    r, c = words.shape
-    word, shift, mask = _unpack_plan(bits, words.device)
-    if bits != 3:
-        # arithmetic shifts are harmless: the mask keeps only bits inside the word
-        return ((words.unsqueeze(1) >> shift) & mask).reshape(-1, c)
-    w = words.reshape(r // 3, 3, c)
-    v = (w.index_select(1, word) >> shift) & mask
-    v[:, 10] |= (w[:, 1] & 1) << 2  # value 10: bits 30-31 of word 0, bit 0 of word 1
-    v[:, 21] |= (w[:, 2] & 3) << 1  # value 21: bit 31 of word 1, bits 0-1 of word 2
-    return v.reshape(-1, c)
 
 
 def unpack_cols(words: torch.Tensor, bits: int) -> torch.Tensor:

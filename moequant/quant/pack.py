@@ -19,6 +19,8 @@ a word with bit 31 set is negative).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from moequant.errors import MoequantError
@@ -98,8 +100,28 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     return _to_int32(words.reshape(*lead, r // per_block * words_per_block, c))
 
 
+@functools.cache
+def _unpack_plan(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(word, shift, mask)`` of every value of a block: ``word`` int64 ``[values]`` (for
+    ``index_select``), ``shift`` and ``mask`` int32 ``[values, 1]``.
+
+    Value ``i`` starts at stream bit ``b*i``: bit ``shift`` of word ``word``. For b = 3 values 10
+    and 21 straddle two words: the mask keeps the bits in the first word, :func:`unpack_rows` adds
+    the rest.
+    """
+    values, _ = _block(bits)
+    offset = torch.arange(values, dtype=torch.int64) * bits
+    word, shift = offset // _WORD, (offset % _WORD).to(torch.int32)
+    mask = ((1 << torch.clamp(_WORD - shift, max=bits)) - 1).to(torch.int32)
+    return word.to(device), shift.view(-1, 1).to(device), mask.view(-1, 1).to(device)
+
+
 def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_rows`: int32 ``[..., R*bits/32, C]`` -> int32 ``[..., R, C]``."""
+    """Inverse of :func:`pack_rows`: int32 ``[..., R*bits/32, C]`` -> int32 ``[..., R, C]``.
+
+    Vectorised over every value position of a block at once (the decode path of the torch
+    backend runs it on every call).
+    """
     _check_bits(bits)
     _check_int(packed, "packed")
     if packed.dim() < 2:
@@ -110,15 +132,16 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
         raise MoequantError(
             f"cannot unpack {rw} rows of words at {bits} bits: the count must be a multiple of {words_per_block}"
         )
-    maxq = 2**bits - 1
-    words = (packed.to(torch.int64) & _MASK32).reshape(*lead, rw // words_per_block, words_per_block, c)
-    out = torch.empty(*lead, rw // words_per_block, per_block, c, dtype=torch.int32, device=packed.device)
-    for i, (w, shift, spills) in enumerate(_placements(bits)):
-        v = words[..., w, :] >> shift
-        if spills:
-            v = v | (words[..., w + 1, :] << (_WORD - shift))
-        out[..., i, :] = v & maxq
-    return out.reshape(*lead, rw // words_per_block * per_block, c)
+    word, shift, mask = _unpack_plan(bits, packed.device)
+    words = packed.to(torch.int32)
+    # Arithmetic shifts are harmless: each mask keeps only bits that lie inside the word.
+    if bits != 3:
+        return ((words.unsqueeze(-2) >> shift) & mask).reshape(*lead, rw * per_block, c)
+    w = words.reshape(*lead, rw // 3, 3, c)
+    v = (w.index_select(-2, word) >> shift) & mask
+    v[..., 10, :] |= (w[..., 1, :] & 1) << 2  # value 10: bits 30-31 of word 0, bit 0 of word 1
+    v[..., 21, :] |= (w[..., 2, :] & 3) << 1  # value 21: bit 31 of word 1, bits 0-1 of word 2
+    return v.reshape(*lead, rw // 3 * per_block, c)
 
 
 def pack_qweight(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -7,13 +7,8 @@ import torch
 
 from moequant.errors import MoequantError
 from moequant.kernels import dispatch
-from moequant.nn.quant_linear import (
-    QuantLinear,
-    grouped_dequant_matmul,
-    shared_zero,
-    unpack_cols,
-    unpack_rows,
-)
+from moequant.kernels.reference import unpack_codes, unpack_zeros
+from moequant.nn.quant_linear import QuantLinear, grouped_dequant_matmul, shared_zero, unpack_cols
 from moequant.quant.pack import dequantize_packed, pack_result, unpack_qweight, unpack_qzeros
 from moequant.quant.rtn import rtn
 
@@ -41,10 +36,11 @@ def close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -> None:
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_unpack_matches_the_packing_module(bits):
+def test_unpack_matches_the_bit_stream_reference(bits):
     p = packed_linear(96, 128, bits, 32, sym=False, seed=bits)
-    assert torch.equal(unpack_rows(p["qweight"], bits), unpack_qweight(p["qweight"], bits))
-    assert torch.equal(unpack_cols(p["qzeros"], bits) + 1, unpack_qzeros(p["qzeros"], bits))
+    assert torch.equal(unpack_qweight(p["qweight"], bits), unpack_codes(p["qweight"], bits))
+    assert torch.equal(unpack_qzeros(p["qzeros"], bits), unpack_zeros(p["qzeros"], bits))
+    assert torch.equal(unpack_cols(p["qzeros"], bits) + 1, unpack_zeros(p["qzeros"], bits))
 
 
 @pytest.mark.parametrize("bits", BITS)
