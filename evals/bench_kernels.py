@@ -1,8 +1,8 @@
 """Time moequant's Triton kernels against bf16 torch on a CUDA GPU (Mixtral-8x7B shapes).
 
 Usage:
-    PYTHONPATH=. python evals/bench_kernels.py [--bits 2 3 4 8] [--tokens 1 4 16 64 256]
-        [--moe-batch 1 8 32] [--samples 15] [--no-graphs] [--out PATH]
+    PYTHONPATH=. python evals/bench_kernels.py [--bits 2 3 4 8] [--tokens 1 2 4 8 16 64 256]
+        [--moe-batch 1 8 32] [--samples 15] [--no-graphs] [--out PATH] [--sweep]
     PYTHONPATH=. TRITON_INTERPRET=1 python evals/bench_kernels.py --smoke
         (tiny shapes on the CPU interpreter: checks that the script runs, times mean nothing)
 
@@ -10,6 +10,8 @@ Dequantising matmul: every Mixtral linear shape (K in x N out) at each token cou
 median time against ``torch`` bf16 ``F.linear``; achieved bandwidth = bytes of packed weights,
 zeros and scales / time, against a measured device-to-device copy bandwidth. Fused MoE: one
 Mixtral layer (8 experts, top-2, H=4096, I=14336) against a bf16 loop over the routed experts.
+``--sweep`` also times candidate tile configurations (and, from 16 rows, dequantising once and
+multiplying with torch) per case, each checked against the reference, and records them all.
 Weights are rotated through enough copies that they do not sit in L2 between calls; each sample
 replays a CUDA graph of many calls (``--no-graphs``: launched one by one) so that Python launch
 cost is not timed. Packed weights are random words (every bit pattern is a valid code).
@@ -307,7 +309,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def bench_matmul(args, device, timer: Timer, copy_bw: float, gen: torch.Generator) -> list[dict]:
     from moequant.kernels.reference import dequant_matmul_ref
-    from moequant.kernels.triton_matmul import dequant_matmul_triton, pick_config
+    from moequant.kernels.triton_matmul import DEQUANT_MIN_ROWS, dequant_matmul_triton, pick_config
 
     dtype = torch.float32 if args.smoke else torch.bfloat16
     rows = []
@@ -355,7 +357,9 @@ def bench_matmul(args, device, timer: Timer, copy_bw: float, gen: torch.Generato
                     "GBps": nbytes / t / 1e9,
                     "copy_bw_fraction": nbytes / t / copy_bw,
                     "max_rel_err": err,
-                    "config": config_dict(pick_config(m, n, k, GROUP_SIZE, device)),
+                    "config": {"dequant_then_matmul": True}
+                    if m >= DEQUANT_MIN_ROWS
+                    else config_dict(pick_config(m, n, k, GROUP_SIZE, device)),
                 }
                 if sweep:
                     row["sweep"] = sweep
