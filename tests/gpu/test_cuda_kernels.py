@@ -91,6 +91,18 @@ def test_matmul_variants(kernels, bits, variant):
     assert rel(got, dequant_matmul_ref(x.float(), **lin, bits=bits)) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [1, 7])
+def test_zero_point_of_two_to_the_bits(kernels, bits, m):
+    # v1 checkpoints store z - 1: all-ones stored zeros mean z = 2^bits (once misread at 8 bits).
+    tm, _ = kernels
+    lin = packed(256, 1024, bits, 128, seed=bits)
+    lin["qzeros"].fill_(-1)
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=128, sorted_groups=True)
+    assert rel(got, dequant_matmul_ref(x.float(), **lin, bits=bits)) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("tokens", [1, 3, 40])
 def test_fused_moe(kernels, bits, tokens):
