@@ -55,46 +55,18 @@ def _extract(lo, hi, shift, BITS: tl.constexpr):
 
 
 @triton.jit
-def _codes_3d(
-    qw_ptr,
-    k0,
-    offs_n,
-    mask_n,
-    k_words,
-    stride_qk,
-    stride_qn,
-    BITS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Codes ``[BLOCK_K // PW, PW, BLOCK_N]`` (int32) of input rows ``k0 .. k0 + BLOCK_K``, columns ``offs_n``.
-
-    Input row ``k0 + r * PW + j`` sits at ``[r, j]``, with ``PW = 32`` for 3 bits (3-word blocks)
-    and ``32 // BITS`` (values per word) otherwise. Every packed word is loaded once and expanded
-    in registers; ``k0`` and ``BLOCK_K`` are multiples of 32, so a tile covers whole words.
-    """
-    if BITS == 3:
-        blocks: tl.constexpr = BLOCK_K // 32
-        row = (k0 // 32 + tl.arange(0, blocks)) * 3
-        mask = (row < k_words)[:, None] & mask_n[None, :]
-        ptrs = qw_ptr + row[:, None] * stride_qk + offs_n[None, :] * stride_qn
-        w0 = tl.load(ptrs, mask=mask, other=0)[:, None, :]
-        w1 = tl.load(ptrs + stride_qk, mask=mask, other=0)[:, None, :]
-        w2 = tl.load(ptrs + 2 * stride_qk, mask=mask, other=0)[:, None, :]
-        bit = tl.arange(0, 32)[None, :, None] * 3
-        word = bit // 32
-        lo = tl.where(word == 0, w0, tl.where(word == 1, w1, w2))
-        hi = tl.where(word == 0, w1, w2)
-        q = _extract(lo, hi, bit % 32, BITS)
-    else:
-        per_word: tl.constexpr = 32 // BITS
-        rows: tl.constexpr = BLOCK_K // per_word
-        row = k0 // per_word + tl.arange(0, rows)
-        mask = (row < k_words)[:, None] & mask_n[None, :]
-        w = tl.load(qw_ptr + row[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask, other=0)
-        shift = tl.arange(0, per_word)[None, :, None] * BITS
-        q = _extract(w[:, None, :], w[:, None, :], shift, BITS)
-    return q
+def _three_bit_words(w0, w1, w2):
+    """Where each value of 3-bit blocks lies: for words ``w0, w1, w2 [R, N]`` (one 32-value block
+    per row), ``(lo, hi, shift)``: the word holding value ``j``'s first bit and the word after it,
+    both ``[R, 32, N]``, and the bit offset in ``lo``, ``[1, 32, 1]``."""
+    bit = tl.arange(0, 32)[None, :, None] * 3
+    word = bit // 32
+    w0 = w0[:, None, :]
+    w1 = w1[:, None, :]
+    w2 = w2[:, None, :]
+    lo = tl.where(word == 0, w0, tl.where(word == 1, w1, w2))
+    hi = tl.where(word == 0, w1, w2)
+    return lo, hi, bit % 32
 
 
 @triton.jit
@@ -110,8 +82,29 @@ def _load_codes(
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Codes ``[BLOCK_K, BLOCK_N]`` (int32) of input rows ``k0 .. k0 + BLOCK_K`` and columns ``offs_n``."""
-    q = _codes_3d(qw_ptr, k0, offs_n, mask_n, k_words, stride_qk, stride_qn, BITS, BLOCK_K, BLOCK_N)
+    """Codes ``[BLOCK_K, BLOCK_N]`` (int32) of input rows ``k0 .. k0 + BLOCK_K`` and columns ``offs_n``.
+
+    Every packed word is loaded once and expanded in registers; ``k0`` and ``BLOCK_K`` are
+    multiples of 32, so a tile covers whole words (3 bits: whole 3-word blocks).
+    """
+    if BITS == 3:
+        blocks: tl.constexpr = BLOCK_K // 32
+        row = (k0 // 32 + tl.arange(0, blocks)) * 3
+        mask = (row < k_words)[:, None] & mask_n[None, :]
+        ptrs = qw_ptr + row[:, None] * stride_qk + offs_n[None, :] * stride_qn
+        w0 = tl.load(ptrs, mask=mask, other=0)
+        w1 = tl.load(ptrs + stride_qk, mask=mask, other=0)
+        w2 = tl.load(ptrs + 2 * stride_qk, mask=mask, other=0)
+        lo, hi, shift = _three_bit_words(w0, w1, w2)
+        q = _extract(lo, hi, shift, BITS)  # [blocks, 32, BLOCK_N]
+    else:
+        per_word: tl.constexpr = 32 // BITS
+        rows: tl.constexpr = BLOCK_K // per_word
+        row = k0 // per_word + tl.arange(0, rows)
+        mask = (row < k_words)[:, None] & mask_n[None, :]
+        w = tl.load(qw_ptr + row[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask, other=0)
+        shift = tl.arange(0, per_word)[None, :, None] * BITS
+        q = _extract(w[:, None, :], w[:, None, :], shift, BITS)  # [rows, per_word, BLOCK_N]
     return tl.reshape(q, (BLOCK_K, BLOCK_N))
 
 
@@ -379,14 +372,10 @@ def _gemv_3bit_sum(w0, w1, w2, x, c, ASM: tl.constexpr):
     The exponent bits of ``2^23`` come from ``c = 2^23 + z`` at run time, so that with ``ASM``
     mask and OR are one ``lop3``.
     """
-    w0 = w0.to(tl.uint32, bitcast=True)[:, None, :]
-    w1 = w1.to(tl.uint32, bitcast=True)[:, None, :]
-    w2 = w2.to(tl.uint32, bitcast=True)[:, None, :]
-    bit = tl.arange(0, 32)[None, :, None] * 3
-    word = bit // 32
-    shift = (bit % 32).to(tl.uint32)
-    lo = tl.where(word == 0, w0, tl.where(word == 1, w1, w2))
-    hi = tl.where(word == 0, w1, w2)
+    lo, hi, shift = _three_bit_words(
+        w0.to(tl.uint32, bitcast=True), w1.to(tl.uint32, bitcast=True), w2.to(tl.uint32, bitcast=True)
+    )
+    shift = shift.to(tl.uint32)
     v = (lo >> shift) | ((hi << 1) << (31 - shift))
     exponent = (c.to(tl.uint32, bitcast=True) & 0xFF800000)[None, None, :]
     if ASM:
