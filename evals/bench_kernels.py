@@ -167,6 +167,8 @@ def config_dict(cfg) -> dict:
 
 def matmul_candidates(m: int, n: int, k: int, device: torch.device) -> list:
     """Tile configurations to try for ``[m, k] @ [k, n]``: gemv shapes for few rows, dot tiles else."""
+    import triton
+
     from moequant.kernels.triton_matmul import MatmulConfig, device_programs, split_for
 
     out = []
@@ -175,7 +177,7 @@ def matmul_candidates(m: int, n: int, k: int, device: torch.device) -> list:
         for bn, bk, warps in [(128, 128, 4), (64, 128, 4), (64, 64, 2), (32, 128, 2)]:  # wider tiles spill
             splits = {1}
             for target in (programs, 2 * programs, 4 * programs):
-                splits.add(split_for(k, bk, triton_cdiv(n, bn), target))
+                splits.add(split_for(k, bk, triton.cdiv(n, bn), target))
             out += [MatmulConfig(1, bn, bk, sp, warps, 3, gemv=True) for sp in sorted(splits)]
     if m >= 2:
         bm = 16 if m <= 16 else min(64, 1 << (m - 1).bit_length())
@@ -183,51 +185,48 @@ def matmul_candidates(m: int, n: int, k: int, device: torch.device) -> list:
         if m > 64:
             tiles = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 64, 128, 4, 3)]
         for bm_, bn, bk, warps, stages in tiles:
-            splits = {1, split_for(k, bk, triton_cdiv(m, bm_) * triton_cdiv(n, bn), programs)}
+            splits = {1, split_for(k, bk, triton.cdiv(m, bm_) * triton.cdiv(n, bn), programs)}
             out += [MatmulConfig(bm_, bn, bk, sp, warps, stages) for sp in sorted(splits)]
     return out
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def time_candidate(config: dict, run: Callable[[int], torch.Tensor], copies: int, want, timer: Timer) -> dict:
+    """One sweep entry: ``run(i)`` checked against ``want`` on copy 0, then timed over ``copies``.
+
+    A candidate that fails is recorded with its error, not raised."""
+    try:
+        err = rel_err(run(0), want)
+        t = timer(run, copies)
+    except Exception as exc:  # noqa: BLE001
+        return {"config": config, "error": str(exc).splitlines()[0][:200], "ok": False}
+    return {"config": config, "ms": t * 1e3, "max_rel_err": err, "ok": err < ERR_OK}
+
+
+def best_of(sweep: list[dict], base_s: float, nbytes: int, copy_bw: float) -> dict | None:
+    """The fastest correct entry of a sweep, with its speedup and copy-bandwidth fraction; printed."""
+    best = min((c for c in sweep if c["ok"]), key=lambda c: c["ms"], default=None)
+    if best is None:
+        return None
+    t = best["ms"] / 1e3
+    print(f"    sweep best {best['ms']:.4f} ms ({base_s / t:.2f}x): {best['config']}")
+    return {**best, "speedup": base_s / t, "copy_bw_fraction": nbytes / t / copy_bw}
 
 
 def sweep_matmul(
     x, copies: list[dict], bits: int, want, timer: Timer, device, deadline: Deadline
 ) -> list[dict]:
     """Time every candidate configuration on the same inputs; each checked against ``want``."""
-    from moequant.kernels.triton_matmul import dequant_matmul_triton
-
     k = x.shape[-1]
     n = copies[0]["qweight"].shape[1]
     results = []
     if x.shape[0] >= 16:
-        try:
-            err = rel_err(_dequant_then_matmul(x, copies, bits, 0), want)
-            t = timer(functools.partial(_dequant_then_matmul, x, copies, bits), len(copies))
-            results.append(
-                {
-                    "config": {"dequant_then_matmul": True},
-                    "ms": t * 1e3,
-                    "max_rel_err": err,
-                    "ok": err < ERR_OK,
-                }
-            )
-        except Exception as exc:  # noqa: BLE001 - a candidate that fails is recorded, not fatal
-            results.append({"config": {"dequant_then_matmul": True}, "error": str(exc)[:200], "ok": False})
+        run = functools.partial(_dequant_then_matmul, x, copies, bits)
+        results.append(time_candidate({"dequant_then_matmul": True}, run, len(copies), want, timer))
     for cfg in matmul_candidates(x.shape[0], n, k, device):
         if deadline.passed():
             break
-        try:
-            got = dequant_matmul_triton(
-                x, **copies[0], g_idx=None, bits=bits, group_size=GROUP_SIZE, config=cfg
-            )
-            err = rel_err(got, want)
-            t = timer(functools.partial(_packed_linear_cfg, x, copies, bits, cfg), len(copies))
-        except Exception as exc:  # noqa: BLE001 - a candidate that fails is recorded, not fatal
-            results.append({"config": config_dict(cfg), "error": str(exc).splitlines()[0][:200], "ok": False})
-            continue
-        results.append({"config": config_dict(cfg), "ms": t * 1e3, "max_rel_err": err, "ok": err < ERR_OK})
+        run = functools.partial(_packed_linear_cfg, x, copies, bits, cfg)
+        results.append(time_candidate(config_dict(cfg), run, len(copies), want, timer))
     return results
 
 
@@ -245,6 +244,8 @@ def _packed_linear_cfg(x, copies: list[dict], bits: int, cfg, i: int):
 
 def moe_candidates(slots: int, experts: int, hidden: int, inter: int, device: torch.device) -> list:
     """MoE kernel configurations to try for ``slots`` routed slots."""
+    import triton
+
     from moequant.kernels.triton_matmul import device_programs, split_for
     from moequant.kernels.triton_moe import MoeConfig
 
@@ -254,34 +255,27 @@ def moe_candidates(slots: int, experts: int, hidden: int, inter: int, device: to
         for bn, bk, warps in [(64, 128, 4), (128, 128, 4), (64, 64, 2), (32, 128, 2)]:
             splits = {1}
             for target in (programs, 2 * programs, 4 * programs):
-                splits.add(split_for(inter, bk, slots * triton_cdiv(hidden, bn), target))
+                splits.add(split_for(inter, bk, slots * triton.cdiv(hidden, bn), target))
             out += [MoeConfig(1, bn, bk, bk, sp, warps, 3, gemv=True) for sp in sorted(splits)]
     if slots >= 8:
         per_expert = slots / experts
         bm = 16 if per_expert <= 16 else 32
         for bn, bk, warps, stages in [(64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4), (32, 128, 4, 3)]:
-            blocks = min(experts, slots) + triton_cdiv(slots, bm)
-            splits = {1, split_for(inter, bk, blocks * triton_cdiv(hidden, bn), programs)}
+            blocks = min(experts, slots) + triton.cdiv(slots, bm)
+            splits = {1, split_for(inter, bk, blocks * triton.cdiv(hidden, bn), programs)}
             out += [MoeConfig(bm, bn, bk, bk, sp, warps, stages) for sp in sorted(splits)]
     return out
 
 
 def sweep_moe(x, ids, weights, experts: list, want, timer: Timer, device, deadline: Deadline) -> list[dict]:
     """Time every candidate MoE configuration on the same routing; each checked against ``want``."""
-    from moequant.kernels.triton_moe import fused_moe_triton
-
     a, b = experts[0]
     results = []
     for cfg in moe_candidates(ids.numel(), a.num_experts, x.shape[1], b.in_features, device):
         if deadline.passed():
             break
-        try:
-            err = rel_err(fused_moe_triton(x, ids, weights, a, b, config=cfg), want)
-            t = timer(functools.partial(_packed_moe_cfg, x, ids, weights, experts, cfg), len(experts))
-        except Exception as exc:  # noqa: BLE001 - a candidate that fails is recorded, not fatal
-            results.append({"config": config_dict(cfg), "error": str(exc).splitlines()[0][:200], "ok": False})
-            continue
-        results.append({"config": config_dict(cfg), "ms": t * 1e3, "max_rel_err": err, "ok": err < ERR_OK})
+        run = functools.partial(_packed_moe_cfg, x, ids, weights, experts, cfg)
+        results.append(time_candidate(config_dict(cfg), run, len(experts), want, timer))
     return results
 
 
@@ -363,16 +357,9 @@ def bench_matmul(args, device, timer: Timer, copy_bw: float, gen: torch.Generato
                 }
                 if sweep:
                     row["sweep"] = sweep
-                    best = min((c for c in sweep if c["ok"]), key=lambda c: c["ms"], default=None)
+                    best = best_of(sweep, base[m], nbytes, copy_bw)
                     if best:
-                        row["best"] = {
-                            **best,
-                            "speedup": base[m] / (best["ms"] / 1e3),
-                            "copy_bw_fraction": nbytes / (best["ms"] / 1e3) / copy_bw,
-                        }
-                        print(
-                            f"    sweep best {best['ms']:.4f} ms ({base[m] / (best['ms'] / 1e3):.2f}x): {best['config']}"
-                        )
+                        row["best"] = best
                 rows.append(row)
                 print(
                     f"  {k:>5}x{n:<5} m={m:<4} {bits}-bit  {row['ms']:8.4f} ms  bf16 {row['bf16_ms']:8.4f} ms  "
@@ -471,16 +458,9 @@ def bench_moe(args, device, timer: Timer, copy_bw: float, gen: torch.Generator) 
             }
             if sweep:
                 row["sweep"] = sweep
-                best = min((c for c in sweep if c["ok"]), key=lambda c: c["ms"], default=None)
+                best = best_of(sweep, base, active_bytes, copy_bw)
                 if best:
-                    row["best"] = {
-                        **best,
-                        "speedup": base / (best["ms"] / 1e3),
-                        "copy_bw_fraction": active_bytes / (best["ms"] / 1e3) / copy_bw,
-                    }
-                    print(
-                        f"    sweep best {best['ms']:.4f} ms ({base / (best['ms'] / 1e3):.2f}x): {best['config']}"
-                    )
+                    row["best"] = best
             rows.append(row)
             print(
                 f"  moe batch={batch:<3} {bits}-bit  {row['ms']:8.4f} ms  bf16 loop {row['bf16_loop_ms']:8.4f} ms  "
