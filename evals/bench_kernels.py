@@ -179,6 +179,12 @@ def matmul_candidates(m: int, n: int, k: int, device: torch.device) -> list:
             for target in (programs, 2 * programs, 4 * programs):
                 splits.add(split_for(k, bk, triton.cdiv(n, bn), target))
             out += [MatmulConfig(1, bn, bk, sp, warps, 3, gemv=True) for sp in sorted(splits)]
+            # The same tile without software pipelining (its K loop waits on each tile's loads).
+            out.append(
+                MatmulConfig(
+                    1, bn, bk, split_for(k, bk, triton.cdiv(n, bn), 2 * programs), warps, 1, gemv=True
+                )
+            )
     if m >= 2:
         bm = 16 if m <= 16 else min(64, 1 << (m - 1).bit_length())
         tiles = [(bm, 64, 128, 4, 4), (bm, 128, 64, 4, 3)]
@@ -257,6 +263,8 @@ def moe_candidates(slots: int, experts: int, hidden: int, inter: int, device: to
             for target in (programs, 2 * programs, 4 * programs):
                 splits.add(split_for(inter, bk, slots * triton.cdiv(hidden, bn), target))
             out += [MoeConfig(1, bn, bk, bk, sp, warps, 3, gemv=True) for sp in sorted(splits)]
+            sp = split_for(inter, bk, slots * triton.cdiv(hidden, bn), 4 * programs)
+            out.append(MoeConfig(1, bn, bk, bk, sp, warps, 1, gemv=True))
     if slots >= 8:
         per_expert = slots / experts
         bm = 16 if per_expert <= 16 else 32

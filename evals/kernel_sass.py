@@ -37,6 +37,20 @@ POINTER_TYPES = {
     "out_ptr": "*fp32",
     "weight_ptr": "*fp32",
 }
+# Triton's JIT compiles a separate kernel for integer arguments equal to 1 and marks pointers and
+# integers divisible by 16; a launch on contiguous tensors with Mixtral's sizes gets both.
+UNIT_STRIDES = {
+    "stride_xk",
+    "stride_qn",
+    "stride_zn",
+    "stride_sn",
+    "stride_on",
+    "stride_xh",
+    "stride_hi",
+    "stride_oi",
+    "stride_oh",
+}
+UNALIGNED_INTS = {"M", "num_slots", "top_k", "stride_ge"}
 
 
 def _cuobjdump() -> str:
@@ -72,16 +86,17 @@ def main_loop(sass: str) -> tuple[int, collections.Counter] | None:
 
 def compile_variant(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int) -> dict:
     """Compile ``fn`` for ``sm_<arch>``; registers, spills, shared memory and the main loop."""
-    signature = {}
-    for name in fn.arg_names:
+    constexprs = {**{name: 1 for name in UNIT_STRIDES if name in fn.arg_names}, **constexprs}
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = POINTER_TYPES.get(name, "*i32")
-        else:
-            signature[name] = "i32"
+            continue
+        signature[name] = POINTER_TYPES.get(name, "*i32") if name.endswith("_ptr") else "i32"
+        if name not in UNALIGNED_INTS:
+            attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(
-        ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", arch, 32),
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
@@ -109,15 +124,27 @@ def variants(kernels: set[str], bits_list: list[int]):
 
     for bits in bits_list:
         if "gemv" in kernels:
-            for bn, bk, warps in [(128, 128, 4), (64, 128, 4), (64, 64, 2), (32, 128, 2)]:
+            for bn, bk, warps, stages in [
+                (128, 128, 4, 3),
+                (128, 128, 4, 1),
+                (64, 128, 4, 3),
+                (32, 128, 2, 3),
+            ]:
                 yield (
-                    f"gemv {bits}-bit n{bn} k{bk} w{warps}",
+                    f"gemv {bits}-bit n{bn} k{bk} w{warps} s{stages}",
                     tm._dequant_gemv_kernel,
                     dict(
-                        BITS=bits, GROUP_MODE=0, BLOCK_N=bn, BLOCK_K=bk, ATOMIC_ADD=True, ASM=True, EVEN=True
+                        BITS=bits,
+                        GROUP_MODE=0,
+                        BLOCK_N=bn,
+                        BLOCK_K=bk,
+                        ATOMIC_ADD=True,
+                        ASM=True,
+                        EVEN=True,
+                        STAGES=stages,
                     ),
                     warps,
-                    3,
+                    stages,
                     bn * bk,
                 )
         if "dot" in kernels:
@@ -147,10 +174,10 @@ def variants(kernels: set[str], bits_list: list[int]):
                 yield (
                     f"moe {name} {bits}-bit n64 k128 w4",
                     fn,
-                    dict(BITS=bits, GROUP_MODE=0, BLOCK_N=64, BLOCK_K=128, ASM=True, EVEN=True),
+                    dict(BITS=bits, GROUP_MODE=0, BLOCK_N=64, BLOCK_K=128, ASM=True, EVEN=True, STAGES=3),
                     4,
                     3,
-                    64 * 128 * (2 if name == "gate_up" else 1),
+                    64 * 128,  # per loop: gate and up are two loops
                 )
         if "moe_dot" in kernels:
             for name, fn in [("gate_up", tmoe._moe_gate_up_kernel), ("down", tmoe._moe_down_kernel)]:

@@ -322,71 +322,119 @@ def _byte_as_float(plane, c, i: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _byte_plane_sum(plane, x, c, ASM: tl.constexpr):
-    """``sum_i x[r, i] * (byte_i(plane[r, n]) - z[n])``: ``plane [R, N]`` uint32 words holding one
-    code per byte, ``x [R, 4]`` float32, ``c = 2^23 + z`` ``[N]``; returns ``[R, N]``."""
+def _split4(x):
+    """Columns ``0..3`` of ``x [R, 4]``, each ``[R]``."""
     rows: tl.constexpr = x.shape[0]
     x02, x13 = tl.split(tl.reshape(x, (rows, 2, 2)))
     x0, x2 = tl.split(x02)
     x1, x3 = tl.split(x13)
-    out = x0[:, None] * (_byte_as_float(plane, c, 0, ASM) - c[None, :])
-    out += x1[:, None] * (_byte_as_float(plane, c, 1, ASM) - c[None, :])
-    out += x2[:, None] * (_byte_as_float(plane, c, 2, ASM) - c[None, :])
-    out += x3[:, None] * (_byte_as_float(plane, c, 3, ASM) - c[None, :])
-    return out
+    return x0, x1, x2, x3
 
 
 @triton.jit
-def _gemv_words_sum(w, x, c, BITS: tl.constexpr, ASM: tl.constexpr):
-    """``sum_j x[r, j] * (q_j(w[r, n]) - z[n])`` for 2, 4 or 8-bit words ``w [R, N]`` (uint32) and
-    ``x [R, 32 / BITS]`` float32; returns ``[R, N]``.
+def _gemv_8bit_sum(w, x, c, ASM: tl.constexpr):
+    """``sum_i x[r, i] * (byte_i(w[r, n]) - z[n])``: 8-bit words ``w [R, N]`` (uint32), ``x [R, 4]``
+    float32, ``c = 2^23 + z`` ``[N]``; returns ``[R, N]``.
 
-    ``c = 2^23 + z`` per column: a code ``q`` with ``2^23``'s exponent bits ORed in reads as the
-    float ``2^23 + q``, so one subtraction gives ``q - z`` exactly. Each word is split into
-    ``8 / BITS`` byte planes (plane ``b`` holds value ``i * 8 / BITS + b`` in byte ``i``), so that
-    each code is one byte of a plane.
+    A code ``q`` under ``2^23``'s exponent bits reads as the float ``2^23 + q``, so one subtraction
+    gives ``q - z`` exactly.
+    """
+    x0, x1, x2, x3 = _split4(x)
+    out = x0[:, None] * (_byte_as_float(w, c, 0, ASM) - c[None, :])
+    out += x1[:, None] * (_byte_as_float(w, c, 1, ASM) - c[None, :])
+    out += x2[:, None] * (_byte_as_float(w, c, 2, ASM) - c[None, :])
+    out += x3[:, None] * (_byte_as_float(w, c, 3, ASM) - c[None, :])
+    return out
+
+
+# Codes of at most 7 bits become the float f = 0.5 + q / 256 (exponent bits 0x3F000000, the code
+# at mantissa bits 16..22) with no subtraction; sum_j x_j (q_j - z) = 256 * (sum_j x_j f_j -
+# (0.5 + z / 256) * sum_j x_j), the second sum taken once per row of the tile, not per column.
+HALF_BITS = tl.constexpr(0x3F000000)
+
+
+@triton.jit
+def _byte_as_half_plus(plane, half, i: tl.constexpr, ASM: tl.constexpr):
+    """Byte ``i`` (below 128) of each uint32 in ``plane [R, N]`` as the float32 ``0.5 + byte / 256``.
+
+    ``half`` (``[N]`` uint32) holds ``HALF_BITS``, computed at run time so that it stays in a
+    register instead of being rematerialised per element. With ``ASM`` one ``prmt`` places the
+    byte under its exponent byte.
+    """
+    if ASM:
+        v = tl.inline_asm_elementwise(
+            f"prmt.b32 $0, $1, $2, {0x7054 | (i << 8)};",
+            "=r,r,r",
+            [plane, tl.zeros(plane.shape, tl.uint32) + half[None, :]],
+            dtype=tl.uint32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        v = (((plane >> (8 * i)) & 0xFF) << 16) | half[None, :]
+    return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _half_plus_plane_sum(acc, plane, x, half, ASM: tl.constexpr):
+    """``acc + sum_i x[r, i] * (0.5 + byte_i(plane[r, n]) / 256)``: ``plane [R, N]`` uint32 with one
+    code per byte, ``x [R, 4]`` float32, ``acc [R, N]``."""
+    x0, x1, x2, x3 = _split4(x)
+    acc += x0[:, None] * _byte_as_half_plus(plane, half, 0, ASM)
+    acc += x1[:, None] * _byte_as_half_plus(plane, half, 1, ASM)
+    acc += x2[:, None] * _byte_as_half_plus(plane, half, 2, ASM)
+    acc += x3[:, None] * _byte_as_half_plus(plane, half, 3, ASM)
+    return acc
+
+
+@triton.jit
+def _half_plus_words_sum(acc, w, x, half, BITS: tl.constexpr, ASM: tl.constexpr):
+    """``acc + sum_j x[r, j] * (0.5 + q_j(w[r, n]) / 256)`` for 2 or 4-bit words ``w [R, N]`` (uint32)
+    and ``x [R, 32 / BITS]`` float32; returns ``[R, N]``.
+
+    Each word is split into ``8 / BITS`` byte planes (plane ``b`` holds value ``i * 8 / BITS + b``
+    in byte ``i``), so that each code is one byte of a plane.
     """
     rows: tl.constexpr = x.shape[0]
-    if BITS == 8:
-        part = _byte_plane_sum(w, x, c, ASM)
-    elif BITS == 4:
+    if BITS == 4:
         x_even, x_odd = tl.split(tl.reshape(x, (rows, 4, 2)))
-        part = _byte_plane_sum(w & 0x0F0F0F0F, x_even, c, ASM)
-        part += _byte_plane_sum((w >> 4) & 0x0F0F0F0F, x_odd, c, ASM)
+        acc = _half_plus_plane_sum(acc, w & 0x0F0F0F0F, x_even, half, ASM)
+        acc = _half_plus_plane_sum(acc, (w >> 4) & 0x0F0F0F0F, x_odd, half, ASM)
     else:
         x_02, x_13 = tl.split(tl.reshape(x, (rows, 4, 2, 2)))
         x0, x2 = tl.split(x_02)
         x1, x3 = tl.split(x_13)
-        part = _byte_plane_sum(w & 0x03030303, x0, c, ASM)
-        part += _byte_plane_sum((w >> 2) & 0x03030303, x1, c, ASM)
-        part += _byte_plane_sum((w >> 4) & 0x03030303, x2, c, ASM)
-        part += _byte_plane_sum((w >> 6) & 0x03030303, x3, c, ASM)
-    return part
+        acc = _half_plus_plane_sum(acc, w & 0x03030303, x0, half, ASM)
+        acc = _half_plus_plane_sum(acc, (w >> 2) & 0x03030303, x1, half, ASM)
+        acc = _half_plus_plane_sum(acc, (w >> 4) & 0x03030303, x2, half, ASM)
+        acc = _half_plus_plane_sum(acc, (w >> 6) & 0x03030303, x3, half, ASM)
+    return acc
 
 
 @triton.jit
-def _gemv_3bit_sum(w0, w1, w2, x, c, ASM: tl.constexpr):
-    """``sum_j x[r, j] * (q_j - z[n])`` for 3-bit blocks of three words ``w0, w1, w2 [R, N]`` (32
-    codes each, value ``j`` at stream bits ``[3j, 3j + 3)``) and ``x [R, 32]``; returns ``[R, N]``.
+def _half_plus_3bit_sum(acc, w0, w1, w2, x, half, ASM: tl.constexpr):
+    """``acc + sum_j x[r, j] * (0.5 + q_j / 256)`` for 3-bit blocks of three words ``w0, w1, w2
+    [R, N]`` (32 codes each, value ``j`` at stream bits ``[3j, 3j + 3)``) and ``x [R, 32]``.
 
-    The exponent bits of ``2^23`` come from ``c = 2^23 + z`` at run time, so that with ``ASM``
-    mask and OR are one ``lop3``.
+    One funnel shift brings each code to bit 16; with ``ASM`` mask and OR are one ``lop3``.
     """
     lo, hi, shift = _three_bit_words(
         w0.to(tl.uint32, bitcast=True), w1.to(tl.uint32, bitcast=True), w2.to(tl.uint32, bitcast=True)
     )
-    shift = shift.to(tl.uint32)
-    v = (lo >> shift) | ((hi << 1) << (31 - shift))
-    exponent = (c.to(tl.uint32, bitcast=True) & 0xFF800000)[None, None, :]
+    pair = (hi.to(tl.uint64) << 32) | lo.to(tl.uint64)
+    v = ((pair << 16) >> shift.to(tl.uint64)).to(tl.uint32)
     if ASM:
-        exponent = tl.zeros(v.shape, tl.uint32) + exponent
         v = tl.inline_asm_elementwise(
-            "lop3.b32 $0, $1, 7, $2, 0xEA;", "=r,r,r", [v, exponent], dtype=tl.uint32, is_pure=True, pack=1
+            "lop3.b32 $0, $1, 0x70000, $2, 0xEA;",
+            "=r,r,r",
+            [v, tl.zeros(v.shape, tl.uint32) + half[None, None, :]],
+            dtype=tl.uint32,
+            is_pure=True,
+            pack=1,
         )
     else:
-        v = (v & 7) | exponent
-    f = v.to(tl.float32, bitcast=True) - c[None, None, :]
-    return tl.sum(x[:, :, None] * f, axis=1)
+        v = (v & 0x70000) | half[None, None, :]
+    return acc + tl.sum(x[:, :, None] * v.to(tl.float32, bitcast=True), axis=1)
 
 
 @triton.jit
@@ -416,12 +464,16 @@ def gemv_row(
     BLOCK_K: tl.constexpr,
     ASM: tl.constexpr,
     EVEN: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """``sum_{k_lo <= k < k_hi} x[k] * W[n, k]`` for the columns ``offs_n`` (``[BLOCK_N]`` float32)
     of one activation row ``x_row``, in float32 registers without ``tl.dot``.
 
     With one group per tile, partial sums stay per packed row across the K loop and are reduced
-    over rows once at the end. ``EVEN``: every tile is whole (``K`` and ``N`` multiples of the
+    over rows once at the end; 2, 3 and 4-bit codes are read as ``0.5 + q / 256`` (see
+    ``HALF_BITS``), 8-bit ones as ``2^23 + q``. The K loop is software-pipelined: with ``STAGES > 1``
+    the loads of the next ``STAGES - 1`` tiles are in flight (asynchronous copies into shared
+    memory on the GPU) while one tile is computed. ``EVEN``: every tile is whole (``K`` and ``N`` multiples of the
     block sizes, ``k_lo`` of ``BLOCK_K``), so no load needs a mask.
     """
     mask_n = offs_n < N
@@ -434,7 +486,7 @@ def gemv_row(
         words: tl.constexpr = 3 if BITS == 3 else 1  # words per row of the tile
         w_ptrs = qw_ptr + ((k_lo // per_word + r) * words)[:, None] * stride_qk + offs_n[None, :] * stride_qn
         acc_rows = tl.zeros((rows, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
             g = k0 // group_size
             if EVEN:
                 x = tl.load(x_ptrs).to(tl.float32)
@@ -444,7 +496,6 @@ def gemv_row(
                 x = tl.load(x_ptrs, mask=k0 + kk < k_hi, other=0.0).to(tl.float32)
                 z = _load_zeros(qz_ptr + g * stride_zg, offs_n, mask_n, n_words, stride_zn, BITS)
                 s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
-            c = z.to(tl.float32) + 8388608.0
             if BITS == 3:
                 if EVEN:
                     w0 = tl.load(w_ptrs)
@@ -455,21 +506,29 @@ def gemv_row(
                     w0 = tl.load(w_ptrs, mask=w_mask, other=0)
                     w1 = tl.load(w_ptrs + stride_qk, mask=w_mask, other=0)
                     w2 = tl.load(w_ptrs + 2 * stride_qk, mask=w_mask, other=0)
-                part = _gemv_3bit_sum(w0, w1, w2, x, c, ASM)
+            elif EVEN:
+                w = tl.load(w_ptrs).to(tl.uint32, bitcast=True)
             else:
-                if EVEN:
-                    w = tl.load(w_ptrs)
+                w_mask = (k0 + r * per_word < k_hi)[:, None] & mask_n[None, :]
+                w = tl.load(w_ptrs, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+            if BITS == 8:
+                acc_rows += s[None, :] * _gemv_8bit_sum(w, x, z.to(tl.float32) + 8388608.0, ASM)
+            else:
+                # The sums start from -(0.5 + z / 256) * sum_j x_j and the scale takes the 256.
+                zf = z.to(tl.float32) + 128.0
+                half = (zf.to(tl.uint32, bitcast=True) & 0xFF800000) - 0x04000000  # 2^7 -> 2^-1: HALF_BITS
+                part = -(zf * (1.0 / 256.0))[None, :] * tl.sum(x, axis=1)[:, None]
+                if BITS == 3:
+                    part = _half_plus_3bit_sum(part, w0, w1, w2, x, half, ASM)
                 else:
-                    w_mask = (k0 + r * per_word < k_hi)[:, None] & mask_n[None, :]
-                    w = tl.load(w_ptrs, mask=w_mask, other=0)
-                part = _gemv_words_sum(w.to(tl.uint32, bitcast=True), x, c, BITS, ASM)
-            acc_rows += s[None, :] * part
+                    part = _half_plus_words_sum(part, w, x, half, BITS, ASM)
+                acc_rows += (s * 256.0)[None, :] * part
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += rows * words * stride_qk
         acc = tl.sum(acc_rows, axis=0)
     else:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < k_hi
             w = dequant_tile(
@@ -513,6 +572,7 @@ def _dequant_gemv_kernel(
     ATOMIC_ADD: tl.constexpr,
     ASM: tl.constexpr,
     EVEN: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """One activation row per program (grid ``[N blocks, splits, M]``), see :func:`gemv_row`: for
     decode, where a dot's 16-row minimum would idle."""
@@ -527,7 +587,7 @@ def _dequant_gemv_kernel(
     acc = gemv_row(
         x_row, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, N, k_lo, k_hi, k_words, n_words,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN,
+        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES,
     )  # fmt: skip
     out_ptrs = out_ptr + m * stride_om + offs_n * stride_on
     if ATOMIC_ADD:
@@ -771,7 +831,8 @@ def dequant_matmul_triton(
             qzeros.stride(0), qzeros.stride(1), scales.stride(0), scales.stride(1),
             out.stride(0), out.stride(1), group_size, k_per_split,
             BITS=bits, GROUP_MODE=mode, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ATOMIC_ADD=atomic,
-            ASM=x.device.type == "cuda", EVEN=k % cfg.block_k == 0 and n % cfg.block_n == 0, num_warps=cfg.num_warps, num_stages=stages_for(mode, cfg.num_stages),
+            ASM=x.device.type == "cuda", EVEN=k % cfg.block_k == 0 and n % cfg.block_n == 0,
+            STAGES=stages_for(mode, cfg.num_stages), num_warps=cfg.num_warps, num_stages=stages_for(mode, cfg.num_stages),
         )  # fmt: skip
         return out.to(x.dtype).reshape(*x.shape[:-1], n)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)

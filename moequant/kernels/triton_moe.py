@@ -283,6 +283,7 @@ def _moe_gemv_gate_up_kernel(
     BLOCK_K: tl.constexpr,
     ASM: tl.constexpr,
     EVEN: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Decode form of the gate/up kernel: one routed slot per program (grid ``[T*k, I blocks]``),
     :func:`gemv_row` for the gate and up columns, ``silu(gate) * up`` stored for the slot."""
@@ -298,12 +299,12 @@ def _moe_gemv_gate_up_kernel(
     gate = gemv_row(
         x_row, stride_xh, qw_e, qz_e, s_e, g_e, offs_n, inter, 0, H, k_words, n_words,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN,
+        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES,
     )  # fmt: skip
     up = gemv_row(
         x_row, stride_xh, qw_e, qz_e, s_e, g_e, offs_n + inter, 2 * inter, 0, H, k_words, n_words,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN,
+        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES,
     )  # fmt: skip
     h = gate * tl.sigmoid(gate) * up
     tl.store(
@@ -348,6 +349,7 @@ def _moe_gemv_down_kernel(
     BLOCK_K: tl.constexpr,
     ASM: tl.constexpr,
     EVEN: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Decode form of the down kernel: one routed slot per program (grid ``[T*k, H blocks,
     splits]``); the routing weight applied, each slot's part added atomically into its token's
@@ -363,7 +365,7 @@ def _moe_gemv_down_kernel(
         h_ptr + slot * stride_hs, stride_hi, qw_ptr + e * stride_qe, qz_ptr + e * stride_ze,
         s_ptr + e * stride_se, g_ptr + e * stride_ge, offs_n, H, k_lo, k_hi, k_words, n_words,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN,
+        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES,
     )  # fmt: skip
     acc = acc * tl.load(weight_ptr + slot).to(tl.float32)
     out_ptrs = out_ptr + (slot // top_k) * stride_ot + offs_n * stride_oh
@@ -542,7 +544,8 @@ def _fused_moe_gemv(
         w13.scales.stride(0), w13.scales.stride(1), w13.scales.stride(2),
         gs13, h.stride(0), h.stride(1), w13.group_size,
         BITS=w13.bits, GROUP_MODE=mode13, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k_gate_up,
-        ASM=asm, EVEN=even13, num_warps=cfg.num_warps, num_stages=stages_for(mode13, cfg.num_stages),
+        ASM=asm, EVEN=even13, STAGES=stages_for(mode13, cfg.num_stages),
+        num_warps=cfg.num_warps, num_stages=stages_for(mode13, cfg.num_stages),
     )  # fmt: skip
 
     mode2, g2, gs2 = _groups(w2, cfg.block_k_down)
@@ -559,6 +562,7 @@ def _fused_moe_gemv(
         w2.scales.stride(0), w2.scales.stride(1), w2.scales.stride(2),
         gs2, y.stride(0), y.stride(1), w2.group_size, k_per_split,
         BITS=w2.bits, GROUP_MODE=mode2, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k_down,
-        ASM=asm, EVEN=even2, num_warps=cfg.num_warps, num_stages=stages_for(mode2, cfg.num_stages),
+        ASM=asm, EVEN=even2, STAGES=stages_for(mode2, cfg.num_stages),
+        num_warps=cfg.num_warps, num_stages=stages_for(mode2, cfg.num_stages),
     )  # fmt: skip
     return y.to(x.dtype)

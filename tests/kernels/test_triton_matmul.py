@@ -66,6 +66,28 @@ def test_half_precision_activations(triton_kernels, make_linear, bits, dtype, to
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_one_row_keeps_float32_accuracy_far_from_zero(triton_kernels, make_linear, bits):
+    """The one-row kernel reads codes as ``0.5 + q / 256`` and takes ``(0.5 + z / 256) * sum(x)``
+    off once per row: activations with a large common offset and zero points at both ends of
+    their range must not lose float32 accuracy to that cancellation."""
+    from moequant.kernels.reference import dequantize_kn
+    from moequant.quant.pack import pack_qzeros
+
+    tm, _ = triton_kernels
+    k, n, group = 256, 64, 128
+    lin = make_linear(n, k, bits, group, seed=11)
+    zeros = torch.ones(k // group, n, dtype=torch.int32)
+    zeros[:, ::2] = 2**bits - 1
+    lin["qzeros"] = pack_qzeros(zeros, bits)
+    x = 1000.0 + _x(1, k, seed=3)
+    cfg = tm.MatmulConfig(1, 32, 128, split_k=2, gemv=True)
+    got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=group, config=cfg)
+    w = dequantize_kn(**lin, bits=bits).double()
+    err = (got.double() - x.double() @ w).abs().max()
+    assert err <= 1e-6 * (x.double().abs() @ w.abs()).max()
+
+
 def test_leading_dims_and_no_tokens(triton_kernels, make_linear):
     tm, _ = triton_kernels
     lin = make_linear(32, 64, 4, 32, seed=0)
@@ -178,7 +200,9 @@ def test_many_rows_dequantise_once_then_multiply(triton_kernels, make_linear, bi
     tm, _ = triton_kernels
     k, n, group = 128, 96, 32
     lin = make_linear(n, k, bits, group, seed=bits, shuffled_groups=shuffled)
-    wt = tm.dequantize_triton(**lin, bits=bits, group_size=group, dtype=torch.float32, sorted_groups=not shuffled)
+    wt = tm.dequantize_triton(
+        **lin, bits=bits, group_size=group, dtype=torch.float32, sorted_groups=not shuffled
+    )
     eye = torch.eye(k)
     assert wt.shape == (k, n)
     torch.testing.assert_close(wt, dequant_matmul_ref(eye, **lin, bits=bits), rtol=1e-5, atol=1e-6)
