@@ -322,8 +322,6 @@ def bench_matmul(args, device, timer: Timer, copy_bw: float, gen: torch.Generato
         ]
         xs = {m: torch.randn(m, k, generator=gen, device=device).to(dtype) for m in args.tokens}
         base = {m: timer(functools.partial(_linear, xs[m], w16s), len(w16s)) for m in args.tokens}
-        # What split-K adds around the kernel: a zeroed float32 buffer and the cast back.
-        overhead = {m: timer(functools.partial(_zeros_and_cast, m, n, dtype, device), 1) for m in args.tokens}
         del w16s, w16
         for bits in args.bits:
             packed = random_packed(k, n, bits, device, gen)
@@ -354,7 +352,6 @@ def bench_matmul(args, device, timer: Timer, copy_bw: float, gen: torch.Generato
                     "bf16_ms": base[m] * 1e3,
                     "speedup": base[m] / t,
                     "bf16_GBps": n * k * 2 / base[m] / 1e9,
-                    "split_overhead_ms": overhead[m] * 1e3,
                     "weight_bytes": nbytes,
                     "GBps": nbytes / t / 1e9,
                     "copy_bw_fraction": nbytes / t / copy_bw,
@@ -477,10 +474,6 @@ def bench_moe(args, device, timer: Timer, copy_bw: float, gen: torch.Generator) 
             )
             del experts, w13p, w2p
     return rows
-
-
-def _zeros_and_cast(m: int, n: int, dtype: torch.dtype, device: torch.device, _i: int) -> torch.Tensor:
-    return torch.zeros(m, n, device=device, dtype=torch.float32).to(dtype)
 
 
 def _linear(x: torch.Tensor, weights: list[torch.Tensor], i: int) -> torch.Tensor:

@@ -12,8 +12,9 @@ word). Three forms, chosen by :func:`dequant_matmul_triton` from the row count:
   accumulation, the group's scale applied to the product (:func:`dot_dequant`);
 - more rows (prefill): ``W^T`` written once in the activation dtype, then torch's matmul.
 
-Split-K programs add their partial sums atomically into a float32 buffer, which keeps the GPU
-busy at decode sizes.
+Split-K (several programs along K for one output tile, which keeps the GPU busy at decode sizes)
+finishes in the same launch: the last program to arrive at a tile adds the float32 parts of the
+others (:func:`store_split`).
 
 Import this module only after ``TRITON_INTERPRET`` has its final value: Triton decides at
 decoration time whether kernels are compiled or interpreted.
@@ -231,6 +232,27 @@ def dot_dequant(
 
 
 @triton.jit
+def store_split(acc, out_ptrs, mask, ws_ptr, ws_offs, split_stride, count_ptr, tile, pid_k, splits):
+    """Finish one split-K program's part ``acc`` of an output tile, in the same launch.
+
+    The part goes to ``ws_ptr + pid_k * split_stride + ws_offs`` (float32 workspace); the program
+    that arrives last at the tile's counter ``count_ptr + tile`` (zero before the launch) adds the
+    ``splits`` parts in split order, so results do not depend on timing, stores the sum in the
+    output's dtype and sets the counter back to zero for the next launch.
+    """
+    tl.store(ws_ptr + pid_k * split_stride + ws_offs, acc, mask=mask)
+    # Every thread's part is written before the counter moves (release), and read after (acquire).
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == splits - 1:
+        total = tl.zeros(acc.shape, tl.float32)
+        for i in range(splits):
+            total += tl.load(ws_ptr + i * split_stride + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def _dequant_matmul_kernel(
     x_ptr,
     qw_ptr,
@@ -238,6 +260,8 @@ def _dequant_matmul_kernel(
     s_ptr,
     g_ptr,
     out_ptr,
+    ws_ptr,
+    count_ptr,
     M,
     N,
     K,
@@ -255,12 +279,13 @@ def _dequant_matmul_kernel(
     stride_on,
     group_size,
     k_per_split,
+    splits,
     BITS: tl.constexpr,
     GROUP_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    ATOMIC_ADD: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     IEEE_FP32: tl.constexpr,
 ):
@@ -291,8 +316,9 @@ def _dequant_matmul_kernel(
         )  # fmt: skip
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     out_mask = mask_m[:, None] & mask_n[None, :]
-    if ATOMIC_ADD:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    if SPLIT_K:
+        ws_offs = offs_m[:, None] * N + offs_n[None, :]
+        store_split(acc, out_ptrs, out_mask, ws_ptr, ws_offs, M * N, count_ptr, pid, pid_k, splits)
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -549,6 +575,8 @@ def _dequant_gemv_kernel(
     s_ptr,
     g_ptr,
     out_ptr,
+    ws_ptr,
+    count_ptr,
     N,
     K,
     k_words,
@@ -565,11 +593,12 @@ def _dequant_gemv_kernel(
     stride_on,
     group_size,
     k_per_split,
+    splits,
     BITS: tl.constexpr,
     GROUP_MODE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    ATOMIC_ADD: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     ASM: tl.constexpr,
     EVEN: tl.constexpr,
     STAGES: tl.constexpr,
@@ -590,8 +619,12 @@ def _dequant_gemv_kernel(
         BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES,
     )  # fmt: skip
     out_ptrs = out_ptr + m * stride_om + offs_n * stride_on
-    if ATOMIC_ADD:
-        tl.atomic_add(out_ptrs, acc, mask=mask_n)
+    if SPLIT_K:
+        tile = m * tl.num_programs(0) + pid_n
+        split_stride = tl.num_programs(2) * N
+        store_split(
+            acc, out_ptrs, mask_n, ws_ptr, m * N + offs_n, split_stride, count_ptr, tile, pid_k, splits
+        )
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
 
@@ -724,6 +757,29 @@ def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device) -
     return MatmulConfig(bm, bn, bk, split, warps, stages)
 
 
+_SPLIT_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, count: int) -> torch.Tensor:
+    """At least ``count`` int32 arrival counters, all zero, for one split-K launch on ``device``.
+
+    Launches leave their counters at zero (see :func:`store_split`), so on CUDA one buffer per
+    stream serves every launch in stream order; while a CUDA graph is being captured each launch
+    gets its own (the graph keeps it), and elsewhere (the interpreter) too.
+    """
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(count, dtype=torch.int32, device=device)
+    key = (
+        device.index if device.index is not None else torch.cuda.current_device(),
+        torch.cuda.current_stream(device).cuda_stream,
+    )
+    buf = _SPLIT_COUNTERS.get(key)
+    if buf is None or buf.numel() < count:
+        buf = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _SPLIT_COUNTERS[key] = buf
+    return buf
+
+
 def dot_dtype(x_dtype: torch.dtype, device: torch.device) -> tuple[tl.dtype, bool]:
     """Triton dtype for ``tl.dot`` operands and whether fp32 needs exact ("ieee") products.
 
@@ -819,34 +875,39 @@ def dequant_matmul_triton(
     mode = group_mode(sorted_groups, group_size, cfg.block_k)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, k_per_split)
-    out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split > 1 else x.new_empty(m, n)
+    out = x.new_empty(m, n)
     g_arg = g_idx if g_idx is not None else qweight  # unread unless GROUP_MODE reads g_idx
-    atomic = split > 1
     if cfg.gemv:
         grid = (triton.cdiv(n, cfg.block_n), split, m)
+    else:
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    # Split-K parts meet in a float32 workspace; the unused pointers are never read without it.
+    ws = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if split > 1 else out
+    counts = split_counters(x.device, grid[0] * m if cfg.gemv else grid[0]) if split > 1 else qweight
+    if cfg.gemv:
         _dequant_gemv_kernel[grid](
-            x2, qweight, qzeros, scales, g_arg, out,
+            x2, qweight, qzeros, scales, g_arg, out, ws, counts,
             n, k, qweight.shape[0], qzeros.shape[1],
             x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
             qzeros.stride(0), qzeros.stride(1), scales.stride(0), scales.stride(1),
-            out.stride(0), out.stride(1), group_size, k_per_split,
-            BITS=bits, GROUP_MODE=mode, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ATOMIC_ADD=atomic,
+            out.stride(0), out.stride(1), group_size, k_per_split, split,
+            BITS=bits, GROUP_MODE=mode, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split > 1,
             ASM=x.device.type == "cuda", EVEN=k % cfg.block_k == 0 and n % cfg.block_n == 0,
-            STAGES=stages_for(mode, cfg.num_stages), num_warps=cfg.num_warps, num_stages=stages_for(mode, cfg.num_stages),
+            STAGES=stages_for(mode, cfg.num_stages),
+            num_warps=cfg.num_warps, num_stages=stages_for(mode, cfg.num_stages),
         )  # fmt: skip
-        return out.to(x.dtype).reshape(*x.shape[:-1], n)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+        return out.reshape(*x.shape[:-1], n)
     _dequant_matmul_kernel[grid](
-        x2, qweight, qzeros, scales, g_arg, out,
+        x2, qweight, qzeros, scales, g_arg, out, ws, counts,
         m, n, k, qweight.shape[0], qzeros.shape[1],
         x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
         qzeros.stride(0), qzeros.stride(1), scales.stride(0), scales.stride(1),
-        out.stride(0), out.stride(1), group_size, k_per_split,
+        out.stride(0), out.stride(1), group_size, k_per_split, split,
         BITS=bits, GROUP_MODE=mode, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        ATOMIC_ADD=atomic, DOT_DTYPE=dtype, IEEE_FP32=ieee,
+        SPLIT_K=split > 1, DOT_DTYPE=dtype, IEEE_FP32=ieee,
         num_warps=cfg.num_warps, num_stages=stages_for(mode, cfg.num_stages),
     )  # fmt: skip
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    return out.reshape(*x.shape[:-1], n)
 
 
 def dequantize_triton(

@@ -88,6 +88,27 @@ def test_one_row_keeps_float32_accuracy_far_from_zero(triton_kernels, make_linea
     assert err <= 1e-6 * (x.double().abs() @ w.abs()).max()
 
 
+@pytest.mark.parametrize("gemv", [True, False])
+def test_split_k_finishes_in_one_launch_and_resets_its_counters(
+    triton_kernels, make_linear, monkeypatch, gemv
+):
+    """Split-K parts are summed by the last program of each tile in split order: the result is
+    the reference, the same bits on every call, and the arrival counters are zero again after
+    each launch, so one buffer serves the next launch."""
+    tm, _ = triton_kernels
+    shared = torch.zeros(64, dtype=torch.int32)
+    monkeypatch.setattr(tm, "split_counters", lambda device, count: shared[:count] if count <= 64 else None)
+    lin = make_linear(48, 256, 4, 32, seed=4)
+    x = _x(2, 256, seed=4)
+    cfg = tm.MatmulConfig(1, 16, 32, split_k=5, gemv=True) if gemv else tm.MatmulConfig(16, 16, 32, split_k=5)
+    first = tm.dequant_matmul_triton(x, **lin, bits=4, group_size=32, config=cfg)
+    assert not shared.any()
+    second = tm.dequant_matmul_triton(x, **lin, bits=4, group_size=32, config=cfg)
+    assert not shared.any()
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, dequant_matmul_ref(x, **lin, bits=4), rtol=1e-4, atol=1e-4)
+
+
 def test_leading_dims_and_no_tokens(triton_kernels, make_linear):
     tm, _ = triton_kernels
     lin = make_linear(32, 64, 4, 32, seed=0)
