@@ -438,29 +438,57 @@ def _half_plus_words_sum(acc, w, x, half, BITS: tl.constexpr, ASM: tl.constexpr)
 
 
 @triton.jit
-def _half_plus_3bit_sum(acc, w0, w1, w2, x, half, ASM: tl.constexpr):
-    """``acc + sum_j x[r, j] * (0.5 + q_j / 256)`` for 3-bit blocks of three words ``w0, w1, w2
-    [R, N]`` (32 codes each, value ``j`` at stream bits ``[3j, 3j + 3)``) and ``x [R, 32]``.
-
-    One funnel shift brings each code to bit 16; with ``ASM`` mask and OR are one ``lop3``.
-    """
-    lo, hi, shift = _three_bit_words(
-        w0.to(tl.uint32, bitcast=True), w1.to(tl.uint32, bitcast=True), w2.to(tl.uint32, bitcast=True)
-    )
-    pair = (hi.to(tl.uint64) << 32) | lo.to(tl.uint64)
-    v = ((pair << 16) >> shift.to(tl.uint64)).to(tl.uint32)
-    if ASM:
-        v = tl.inline_asm_elementwise(
-            "lop3.b32 $0, $1, 0x70000, $2, 0xEA;",
-            "=r,r,r",
-            [v, tl.zeros(v.shape, tl.uint32) + half[None, None, :]],
-            dtype=tl.uint32,
-            is_pure=True,
-            pack=1,
-        )
+def _code_at_16(lo, hi, shift: tl.constexpr):
+    """The stream bits ``[shift, shift + 3)`` of word ``lo`` (continuing into ``hi``) moved to bits
+    ``16..18``; other bits are left as they fall (``[R, N]`` uint32 words, ``shift`` in 0..31)."""
+    if shift > 29:
+        v = (lo >> (shift - 16)) | (hi << (48 - shift))
+    elif shift >= 16:
+        v = lo >> (shift - 16)
     else:
-        v = (v & 0x70000) | half[None, None, :]
-    return acc + tl.sum(x[:, :, None] * v.to(tl.float32, bitcast=True), axis=1)
+        v = lo << (16 - shift)
+    return v
+
+
+@triton.jit
+def _half_plus_3bit_sum(
+    acc, w0, w1, w2, x_ptrs, x_mask, stride_xk, half, ASM: tl.constexpr, EVEN: tl.constexpr
+):
+    """``acc + sum_j x[r, j] * (0.5 + q_j / 256)`` for 3-bit blocks of three words ``w0, w1, w2
+    [R, N]`` (uint32; 32 codes each, value ``j`` at stream bits ``[3j, 3j + 3)``), with ``x[r, j]``
+    read at ``x_ptrs + j * stride_xk`` (``x_ptrs [R]``, value 0 of each block; rows outside
+    ``x_mask [R]`` read as zero unless ``EVEN``); returns the sum ``[R, N]`` and ``sum_j x[r, j]``
+    ``[R]``.
+
+    One shift per code brings it to bit 16 (two for the codes split across words), and with
+    ``ASM`` mask and OR are one ``lop3``; the products chain into fused multiply-adds.
+    """
+    sx = tl.zeros(x_ptrs.shape, tl.float32)
+    for j in tl.static_range(32):
+        if 3 * j < 32:
+            v = _code_at_16(w0, w1, 3 * j % 32)
+        elif 3 * j < 64:
+            v = _code_at_16(w1, w2, 3 * j % 32)
+        else:
+            v = _code_at_16(w2, w2, 3 * j % 32)
+        if ASM:
+            v = tl.inline_asm_elementwise(
+                "lop3.b32 $0, $1, 0x70000, $2, 0xEA;",
+                "=r,r,r",
+                [v, tl.zeros(v.shape, tl.uint32) + half[None, :]],
+                dtype=tl.uint32,
+                is_pure=True,
+                pack=1,
+            )
+        else:
+            v = (v & 0x70000) | half[None, :]
+        if EVEN:
+            xj = tl.load(x_ptrs + j * stride_xk).to(tl.float32)
+        else:
+            xj = tl.load(x_ptrs + j * stride_xk, mask=x_mask, other=0.0).to(tl.float32)
+        sx += xj
+        acc += xj[:, None] * v.to(tl.float32, bitcast=True)
+    return acc, sx
 
 
 @triton.jit
@@ -514,24 +542,28 @@ def gemv_row(
         acc_rows = tl.zeros((rows, BLOCK_N), dtype=tl.float32)
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
             g = k0 // group_size
-            if EVEN:
+            if BITS == 3:  # read value by value in the sum
+                x = tl.zeros((rows, per_word), tl.float32)
+            elif EVEN:
                 x = tl.load(x_ptrs).to(tl.float32)
+            else:
+                x = tl.load(x_ptrs, mask=k0 + kk < k_hi, other=0.0).to(tl.float32)
+            if EVEN:
                 z = _load_zeros(qz_ptr + g * stride_zg, offs_n, offs_n < N, n_words, stride_zn, BITS)
                 s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn).to(tl.float32)
             else:
-                x = tl.load(x_ptrs, mask=k0 + kk < k_hi, other=0.0).to(tl.float32)
                 z = _load_zeros(qz_ptr + g * stride_zg, offs_n, mask_n, n_words, stride_zn, BITS)
                 s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
             if BITS == 3:
                 if EVEN:
-                    w0 = tl.load(w_ptrs)
-                    w1 = tl.load(w_ptrs + stride_qk)
-                    w2 = tl.load(w_ptrs + 2 * stride_qk)
+                    w0 = tl.load(w_ptrs).to(tl.uint32, bitcast=True)
+                    w1 = tl.load(w_ptrs + stride_qk).to(tl.uint32, bitcast=True)
+                    w2 = tl.load(w_ptrs + 2 * stride_qk).to(tl.uint32, bitcast=True)
                 else:
                     w_mask = (k0 + r * per_word < k_hi)[:, None] & mask_n[None, :]
-                    w0 = tl.load(w_ptrs, mask=w_mask, other=0)
-                    w1 = tl.load(w_ptrs + stride_qk, mask=w_mask, other=0)
-                    w2 = tl.load(w_ptrs + 2 * stride_qk, mask=w_mask, other=0)
+                    w0 = tl.load(w_ptrs, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+                    w1 = tl.load(w_ptrs + stride_qk, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+                    w2 = tl.load(w_ptrs + 2 * stride_qk, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
             elif EVEN:
                 w = tl.load(w_ptrs).to(tl.uint32, bitcast=True)
             else:
@@ -543,10 +575,15 @@ def gemv_row(
                 # The sums start from -(0.5 + z / 256) * sum_j x_j and the scale takes the 256.
                 zf = z.to(tl.float32) + 128.0
                 half = (zf.to(tl.uint32, bitcast=True) & 0xFF800000) - 0x04000000  # 2^7 -> 2^-1: HALF_BITS
-                part = -(zf * (1.0 / 256.0))[None, :] * tl.sum(x, axis=1)[:, None]
                 if BITS == 3:
-                    part = _half_plus_3bit_sum(part, w0, w1, w2, x, half, ASM)
+                    part, sx = _half_plus_3bit_sum(
+                        tl.zeros((rows, BLOCK_N), tl.float32),
+                        w0, w1, w2, x_row + (k0 + r * per_word) * stride_xk, k0 + r * per_word < k_hi,
+                        stride_xk, half, ASM, EVEN,
+                    )  # fmt: skip
+                    part -= (zf * (1.0 / 256.0))[None, :] * sx[:, None]
                 else:
+                    part = -(zf * (1.0 / 256.0))[None, :] * tl.sum(x, axis=1)[:, None]
                     part = _half_plus_words_sum(part, w, x, half, BITS, ASM)
                 acc_rows += (s * 256.0)[None, :] * part
             x_ptrs += BLOCK_K * stride_xk

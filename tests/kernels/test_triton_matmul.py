@@ -202,7 +202,7 @@ def test_decode_takes_the_gemv_kernel(triton_kernels):
         tm.MatmulConfig(block_m=16, block_n=64, block_k=64, gemv=True)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("gemv", [True, False])
 def test_zero_point_of_two_to_the_bits(triton_kernels, make_linear, bits, gemv):
     # v1 checkpoints store z - 1; all-ones stored zeros read back as z = 2^bits.
