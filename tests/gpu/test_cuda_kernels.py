@@ -91,7 +91,7 @@ def test_matmul_variants(kernels, bits, variant):
     assert rel(got, dequant_matmul_ref(x.float(), **lin, bits=bits)) < TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("m", [1, 7])
 def test_zero_point_of_two_to_the_bits(kernels, bits, m):
     # v1 checkpoints store z - 1: all-ones stored zeros mean z = 2^bits (once misread at 8 bits).
@@ -101,6 +101,41 @@ def test_zero_point_of_two_to_the_bits(kernels, bits, m):
     x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
     got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=128, sorted_groups=True)
     assert rel(got, dequant_matmul_ref(x.float(), **lin, bits=bits)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("gemv", [True, False])
+def test_split_k_in_one_launch_is_exact_every_time(kernels, gemv):
+    """Many programs meet at each tile's counter: every call must give the same bits (the parts are
+    added in split order by whichever program arrives last) and leave the counters at zero."""
+    tm, _ = kernels
+    k, n = 4096, 2048
+    lin = packed(n, k, 4, 128, seed=3)
+    x = torch.randn(1 if gemv else 9, k, device="cuda", dtype=torch.bfloat16)
+    cfg = tm.MatmulConfig(1 if gemv else 16, 32, 128, split_k=32, gemv=gemv)
+    first = tm.dequant_matmul_triton(x, **lin, bits=4, group_size=128, sorted_groups=True, config=cfg)
+    for _ in range(50):
+        again = tm.dequant_matmul_triton(x, **lin, bits=4, group_size=128, sorted_groups=True, config=cfg)
+        assert torch.equal(again, first)
+    torch.cuda.synchronize()
+    assert not any(buf.any() for buf in tm._SPLIT_COUNTERS.values())
+    assert rel(first, dequant_matmul_ref(x.float(), **lin, bits=4)) < TOL[torch.bfloat16]
+
+
+def test_split_k_under_cuda_graph_replay(kernels):
+    tm, _ = kernels
+    lin = packed(1024, 2048, 3, 128, seed=5)
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    want = tm.dequant_matmul_triton(x, **lin, bits=3, group_size=128, sorted_groups=True)  # compiles
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        out = tm.dequant_matmul_triton(x, **lin, bits=3, group_size=128, sorted_groups=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
 
 
 @pytest.mark.parametrize("bits", BITS)
