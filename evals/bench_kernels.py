@@ -259,12 +259,18 @@ def moe_candidates(slots: int, experts: int, hidden: int, inter: int, device: to
     out = []
     if slots <= 2 * experts:
         for bn, bk, warps in [(64, 128, 4), (128, 128, 4), (64, 64, 2), (32, 128, 2)]:
-            splits = {1}
+            splits = {(1, 1)}  # (down, gate/up)
             for target in (programs, 2 * programs, 4 * programs):
-                splits.add(split_for(inter, bk, slots * triton.cdiv(hidden, bn), target))
-            out += [MoeConfig(1, bn, bk, bk, sp, warps, 3, gemv=True) for sp in sorted(splits)]
+                down = split_for(inter, bk, slots * triton.cdiv(hidden, bn), target)
+                splits.add((down, 1))
+                splits.add((down, split_for(hidden, bk, slots * triton.cdiv(inter, bn), target)))
+            out += [
+                MoeConfig(1, bn, bk, bk, sp, warps, 3, gemv=True, split_k_gate_up=sp13)
+                for sp, sp13 in sorted(splits)
+            ]
             sp = split_for(inter, bk, slots * triton.cdiv(hidden, bn), 4 * programs)
-            out.append(MoeConfig(1, bn, bk, bk, sp, warps, 1, gemv=True))
+            sp13 = split_for(hidden, bk, slots * triton.cdiv(inter, bn), 4 * programs)
+            out.append(MoeConfig(1, bn, bk, bk, sp, warps, 1, gemv=True, split_k_gate_up=sp13))
     if slots >= 8:
         per_expert = slots / experts
         bm = 16 if per_expert <= 16 else 32

@@ -50,7 +50,7 @@ UNIT_STRIDES = {
     "stride_oi",
     "stride_oh",
 }
-UNALIGNED_INTS = {"M", "num_slots", "top_k", "stride_ge"}
+UNALIGNED_INTS = {"M", "num_slots", "top_k", "stride_ge", "splits"}
 
 
 def _cuobjdump() -> str:

@@ -232,24 +232,35 @@ def dot_dequant(
 
 
 @triton.jit
+def last_to_arrive(count_ptr, tile, arrivals):
+    """Whether this program is the last of ``arrivals`` to reach the counter ``count_ptr + tile``
+    (zero before the launch); the last one sets it back to zero for the next launch.
+
+    What every thread of a program stored before the call is visible to the last program after it:
+    the counter moves with release and acquire semantics after a barrier across the program.
+    """
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    last = arrived == arrivals - 1
+    if last:
+        tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.jit
 def store_split(acc, out_ptrs, mask, ws_ptr, ws_offs, split_stride, count_ptr, tile, pid_k, splits):
     """Finish one split-K program's part ``acc`` of an output tile, in the same launch.
 
     The part goes to ``ws_ptr + pid_k * split_stride + ws_offs`` (float32 workspace); the program
-    that arrives last at the tile's counter ``count_ptr + tile`` (zero before the launch) adds the
-    ``splits`` parts in split order, so results do not depend on timing, stores the sum in the
-    output's dtype and sets the counter back to zero for the next launch.
+    that arrives last at the tile's counter adds the ``splits`` parts in split order, so results
+    do not depend on timing, and stores the sum in the output's dtype.
     """
     tl.store(ws_ptr + pid_k * split_stride + ws_offs, acc, mask=mask)
-    # Every thread's part is written before the counter moves (release), and read after (acquire).
-    tl.debug_barrier()
-    arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    if arrived == splits - 1:
+    if last_to_arrive(count_ptr, tile, splits):
         total = tl.zeros(acc.shape, tl.float32)
         for i in range(splits):
             total += tl.load(ws_ptr + i * split_stride + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
         tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
-        tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit

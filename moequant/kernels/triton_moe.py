@@ -10,8 +10,9 @@ expert and each expert's run is padded to a multiple of ``BLOCK_M``, so that eve
    atomically), and the ``k`` slots of each token are summed afterwards.
 
 When experts see at most two tokens each (decode), the same two steps run without sorting, one
-routed slot per program with the GEMV inner loop of :mod:`moequant.kernels.triton_matmul`, the
-down step adding each slot's weighted output straight into its token's row.
+routed slot per program with the GEMV inner loop of :mod:`moequant.kernels.triton_matmul`; split-K
+parts and a token's ``k`` slots meet in a float32 workspace, summed in order by the last program
+to arrive, which writes the output in the activation dtype (two launches in all).
 
 Experts without tokens get no blocks and are never read. Import after ``TRITON_INTERPRET`` is set.
 """
@@ -33,7 +34,9 @@ from moequant.kernels.triton_matmul import (
     dot_dtype,
     gemv_row,
     group_mode,
+    last_to_arrive,
     pick_block_k,
+    split_counters,
     split_for,
     stages_for,
 )
@@ -257,6 +260,8 @@ def _moe_gemv_gate_up_kernel(
     g_ptr,
     out_ptr,
     ids_ptr,
+    ws_ptr,
+    count_ptr,
     top_k,
     H,
     inter,
@@ -277,6 +282,8 @@ def _moe_gemv_gate_up_kernel(
     stride_os,
     stride_oi,
     group_size,
+    k_per_split,
+    splits,
     BITS: tl.constexpr,
     GROUP_MODE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -285,31 +292,51 @@ def _moe_gemv_gate_up_kernel(
     EVEN: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """Decode form of the gate/up kernel: one routed slot per program (grid ``[T*k, I blocks]``),
-    :func:`gemv_row` for the gate and up columns, ``silu(gate) * up`` stored for the slot."""
+    """Decode form of the gate/up kernel: one routed slot per program (grid ``[T*k, I blocks,
+    splits]``), :func:`gemv_row` for the gate and up columns, ``silu(gate) * up`` stored for the
+    slot. With split-K, gate and up parts meet in the float32 workspace ``[splits, T*k, 2I]`` and
+    the last program of a tile adds them in split order before the product."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     e = tl.load(ids_ptr + slot).to(tl.int64)
     x_row = x_ptr + (slot // top_k) * stride_xt
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < inter
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, H)
     qw_e = qw_ptr + e * stride_qe
     qz_e = qz_ptr + e * stride_ze
     s_e = s_ptr + e * stride_se
     g_e = g_ptr + e * stride_ge
     gate = gemv_row(
-        x_row, stride_xh, qw_e, qz_e, s_e, g_e, offs_n, inter, 0, H, k_words, n_words,
+        x_row, stride_xh, qw_e, qz_e, s_e, g_e, offs_n, inter, k_lo, k_hi, k_words, n_words,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
         BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES,
     )  # fmt: skip
     up = gemv_row(
-        x_row, stride_xh, qw_e, qz_e, s_e, g_e, offs_n + inter, 2 * inter, 0, H, k_words, n_words,
+        x_row, stride_xh, qw_e, qz_e, s_e, g_e, offs_n + inter, 2 * inter, k_lo, k_hi, k_words, n_words,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
         BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES,
     )  # fmt: skip
-    h = gate * tl.sigmoid(gate) * up
-    tl.store(
-        out_ptr + slot * stride_os + offs_n * stride_oi, h.to(out_ptr.dtype.element_ty), mask=offs_n < inter
-    )
+    out_ptrs = out_ptr + slot * stride_os + offs_n * stride_oi
+    if splits == 1:
+        tl.store(out_ptrs, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        row = 2 * inter
+        split_stride = tl.num_programs(0) * row
+        ws_gate = ws_ptr + slot * row + offs_n
+        tl.store(ws_gate + pid_k * split_stride, gate, mask=mask_n)
+        tl.store(ws_gate + pid_k * split_stride + inter, up, mask=mask_n)
+        if last_to_arrive(count_ptr, slot * tl.num_programs(1) + pid_n, splits):
+            gate = tl.zeros((BLOCK_N,), tl.float32)
+            up = tl.zeros((BLOCK_N,), tl.float32)
+            for i in range(splits):
+                gate += tl.load(ws_gate + i * split_stride, mask=mask_n, other=0.0, cache_modifier=".cg")
+                up += tl.load(
+                    ws_gate + i * split_stride + inter, mask=mask_n, other=0.0, cache_modifier=".cg"
+                )
+            tl.store(out_ptrs, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -322,6 +349,8 @@ def _moe_gemv_down_kernel(
     out_ptr,
     weight_ptr,
     ids_ptr,
+    ws_ptr,
+    count_ptr,
     top_k,
     inter,
     H,
@@ -343,6 +372,7 @@ def _moe_gemv_down_kernel(
     stride_oh,
     group_size,
     k_per_split,
+    splits,
     BITS: tl.constexpr,
     GROUP_MODE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -352,13 +382,15 @@ def _moe_gemv_down_kernel(
     STAGES: tl.constexpr,
 ):
     """Decode form of the down kernel: one routed slot per program (grid ``[T*k, H blocks,
-    splits]``); the routing weight applied, each slot's part added atomically into its token's
-    float32 output row."""
+    splits]``), the routing weight applied. A token's ``k`` slots and their splits meet in the
+    float32 workspace ``[splits, T*k, H]``; the last of them to arrive adds the parts (slots, then
+    splits, in order) and stores the token's output row in its dtype."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     e = tl.load(ids_ptr + slot).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < H
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, inter)
     acc = gemv_row(
@@ -368,13 +400,26 @@ def _moe_gemv_down_kernel(
         BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES,
     )  # fmt: skip
     acc = acc * tl.load(weight_ptr + slot).to(tl.float32)
-    out_ptrs = out_ptr + (slot // top_k) * stride_ot + offs_n * stride_oh
-    tl.atomic_add(out_ptrs, acc, mask=offs_n < H)
+    token = slot // top_k
+    out_ptrs = out_ptr + token * stride_ot + offs_n * stride_oh
+    if top_k * splits == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        split_stride = tl.num_programs(0) * H
+        tl.store(ws_ptr + pid_k * split_stride + slot * H + offs_n, acc, mask=mask_n)
+        if last_to_arrive(count_ptr, token * tl.num_programs(1) + pid_n, top_k * splits):
+            total = tl.zeros((BLOCK_N,), tl.float32)
+            for j in range(top_k):
+                ws_row = ws_ptr + (token * top_k + j) * H + offs_n
+                for i in range(splits):
+                    total += tl.load(ws_row + i * split_stride, mask=mask_n, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @dataclass(frozen=True)
 class MoeConfig:
-    """Tile sizes of the two MoE kernels; ``split_k`` applies to the down projection.
+    """Tile sizes of the two MoE kernels; ``split_k`` applies to the down projection,
+    ``split_k_gate_up`` to the decode kernels' gate/up projection.
 
     ``gemv=True`` selects the decode kernels (one routed slot per program, no ``tl.dot``, no
     sorting); they take ``block_m=1``.
@@ -388,6 +433,7 @@ class MoeConfig:
     num_warps: int = 4
     num_stages: int = 3
     gemv: bool = False
+    split_k_gate_up: int = 1
 
     def __post_init__(self) -> None:
         if self.gemv:
@@ -398,8 +444,12 @@ class MoeConfig:
             check_tiles(16, self.block_n, self.block_k_gate_up, self.block_k_down)
         else:
             check_tiles(self.block_m, self.block_n, self.block_k_gate_up, self.block_k_down)
-        if self.split_k < 1:
-            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+        if self.split_k < 1 or self.split_k_gate_up < 1:
+            raise ValueError(
+                f"split_k and split_k_gate_up must be >= 1, got {self.split_k}, {self.split_k_gate_up}"
+            )
+        if self.split_k_gate_up > 1 and not self.gemv:
+            raise ValueError("split_k_gate_up is for the decode kernels (gemv=True)")
 
 
 MOE_GEMV_MAX_SLOTS_PER_EXPERT = 2.0  # up to this many routed slots per expert, the decode kernels
@@ -418,15 +468,17 @@ def pick_moe_config(
     """Tiles for ``slots = T * k`` routed slots, from tile sweeps on an H200: the decode kernels
     while experts see two tokens or fewer each (re-reading an expert per slot still beats 16-row
     tiles there; narrow column blocks for a single token, except for 3 bits, whose unpacking
-    needs the registers), small row blocks when experts see few tokens."""
+    needs the registers; both projections split along K to about four programs per SM), small
+    row blocks when experts see few tokens."""
     per_expert = slots / max(num_experts, 1)
     if per_expert <= MOE_GEMV_MAX_SLOTS_PER_EXPERT:
         bk13 = pick_block_k(group_w13, 128)
         bk2 = pick_block_k(group_w2, 128)
         bn, warps = (32, 2) if slots <= 4 and bits != 3 else (128, 4)
-        tiles = slots * triton.cdiv(hidden, bn)
-        split = split_for(inter, bk2, tiles, 4 * device_programs(device))
-        return MoeConfig(1, bn, bk13, bk2, split, num_warps=warps, gemv=True)
+        target = 4 * device_programs(device)
+        split = split_for(inter, bk2, slots * triton.cdiv(hidden, bn), target)
+        split13 = split_for(hidden, bk13, slots * triton.cdiv(inter, bn), target)
+        return MoeConfig(1, bn, bk13, bk2, split, num_warps=warps, gemv=True, split_k_gate_up=split13)
     block_m = 16 if per_expert <= 16 else (32 if per_expert <= 64 else 64)
     block_n = 64
     bk13 = pick_block_k(group_w13, 64 if block_m == 64 else 128)
@@ -497,8 +549,7 @@ def fused_moe_triton(
     )  # fmt: skip
 
     mode2, g2, gs2 = _groups(w2, cfg.block_k_down)
-    k_per_split = triton.cdiv(triton.cdiv(inter, cfg.split_k), cfg.block_k_down) * cfg.block_k_down
-    split = triton.cdiv(inter, k_per_split)
+    k_per_split, split = _k_split(inter, cfg.split_k, cfg.block_k_down)
     y = torch.zeros(slots, hidden, device=x.device, dtype=torch.float32)
     weights = topk_weights.reshape(-1)
     _moe_down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n), split)](
@@ -534,35 +585,48 @@ def _fused_moe_gemv(
 
     mode13, g13, gs13 = _groups(w13, cfg.block_k_gate_up)
     h = x.new_empty(slots, inter)
+    kps13, split13 = _k_split(hidden, cfg.split_k_gate_up, cfg.block_k_gate_up)
+    grid13 = (slots, triton.cdiv(inter, cfg.block_n), split13)
+    ws13 = torch.empty(split13, slots, 2 * inter, device=x.device, dtype=torch.float32) if split13 > 1 else h
+    counts13 = split_counters(x.device, slots * grid13[1]) if split13 > 1 else ids
     even13 = hidden % cfg.block_k_gate_up == 0 and inter % cfg.block_n == 0
-    _moe_gemv_gate_up_kernel[(slots, triton.cdiv(inter, cfg.block_n))](
-        x, w13.qweight, w13.qzeros, w13.scales, g13, h, ids,
+    _moe_gemv_gate_up_kernel[grid13](
+        x, w13.qweight, w13.qzeros, w13.scales, g13, h, ids, ws13, counts13,
         top_k, hidden, inter, w13.qweight.shape[1], w13.qzeros.shape[2],
         x.stride(0), x.stride(1),
         w13.qweight.stride(0), w13.qweight.stride(1), w13.qweight.stride(2),
         w13.qzeros.stride(0), w13.qzeros.stride(1), w13.qzeros.stride(2),
         w13.scales.stride(0), w13.scales.stride(1), w13.scales.stride(2),
-        gs13, h.stride(0), h.stride(1), w13.group_size,
+        gs13, h.stride(0), h.stride(1), w13.group_size, kps13, split13,
         BITS=w13.bits, GROUP_MODE=mode13, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k_gate_up,
         ASM=asm, EVEN=even13, STAGES=stages_for(mode13, cfg.num_stages),
         num_warps=cfg.num_warps, num_stages=stages_for(mode13, cfg.num_stages),
     )  # fmt: skip
 
     mode2, g2, gs2 = _groups(w2, cfg.block_k_down)
-    k_per_split = triton.cdiv(triton.cdiv(inter, cfg.split_k), cfg.block_k_down) * cfg.block_k_down
-    split = triton.cdiv(inter, k_per_split)
-    y = torch.zeros(t, hidden, device=x.device, dtype=torch.float32)
+    kps2, split2 = _k_split(inter, cfg.split_k, cfg.block_k_down)
+    grid2 = (slots, triton.cdiv(hidden, cfg.block_n), split2)
+    y = x.new_empty(t, hidden)
+    parts = top_k * split2 > 1
+    ws2 = torch.empty(split2, slots, hidden, device=x.device, dtype=torch.float32) if parts else y
+    counts2 = split_counters(x.device, t * grid2[1]) if parts else ids
     even2 = inter % cfg.block_k_down == 0 and hidden % cfg.block_n == 0
-    _moe_gemv_down_kernel[(slots, triton.cdiv(hidden, cfg.block_n), split)](
-        h, w2.qweight, w2.qzeros, w2.scales, g2, y, topk_weights.reshape(-1), ids,
+    _moe_gemv_down_kernel[grid2](
+        h, w2.qweight, w2.qzeros, w2.scales, g2, y, topk_weights.reshape(-1), ids, ws2, counts2,
         top_k, inter, hidden, w2.qweight.shape[1], w2.qzeros.shape[2],
         h.stride(0), h.stride(1),
         w2.qweight.stride(0), w2.qweight.stride(1), w2.qweight.stride(2),
         w2.qzeros.stride(0), w2.qzeros.stride(1), w2.qzeros.stride(2),
         w2.scales.stride(0), w2.scales.stride(1), w2.scales.stride(2),
-        gs2, y.stride(0), y.stride(1), w2.group_size, k_per_split,
+        gs2, y.stride(0), y.stride(1), w2.group_size, kps2, split2,
         BITS=w2.bits, GROUP_MODE=mode2, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k_down,
         ASM=asm, EVEN=even2, STAGES=stages_for(mode2, cfg.num_stages),
         num_warps=cfg.num_warps, num_stages=stages_for(mode2, cfg.num_stages),
     )  # fmt: skip
-    return y.to(x.dtype)
+    return y
+
+
+def _k_split(k: int, split_k: int, block_k: int) -> tuple[int, int]:
+    """``(K per split, splits)`` for a requested split: whole ``block_k`` tiles per split."""
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    return k_per_split, triton.cdiv(k, k_per_split)

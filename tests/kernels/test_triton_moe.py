@@ -117,16 +117,19 @@ def test_many_tokens_per_expert(triton_kernels, make_experts, bits):
 
 
 @pytest.mark.parametrize(
-    ("bits", "case", "shuffled", "split"),
-    [(b, "uneven_top2", False, 1) for b in BITS]
-    + [(b, "single_top1", False, 3) for b in BITS]
-    + [(3, "uneven_top2", True, 2)],
+    ("bits", "case", "shuffled", "split", "split_gate_up"),
+    [(b, "uneven_top2", False, 1, 1) for b in BITS]
+    + [(b, "single_top1", False, 3, 1) for b in BITS]
+    + [(b, "uneven_top2", False, 2, 3) for b in BITS]
+    + [(3, "uneven_top2", True, 2, 2), (4, "single_top1", False, 1, 2)],
 )
-def test_decode_kernels_match_reference(triton_kernels, make_experts, bits, case, shuffled, split):
+def test_decode_kernels_match_reference(
+    triton_kernels, make_experts, bits, case, shuffled, split, split_gate_up
+):
     _, tmoe = triton_kernels
     w13, w2 = _experts(make_experts, bits, shuffled=shuffled)
     x, ids, weights = _routing(case)
-    cfg = tmoe.MoeConfig(block_m=1, block_n=32, block_k_gate_up=32, block_k_down=64, split_k=split, gemv=True)
+    cfg = tmoe.MoeConfig(1, 32, 32, 64, split_k=split, gemv=True, split_k_gate_up=split_gate_up)
     got = tmoe.fused_moe_triton(x, ids, weights, w13, w2, config=cfg)
     assert got.shape == x.shape and got.dtype == x.dtype
     torch.testing.assert_close(got, fused_moe_ref(x, ids, weights, w13, w2), rtol=1e-4, atol=1e-4)
@@ -144,6 +147,24 @@ def test_decode_kernels_half_precision(triton_kernels, make_experts, dtype, tol)
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 
+def test_decode_kernels_finish_in_one_launch_and_reset_their_counters(
+    triton_kernels, make_experts, monkeypatch
+):
+    """Gate/up split-K parts, and a token's k slots times the down splits, meet at per-tile
+    counters: the same bits on every call, the reference result, and the counters zero after."""
+    _, tmoe = triton_kernels
+    shared = torch.zeros(256, dtype=torch.int32)
+    monkeypatch.setattr(tmoe, "split_counters", lambda device, count: shared[:count])
+    w13, w2 = _experts(make_experts, 4)
+    x, ids, weights = _routing("uneven_top2")
+    cfg = tmoe.MoeConfig(1, 32, 32, 64, split_k=2, gemv=True, split_k_gate_up=2)
+    first = tmoe.fused_moe_triton(x, ids, weights, w13, w2, config=cfg)
+    assert not shared.any()
+    second = tmoe.fused_moe_triton(x, ids, weights, w13, w2, config=cfg)
+    assert not shared.any() and torch.equal(first, second)
+    torch.testing.assert_close(first, fused_moe_ref(x, ids, weights, w13, w2), rtol=1e-4, atol=1e-4)
+
+
 def test_decode_kernels_only_for_few_tokens_per_expert(triton_kernels):
     _, tmoe = triton_kernels
     cpu = torch.device("cpu")
@@ -151,3 +172,5 @@ def test_decode_kernels_only_for_few_tokens_per_expert(triton_kernels):
     assert not tmoe.pick_moe_config(64, 8, 4096, 14336, 128, 128, cpu).gemv
     with pytest.raises(ValueError, match="block_m must be 1"):
         tmoe.MoeConfig(block_m=16, block_n=64, block_k_gate_up=64, block_k_down=64, gemv=True)
+    with pytest.raises(ValueError, match="split_k_gate_up is for the decode kernels"):
+        tmoe.MoeConfig(16, 64, 64, 64, split_k_gate_up=2)
