@@ -154,6 +154,22 @@ def test_fused_moe(kernels, bits, tokens):
     assert rel(got, fused_moe_ref(x.float(), ids, weights, w13, w2)) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_moe_decode_in_two_launches_is_exact_every_time(kernels, tokens):
+    _, tmoe = kernels
+    e, hidden, inter = 8, 1024, 2048
+    w13 = PackedExperts.stack([packed(2 * inter, hidden, 4, 128, seed=i) for i in range(e)], 4, 128)
+    w2 = PackedExperts.stack([packed(hidden, inter, 4, 128, seed=50 + i) for i in range(e)], 4, 128)
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    weights, ids = torch.softmax(torch.randn(tokens, e, device="cuda", generator=gen), -1).topk(2, dim=-1)
+    x = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
+    cfg = tmoe.MoeConfig(1, 64, 128, 128, split_k=8, gemv=True, split_k_gate_up=8)
+    first = tmoe.fused_moe_triton(x, ids, weights, w13, w2, config=cfg)
+    for _ in range(30):
+        assert torch.equal(tmoe.fused_moe_triton(x, ids, weights, w13, w2, config=cfg), first)
+    assert rel(first, fused_moe_ref(x.float(), ids, weights, w13, w2)) < TOL[torch.bfloat16]
+
+
 def test_loaded_model_matches_torch_backend(tmp_path):
     from moequant.loading import load
     from moequant.pipeline import compress
