@@ -193,6 +193,10 @@ def matmul_candidates(m: int, n: int, k: int, device: torch.device) -> list:
         for bm_, bn, bk, warps, stages in tiles:
             splits = {1, split_for(k, bk, triton.cdiv(m, bm_) * triton.cdiv(n, bn), programs)}
             out += [MatmulConfig(bm_, bn, bk, sp, warps, stages) for sp in sorted(splits)]
+        if m <= 64:  # the weights as the dot's left operand
+            for bm_, bn, bk, warps in [(bm, 128, 128, 4), (bm, 128, 64, 4), (bm, 64, 128, 4)]:
+                splits = {1, split_for(k, bk, triton.cdiv(m, bm_) * triton.cdiv(n, bn), programs)}
+                out += [MatmulConfig(bm_, bn, bk, sp, warps, 3, weights_left=True) for sp in sorted(splits)]
     return out
 
 

@@ -5,7 +5,7 @@ shared memory, and the instruction mix of its main K loop, with the loop's instr
 weight per thread (fewer is better: decode is bound by bytes only when this is small). Uses
 Triton's ahead-of-time compiler and the ``cuobjdump`` bundled with Triton.
 
-    python evals/kernel_sass.py [--arch 90] [--kernels gemv,dot,moe_gemv] [--bits 2 3 4 8]
+    python evals/kernel_sass.py [--arch 90] [--kernels gemv,dot,wleft,moe_gemv] [--bits 2 3 4 8]
 """
 
 from __future__ import annotations
@@ -166,6 +166,29 @@ def variants(kernels: set[str], bits_list: list[int]):
                     stages,
                     bn * bk,
                 )
+        if "wleft" in kernels:
+            for bm, bn, bk, warps, stages in [
+                (16, 128, 128, 4, 3),
+                (16, 128, 64, 4, 3),
+                (32, 128, 64, 4, 3),
+                (64, 128, 64, 4, 3),
+            ]:
+                yield (
+                    f"wleft {bits}-bit m{bm} n{bn} k{bk} w{warps} s{stages}",
+                    tm._weights_left_kernel,
+                    dict(
+                        BITS=bits,
+                        BLOCK_M=bm,
+                        BLOCK_N=bn,
+                        BLOCK_K=bk,
+                        SPLIT_K=True,
+                        STAGES=stages,
+                        DOT_F32=False,
+                    ),
+                    warps,
+                    stages,
+                    bn * bk,
+                )
         if "moe_gemv" in kernels:
             for name, fn in [
                 ("gate_up", tmoe._moe_gemv_gate_up_kernel),
@@ -205,7 +228,7 @@ def variants(kernels: set[str], bits_list: list[int]):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
-    ap.add_argument("--kernels", default="gemv,dot,moe_gemv,moe_dot")
+    ap.add_argument("--kernels", default="gemv,dot,wleft,moe_gemv,moe_dot")
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
     args = ap.parse_args(argv)
     failures = 0

@@ -8,6 +8,9 @@ word). Three forms, chosen by :func:`dequant_matmul_triton` from the row count:
 
 - one row (decode): the GEMV kernel, products and sums in float32 registers without ``tl.dot``
   (:func:`gemv_row`);
+- a few rows (batched decode), 16-bit activations: ``tl.dot`` with the weight tile as the left
+  operand, codes read as 16-bit floats and the zero taken off after the dot
+  (``_weights_left_kernel``);
 - up to ``DEQUANT_MIN_ROWS``: ``tl.dot`` on the unpacked ``q - z`` tile with float32
   accumulation, the group's scale applied to the product (:func:`dot_dequant`);
 - more rows (prefill): ``W^T`` written once in the activation dtype, then torch's matmul.
@@ -329,6 +332,177 @@ def _dequant_matmul_kernel(
     out_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K:
         ws_offs = offs_m[:, None] * N + offs_n[None, :]
+        store_split(acc, out_ptrs, out_mask, ws_ptr, ws_offs, M * N, count_ptr, pid, pid_k, splits)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _value(w0, w1, w2, j: tl.constexpr, BITS: tl.constexpr):
+    """Value ``j`` of a block of packed words ``w0, w1, w2 [N, R]`` (uint32; 3 bits: 32 values in
+    three words, else ``32 / BITS`` in ``w0``): stream bits ``[j * BITS, (j + 1) * BITS)``."""
+    if BITS * j < 32:
+        lo = w0
+        hi = w1
+    elif BITS * j < 64:
+        lo = w1
+        hi = w2
+    else:
+        lo = w2
+        hi = w2
+    v = lo >> (BITS * j % 32)
+    if BITS * j % 32 + BITS > 32:
+        v = v | (hi << (32 - BITS * j % 32))
+    return v & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _pair(w0, w1, w2, j: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(_value(w0, w1, w2, j, BITS), _value(w0, w1, w2, j + 1, BITS))
+
+
+@triton.jit
+def _quad(w0, w1, w2, j: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(_pair(w0, w1, w2, j, BITS), _pair(w0, w1, w2, j + 2, BITS))
+
+
+@triton.jit
+def _oct(w0, w1, w2, j: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(_quad(w0, w1, w2, j, BITS), _quad(w0, w1, w2, j + 4, BITS))
+
+
+@triton.jit
+def _hex(w0, w1, w2, j: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(_oct(w0, w1, w2, j, BITS), _oct(w0, w1, w2, j + 8, BITS))
+
+
+@triton.jit
+def _codes_nk(w0, w1, w2, BITS: tl.constexpr):
+    """Codes ``[N, R * V]`` (uint32) of word blocks ``w0, w1, w2 [N, R]``, ``V`` values per block
+    (32 at 3 bits, else ``32 / BITS``), value ``v`` of block ``r`` at column ``r * V + v``.
+
+    The values of a block are joined into new trailing axes, one per bit of ``v`` (lowest first),
+    then those axes are reversed and merged: every value stays in the register of the thread that
+    loaded its word.
+    """
+    n: tl.constexpr = w0.shape[0]
+    r: tl.constexpr = w0.shape[1]
+    if BITS == 8:
+        t = tl.permute(_quad(w0, w1, w2, 0, BITS), (0, 1, 3, 2))
+        return tl.reshape(t, (n, r * 4))
+    elif BITS == 4:
+        t = tl.permute(_oct(w0, w1, w2, 0, BITS), (0, 1, 4, 3, 2))
+        return tl.reshape(t, (n, r * 8))
+    elif BITS == 2:
+        t = tl.permute(_hex(w0, w1, w2, 0, BITS), (0, 1, 5, 4, 3, 2))
+        return tl.reshape(t, (n, r * 16))
+    else:
+        t = tl.join(_hex(w0, w1, w2, 0, BITS), _hex(w0, w1, w2, 16, BITS))
+        t = tl.permute(t, (0, 1, 6, 5, 4, 3, 2))
+        return tl.reshape(t, (n, r * 32))
+
+
+@triton.jit
+def _weights_left_kernel(
+    x_ptr,
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    out_ptr,
+    ws_ptr,
+    count_ptr,
+    M,
+    N,
+    K,
+    k_words,
+    n_words,
+    stride_xm,
+    stride_xk,
+    stride_qk,
+    stride_qn,
+    stride_zg,
+    stride_zn,
+    stride_sg,
+    stride_sn,
+    stride_om,
+    stride_on,
+    group_size,
+    k_per_split,
+    splits,
+    BITS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    STAGES: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """``y^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, BLOCK_M]`` for 16-bit
+    activations, one group per K tile (grid ``[M blocks * N blocks, splits]``).
+
+    The weight tile is the dot's left operand, unpacked in the registers that loaded it. Codes
+    below 128 (2, 3, 4 bits) become the 16-bit floats ``c + q`` by ORing in the bits of ``c``
+    (128 in bfloat16, 1024 in float16), 8-bit codes are converted; the dot's float32 sums then
+    lose ``(c + z) * sum_k x`` per column and take the group's scale. ``DOT_F32``: widen both
+    operands to float32 first (the interpreter computes bfloat16 dots wrongly; the values are the
+    same).
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    per_block: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # values per block of words
+    words: tl.constexpr = 3 if BITS == 3 else 1  # words per block
+    blocks: tl.constexpr = BLOCK_K // per_block
+    x_dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(
+            x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None] * stride_xk,
+            mask=mask_m[None, :] & (offs_k < k_hi)[:, None],
+            other=0.0,
+        )
+        g = k0 // group_size
+        z = _load_zeros(qz_ptr + g * stride_zg, offs_n, mask_n, n_words, stride_zn, BITS).to(tl.float32)
+        s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+        row = (k0 // per_block + tl.arange(0, blocks)) * words
+        w_mask = mask_n[:, None] & (row < k_words)[None, :]
+        w_ptrs = qw_ptr + row[None, :] * stride_qk + offs_n[:, None] * stride_qn
+        w0 = tl.load(w_ptrs, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+        if BITS == 3:
+            w1 = tl.load(w_ptrs + stride_qk, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+            w2 = tl.load(w_ptrs + 2 * stride_qk, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+        else:
+            w1 = w0
+            w2 = w0
+        q = _codes_nk(w0, w1, w2, BITS)
+        if BITS == 8:
+            wq = q.to(tl.float32).to(x_dtype)
+            off = z
+        elif x_dtype == tl.bfloat16:
+            wq = (q.to(tl.int16) | 0x4300).to(x_dtype, bitcast=True)
+            off = z + 128.0
+        else:
+            wq = (q.to(tl.int16) | 0x6400).to(x_dtype, bitcast=True)
+            off = z + 1024.0
+        if DOT_F32:
+            part = tl.dot(wq.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+        else:
+            part = tl.dot(wq, xt)
+        sx = tl.sum(xt.to(tl.float32), axis=0)
+        acc += s[:, None] * (part - off[:, None] * sx[None, :])
+    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+    out_mask = mask_m[None, :] & mask_n[:, None]
+    if SPLIT_K:
+        ws_offs = offs_m[None, :] * N + offs_n[:, None]
         store_split(acc, out_ptrs, out_mask, ws_ptr, ws_offs, M * N, count_ptr, pid, pid_k, splits)
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -725,6 +899,8 @@ class MatmulConfig:
     """Tile sizes of one launch: powers of two, ``block_m, block_n >= 16``, ``block_k >= 32``.
 
     ``gemv=True`` selects the one-row-per-program kernel (no ``tl.dot``); it takes ``block_m=1``.
+    ``weights_left=True`` selects the dot kernel with the weight tile as the left operand (16-bit
+    activations and one group per K tile; other launches take the plain dot kernel).
     """
 
     block_m: int
@@ -734,6 +910,7 @@ class MatmulConfig:
     num_warps: int = 4
     num_stages: int = 3
     gemv: bool = False
+    weights_left: bool = False
 
     def __post_init__(self) -> None:
         if self.gemv:
@@ -742,6 +919,8 @@ class MatmulConfig:
                     f"the gemv kernel takes one row per program: block_m must be 1, got {self.block_m}"
                 )
             check_tiles(16, self.block_n, self.block_k)
+            if self.weights_left:
+                raise ValueError("gemv and weights_left are two different kernels: choose one")
         else:
             check_tiles(self.block_m, self.block_n, self.block_k)
         if self.split_k < 1:
@@ -786,15 +965,17 @@ def split_for(k: int, block_k: int, tiles: int, target_programs: int) -> int:
 
 def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> MatmulConfig:
     """Tile sizes for ``[m, k] @ [k, n]``, from tile sweeps on an H200 (evals/results/kernels-*.json):
-    the gemv kernel for one row with split-K to about four programs per SM, 16-row dot tiles with
-    split-K to two per SM up to 64 rows, larger tiles for prefill."""
+    the gemv kernel for one row with split-K to about four programs per SM; up to 16 rows dot
+    tiles with the weights as the left operand (not yet timed on a GPU: they replace 16-row dot
+    tiles that took 1.6x the instructions per weight), then plain dot tiles; split-K to two
+    programs per SM up to 64 rows."""
     if m <= GEMV_MAX_ROWS:
         bk = pick_block_k(group_size, 128)
         tiles = max(m, 1) * triton.cdiv(n, 128)
         split = split_for(k, bk, tiles, 2 * device_programs(device))
         return MatmulConfig(1, 128, bk, split, num_warps=4, num_stages=3, gemv=True)
     if m <= 16:
-        bm, bn, bk, warps, stages = 16, 128, 64, 4, 3
+        bm, bn, bk, warps, stages = 16, 128, 128, 4, 3
     elif m <= 64:
         bm, bn, bk, warps, stages = triton.next_power_of_2(m), 64, 128, 4, 3
     else:
@@ -802,7 +983,7 @@ def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device) -
     bk = pick_block_k(group_size, bk)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     split = split_for(k, bk, tiles, device_programs(device)) if m <= 64 else 1
-    return MatmulConfig(bm, bn, bk, split, warps, stages)
+    return MatmulConfig(bm, bn, bk, split, warps, stages, weights_left=m <= 16)
 
 
 _SPLIT_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
@@ -932,6 +1113,18 @@ def dequant_matmul_triton(
     # Split-K parts meet in a float32 workspace; the unused pointers are never read without it.
     ws = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if split > 1 else out
     counts = split_counters(x.device, grid[0] * m if cfg.gemv else grid[0]) if split > 1 else qweight
+    if cfg.weights_left and mode == GROUPS_PER_TILE and x.dtype in (torch.float16, torch.bfloat16):
+        _weights_left_kernel[grid](
+            x2, qweight, qzeros, scales, out, ws, counts,
+            m, n, k, qweight.shape[0], qzeros.shape[1],
+            x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
+            qzeros.stride(0), qzeros.stride(1), scales.stride(0), scales.stride(1),
+            out.stride(0), out.stride(1), group_size, k_per_split, split,
+            BITS=bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split > 1,
+            STAGES=cfg.num_stages, DOT_F32=x.device.type != "cuda",
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        return out.reshape(*x.shape[:-1], n)
     if cfg.gemv:
         _dequant_gemv_kernel[grid](
             x2, qweight, qzeros, scales, g_arg, out, ws, counts,

@@ -73,16 +73,30 @@ def test_matmul_default_config(kernels, bits, dtype, m, k, n):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize(
     "variant",
-    ["gemv_split", "gemv_rows_span_groups", "gemv_g_idx", "dot_split", "dot_rows_span_groups", "dot_g_idx"],
+    [
+        "gemv_split",
+        "gemv_rows_span_groups",
+        "gemv_g_idx",
+        "dot_split",
+        "dot_rows_span_groups",
+        "dot_g_idx",
+        "wleft_split",
+        "wleft",
+    ],
 )
 def test_matmul_variants(kernels, bits, variant):
     tm, _ = kernels
     k, n, group = 1024, 256, 32
     lin = packed(n, k, bits, group, seed=bits, shuffled=variant.endswith("g_idx"))
     gemv = variant.startswith("gemv")
-    block_k = 32 if variant.endswith("split") else 128
+    block_k = 32 if variant.endswith("split") or variant == "wleft" else 128
     cfg = tm.MatmulConfig(
-        1 if gemv else 16, 64, block_k, split_k=3 if variant.endswith("split") else 1, gemv=gemv
+        1 if gemv else 16,
+        64,
+        block_k,
+        split_k=3 if variant.endswith("split") else 1,
+        gemv=gemv,
+        weights_left=variant.startswith("wleft"),
     )
     x = torch.randn(1 if gemv else 7, k, device="cuda", dtype=torch.bfloat16)
     got = tm.dequant_matmul_triton(

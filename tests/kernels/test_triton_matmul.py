@@ -109,6 +109,38 @@ def test_split_k_finishes_in_one_launch_and_resets_its_counters(
     torch.testing.assert_close(first, dequant_matmul_ref(x, **lin, bits=4), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize(
+    ("m", "n", "block_m", "block_n", "split"), [(3, 96, 16, 64, 1), (17, 96, 32, 32, 3), (5, 64, 16, 16, 2)]
+)
+def test_weights_left_dot(triton_kernels, make_linear, bits, dtype, tol, m, n, block_m, block_n, split):
+    """The dot kernel with the weight tile on the left: codes read as 16-bit floats ``c + q``, the
+    zero taken off after the dot; partial row, column and split tiles."""
+    tm, _ = triton_kernels
+    k, group = 320, 64  # 5 K tiles: splits of 2 and 2 and 1
+    lin = make_linear(n, k, bits, group, seed=bits * 3 + m)
+    x = _x(m, k, seed=m).to(dtype)
+    cfg = tm.MatmulConfig(block_m, block_n, 64, split_k=split, weights_left=True)
+    got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=group, config=cfg)
+    assert got.dtype == dtype and got.shape == (m, n)
+    want = dequant_matmul_ref(x.float(), **lin, bits=bits)
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_weights_left_falls_back_where_it_does_not_apply(triton_kernels, make_linear):
+    """Float32 activations, groups inside a tile and a read ``g_idx`` take the plain dot kernel."""
+    tm, _ = triton_kernels
+    lin = make_linear(64, 128, 4, 32, seed=2, shuffled_groups=True)
+    cfg = tm.MatmulConfig(16, 32, 64, weights_left=True)
+    x = _x(3, 128, seed=2)
+    got = tm.dequant_matmul_triton(x, **lin, bits=4, group_size=32, sorted_groups=False, config=cfg)
+    torch.testing.assert_close(got, dequant_matmul_ref(x, **lin, bits=4), rtol=1e-4, atol=1e-4)
+    assert tm.pick_config(2, 4096, 4096, 128, torch.device("cpu")).weights_left
+    with pytest.raises(ValueError, match="choose one"):
+        tm.MatmulConfig(1, 32, 64, gemv=True, weights_left=True)
+
+
 def test_leading_dims_and_no_tokens(triton_kernels, make_linear):
     tm, _ = triton_kernels
     lin = make_linear(32, 64, 4, 32, seed=0)
