@@ -282,6 +282,11 @@ def moe_candidates(slots: int, experts: int, hidden: int, inter: int, device: to
             blocks = min(experts, slots) + triton.cdiv(slots, bm)
             splits = {1, split_for(inter, bk, blocks * triton.cdiv(hidden, bn), programs)}
             out += [MoeConfig(bm, bn, bk, bk, sp, warps, stages) for sp in sorted(splits)]
+        if bm == 16:  # the weights as the dots' left operand
+            for bn, bk in [(128, 128), (64, 128), (128, 64)]:
+                blocks = min(experts, slots) + triton.cdiv(slots, bm)
+                splits = {1, split_for(inter, bk, blocks * triton.cdiv(hidden, bn), programs)}
+                out += [MoeConfig(bm, bn, bk, bk, sp, 4, 3, weights_left=True) for sp in sorted(splits)]
     return out
 
 

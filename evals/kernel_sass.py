@@ -204,25 +204,27 @@ def variants(kernels: set[str], bits_list: list[int]):
                 )
         if "moe_dot" in kernels:
             for name, fn in [("gate_up", tmoe._moe_gate_up_kernel), ("down", tmoe._moe_down_kernel)]:
-                consts = dict(
-                    BITS=bits,
-                    GROUP_MODE=0,
-                    BLOCK_M=16,
-                    BLOCK_N=64,
-                    BLOCK_K=128,
-                    DOT_DTYPE=tl.bfloat16,
-                    IEEE_FP32=False,
-                )
-                if name == "down":
-                    consts["ATOMIC_ADD"] = True
-                yield (
-                    f"moe {name} dot {bits}-bit m16 n64 k128 w4",
-                    fn,
-                    consts,
-                    4,
-                    3,
-                    64 * 128 * (2 if name == "gate_up" else 1),
-                )
+                for left, bn in [(False, 64), (True, 128)]:
+                    consts = dict(
+                        BITS=bits,
+                        GROUP_MODE=0,
+                        BLOCK_M=16,
+                        BLOCK_N=bn,
+                        BLOCK_K=128,
+                        DOT_DTYPE=tl.bfloat16,
+                        IEEE_FP32=False,
+                        WEIGHTS_LEFT=left,
+                    )
+                    if name == "down":
+                        consts["ATOMIC_ADD"] = True
+                    yield (
+                        f"moe {name} dot{' wleft' if left else ''} {bits}-bit m16 n{bn} k128 w4",
+                        fn,
+                        consts,
+                        4,
+                        3,
+                        bn * 128 * (2 if name == "gate_up" else 1),
+                    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -403,6 +403,73 @@ def _codes_nk(w0, w1, w2, BITS: tl.constexpr):
 
 
 @triton.jit
+def dot_weights_left(
+    xt,
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    offs_n,
+    mask_n,
+    k0,
+    k_words,
+    n_words,
+    stride_qk,
+    stride_qn,
+    stride_zg,
+    stride_zn,
+    stride_sg,
+    stride_sn,
+    group_size,
+    BITS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """``W tile [BLOCK_N, BLOCK_K] @ xt [BLOCK_K, M]`` in float32 for 16-bit ``xt`` (zero rows
+    where there is no input), the tile's ``BLOCK_K`` inputs from ``k0`` in one group.
+
+    The weight tile is the dot's left operand, unpacked in the registers that loaded it. Codes
+    below 128 (2, 3, 4 bits) become the 16-bit floats ``c + q`` by ORing in the bits of ``c``
+    (128 in bfloat16, 1024 in float16), 8-bit codes are converted; the dot's float32 sums then
+    lose ``(c + z) * sum_k x`` per column and take the group's scale. ``DOT_F32``: widen both
+    operands to float32 first (the interpreter computes bfloat16 dots wrongly; the values are the
+    same).
+    """
+    per_block: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # values per block of words
+    words: tl.constexpr = 3 if BITS == 3 else 1  # words per block
+    blocks: tl.constexpr = BLOCK_K // per_block
+    x_dtype = xt.dtype
+    g = k0 // group_size
+    z = _load_zeros(qz_ptr + g * stride_zg, offs_n, mask_n, n_words, stride_zn, BITS).to(tl.float32)
+    s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+    row = (k0 // per_block + tl.arange(0, blocks)) * words
+    w_mask = mask_n[:, None] & (row < k_words)[None, :]
+    w_ptrs = qw_ptr + row[None, :] * stride_qk + offs_n[:, None] * stride_qn
+    w0 = tl.load(w_ptrs, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+    if BITS == 3:
+        w1 = tl.load(w_ptrs + stride_qk, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+        w2 = tl.load(w_ptrs + 2 * stride_qk, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+    else:
+        w1 = w0
+        w2 = w0
+    q = _codes_nk(w0, w1, w2, BITS)
+    if BITS == 8:
+        wq = q.to(tl.float32).to(x_dtype)
+        off = z
+    elif x_dtype == tl.bfloat16:
+        wq = (q.to(tl.int16) | 0x4300).to(x_dtype, bitcast=True)
+        off = z + 128.0
+    else:
+        wq = (q.to(tl.int16) | 0x6400).to(x_dtype, bitcast=True)
+        off = z + 1024.0
+    if DOT_F32:
+        part = tl.dot(wq.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+    else:
+        part = tl.dot(wq, xt)
+    sx = tl.sum(xt.to(tl.float32), axis=0)
+    return s[:, None] * (part - off[:, None] * sx[None, :])
+
+
+@triton.jit
 def _weights_left_kernel(
     x_ptr,
     qw_ptr,
@@ -438,15 +505,8 @@ def _weights_left_kernel(
     DOT_F32: tl.constexpr,
 ):
     """``y^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, BLOCK_M]`` for 16-bit
-    activations, one group per K tile (grid ``[M blocks * N blocks, splits]``).
-
-    The weight tile is the dot's left operand, unpacked in the registers that loaded it. Codes
-    below 128 (2, 3, 4 bits) become the 16-bit floats ``c + q`` by ORing in the bits of ``c``
-    (128 in bfloat16, 1024 in float16), 8-bit codes are converted; the dot's float32 sums then
-    lose ``(c + z) * sum_k x`` per column and take the group's scale. ``DOT_F32``: widen both
-    operands to float32 first (the interpreter computes bfloat16 dots wrongly; the values are the
-    same).
-    """
+    activations, one group per K tile (grid ``[M blocks * N blocks, splits]``), each tile by
+    :func:`dot_weights_left`."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -456,10 +516,6 @@ def _weights_left_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    per_block: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # values per block of words
-    words: tl.constexpr = 3 if BITS == 3 else 1  # words per block
-    blocks: tl.constexpr = BLOCK_K // per_block
-    x_dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
@@ -470,35 +526,11 @@ def _weights_left_kernel(
             mask=mask_m[None, :] & (offs_k < k_hi)[:, None],
             other=0.0,
         )
-        g = k0 // group_size
-        z = _load_zeros(qz_ptr + g * stride_zg, offs_n, mask_n, n_words, stride_zn, BITS).to(tl.float32)
-        s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
-        row = (k0 // per_block + tl.arange(0, blocks)) * words
-        w_mask = mask_n[:, None] & (row < k_words)[None, :]
-        w_ptrs = qw_ptr + row[None, :] * stride_qk + offs_n[:, None] * stride_qn
-        w0 = tl.load(w_ptrs, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
-        if BITS == 3:
-            w1 = tl.load(w_ptrs + stride_qk, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
-            w2 = tl.load(w_ptrs + 2 * stride_qk, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
-        else:
-            w1 = w0
-            w2 = w0
-        q = _codes_nk(w0, w1, w2, BITS)
-        if BITS == 8:
-            wq = q.to(tl.float32).to(x_dtype)
-            off = z
-        elif x_dtype == tl.bfloat16:
-            wq = (q.to(tl.int16) | 0x4300).to(x_dtype, bitcast=True)
-            off = z + 128.0
-        else:
-            wq = (q.to(tl.int16) | 0x6400).to(x_dtype, bitcast=True)
-            off = z + 1024.0
-        if DOT_F32:
-            part = tl.dot(wq.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-        else:
-            part = tl.dot(wq, xt)
-        sx = tl.sum(xt.to(tl.float32), axis=0)
-        acc += s[:, None] * (part - off[:, None] * sx[None, :])
+        acc += dot_weights_left(
+            xt, qw_ptr, qz_ptr, s_ptr, offs_n, mask_n, k0, k_words, n_words,
+            stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+            BITS, BLOCK_K, DOT_F32,
+        )  # fmt: skip
     out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
     out_mask = mask_m[None, :] & mask_n[:, None]
     if SPLIT_K:

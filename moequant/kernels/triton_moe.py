@@ -28,10 +28,12 @@ import triton.language as tl
 from moequant.kernels.packed import PackedExperts
 from moequant.kernels.reference import check_moe_shapes
 from moequant.kernels.triton_matmul import (
+    GROUPS_PER_TILE,
     check_tiles,
     device_programs,
     dot_dequant,
     dot_dtype,
+    dot_weights_left,
     gemv_row,
     group_mode,
     last_to_arrive,
@@ -126,7 +128,11 @@ def _moe_gate_up_kernel(
     BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     IEEE_FP32: tl.constexpr,
+    WEIGHTS_LEFT: tl.constexpr,
 ):
+    """One block of ``BLOCK_M`` sorted slots of one expert: ``silu(gate) * up``. ``WEIGHTS_LEFT``
+    (16-bit activations, one group per K tile): tiles by :func:`dot_weights_left`, ``DOT_DTYPE``
+    then says whether the interpreter widens them (float32)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(npad_ptr):
@@ -141,6 +147,50 @@ def _moe_gate_up_kernel(
     qz_e = qz_ptr + e * stride_ze
     s_e = s_ptr + e * stride_se
     g_e = g_ptr + e * stride_ge
+    if WEIGHTS_LEFT:
+        gate_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        up_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in tl.range(0, H, BLOCK_K, num_stages=3):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(
+                x_ptr + tok[None, :] * stride_xt + offs_k[:, None] * stride_xh,
+                mask=valid[None, :] & (offs_k < H)[:, None],
+                other=0.0,
+            )
+            gate_t += dot_weights_left(
+                xt, qw_e, qz_e, s_e, offs_n, mask_n, k0, k_words, n_words,
+                stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+                BITS, BLOCK_K, DOT_DTYPE == tl.float32,
+            )  # fmt: skip
+            up_t += dot_weights_left(
+                xt, qw_e, qz_e, s_e, offs_n + inter, mask_n, k0, k_words, n_words,
+                stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+                BITS, BLOCK_K, DOT_DTYPE == tl.float32,
+            )  # fmt: skip
+        acc_gate = tl.trans(gate_t)
+        acc_up = tl.trans(up_t)
+    else:
+        acc_gate, acc_up = _gate_up_dot(
+            x_ptr, tok, valid, qw_e, qz_e, s_e, g_e, offs_n, mask_n, H, inter, k_words, n_words,
+            stride_xt, stride_xh, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
+            group_size, BITS, GROUP_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, IEEE_FP32,
+        )  # fmt: skip
+    h = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    tl.store(
+        out_ptr + slot[:, None] * stride_os + offs_n[None, :] * stride_oi,
+        h.to(out_ptr.dtype.element_ty),
+        mask=valid[:, None] & mask_n[None, :],
+    )
+
+
+@triton.jit
+def _gate_up_dot(
+    x_ptr, tok, valid, qw_e, qz_e, s_e, g_e, offs_n, mask_n, H, inter, k_words, n_words,
+    stride_xt, stride_xh, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
+    group_size, BITS: tl.constexpr, GROUP_MODE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE_FP32: tl.constexpr,
+):  # fmt: skip
+    """Gate and up sums ``[BLOCK_M, BLOCK_N]`` of the token rows ``tok`` with :func:`dot_dequant`."""
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -161,12 +211,7 @@ def _moe_gate_up_kernel(
             stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
             BITS, GROUP_MODE, DOT_DTYPE, IEEE_FP32, BLOCK_K, BLOCK_N,
         )  # fmt: skip
-    h = acc_gate * tl.sigmoid(acc_gate) * acc_up
-    tl.store(
-        out_ptr + slot[:, None] * stride_os + offs_n[None, :] * stride_oi,
-        h.to(out_ptr.dtype.element_ty),
-        mask=valid[:, None] & mask_n[None, :],
-    )
+    return acc_gate, acc_up
 
 
 @triton.jit
@@ -210,7 +255,10 @@ def _moe_down_kernel(
     ATOMIC_ADD: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     IEEE_FP32: tl.constexpr,
+    WEIGHTS_LEFT: tl.constexpr,
 ):
+    """One block of ``BLOCK_M`` sorted slots of one expert, one split of K: the routing-weighted
+    down projection into float32 ``[T*k, H]`` (``WEIGHTS_LEFT`` as for the gate/up kernel)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -225,22 +273,38 @@ def _moe_down_kernel(
     qz_e = qz_ptr + e * stride_ze
     s_e = s_ptr + e * stride_se
     g_e = g_ptr + e * stride_ge
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, inter)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_hi
-        a = tl.load(
-            h_ptr + slot[:, None] * stride_hs + offs_k[None, :] * stride_hi,
-            mask=valid[:, None] & mask_k[None, :],
-            other=0.0,
-        ).to(DOT_DTYPE)
-        acc += dot_dequant(
-            a, qw_e, qz_e, s_e, g_e, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
-            stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-            BITS, GROUP_MODE, DOT_DTYPE, IEEE_FP32, BLOCK_K, BLOCK_N,
-        )  # fmt: skip
+    if WEIGHTS_LEFT:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=3):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            ht = tl.load(
+                h_ptr + slot[None, :] * stride_hs + offs_k[:, None] * stride_hi,
+                mask=valid[None, :] & (offs_k < k_hi)[:, None],
+                other=0.0,
+            )
+            acc_t += dot_weights_left(
+                ht, qw_e, qz_e, s_e, offs_n, mask_n, k0, k_words, n_words,
+                stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+                BITS, BLOCK_K, DOT_DTYPE == tl.float32,
+            )  # fmt: skip
+        acc = tl.trans(acc_t)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k_hi
+            a = tl.load(
+                h_ptr + slot[:, None] * stride_hs + offs_k[None, :] * stride_hi,
+                mask=valid[:, None] & mask_k[None, :],
+                other=0.0,
+            ).to(DOT_DTYPE)
+            acc += dot_dequant(
+                a, qw_e, qz_e, s_e, g_e, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
+                stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+                BITS, GROUP_MODE, DOT_DTYPE, IEEE_FP32, BLOCK_K, BLOCK_N,
+            )  # fmt: skip
     route_w = tl.load(weight_ptr + slot, mask=valid, other=0.0).to(tl.float32)
     acc = acc * route_w[:, None]
     out_ptrs = out_ptr + slot[:, None] * stride_os + offs_n[None, :] * stride_oh
@@ -422,7 +486,9 @@ class MoeConfig:
     ``split_k_gate_up`` to the decode kernels' gate/up projection.
 
     ``gemv=True`` selects the decode kernels (one routed slot per program, no ``tl.dot``, no
-    sorting); they take ``block_m=1``.
+    sorting); they take ``block_m=1``. ``weights_left=True``: the dot kernels take the weight tile
+    as the left operand (:func:`~moequant.kernels.triton_matmul.dot_weights_left`) where the
+    activations are 16-bit and a K tile lies in one group.
     """
 
     block_m: int
@@ -434,6 +500,7 @@ class MoeConfig:
     num_stages: int = 3
     gemv: bool = False
     split_k_gate_up: int = 1
+    weights_left: bool = False
 
     def __post_init__(self) -> None:
         if self.gemv:
@@ -450,6 +517,8 @@ class MoeConfig:
             )
         if self.split_k_gate_up > 1 and not self.gemv:
             raise ValueError("split_k_gate_up is for the decode kernels (gemv=True)")
+        if self.weights_left and self.gemv:
+            raise ValueError("weights_left is for the dot kernels, not the decode kernels (gemv=True)")
 
 
 MOE_GEMV_MAX_SLOTS_PER_EXPERT = 2.0  # up to this many routed slots per expert, the decode kernels
@@ -469,7 +538,8 @@ def pick_moe_config(
     while experts see two tokens or fewer each (re-reading an expert per slot still beats 16-row
     tiles there; narrow column blocks for a single token, except for 3 bits, whose unpacking
     needs the registers; both projections split along K to about four programs per SM), small
-    row blocks when experts see few tokens."""
+    row blocks when experts see few tokens (with 16 rows the weights on the dot's left, not yet
+    timed on a GPU)."""
     per_expert = slots / max(num_experts, 1)
     if per_expert <= MOE_GEMV_MAX_SLOTS_PER_EXPERT:
         bk13 = pick_block_k(group_w13, 128)
@@ -480,13 +550,13 @@ def pick_moe_config(
         split13 = split_for(hidden, bk13, slots * triton.cdiv(inter, bn), target)
         return MoeConfig(1, bn, bk13, bk2, split, num_warps=warps, gemv=True, split_k_gate_up=split13)
     block_m = 16 if per_expert <= 16 else (32 if per_expert <= 64 else 64)
-    block_n = 64
+    block_n = 128 if block_m == 16 else 64
     bk13 = pick_block_k(group_w13, 64 if block_m == 64 else 128)
     bk2 = pick_block_k(group_w2, 64 if block_m == 64 else 128)
     active_blocks = min(num_experts, slots) + triton.cdiv(slots, block_m)
     tiles = active_blocks * triton.cdiv(hidden, block_n)
     split = split_for(inter, bk2, tiles, device_programs(device)) if block_m <= 32 else 1
-    return MoeConfig(block_m, block_n, bk13, bk2, split)
+    return MoeConfig(block_m, block_n, bk13, bk2, split, weights_left=block_m <= 16)
 
 
 def _groups(w: PackedExperts, block_k: int) -> tuple[int, torch.Tensor, int]:
@@ -532,6 +602,7 @@ def fused_moe_triton(
         return _fused_moe_gemv(x, topk_ids, topk_weights, w13, w2, cfg)
     sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, w13.num_experts, cfg.block_m)
     num_blocks = expert_ids.numel()
+    half = x.dtype in (torch.float16, torch.bfloat16)
 
     mode13, g13, gs13 = _groups(w13, cfg.block_k_gate_up)
     h = x.new_empty(slots, inter)
@@ -545,6 +616,7 @@ def fused_moe_triton(
         gs13, h.stride(0), h.stride(1), w13.group_size,
         BITS=w13.bits, GROUP_MODE=mode13, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k_gate_up, DOT_DTYPE=dtype, IEEE_FP32=ieee,
+        WEIGHTS_LEFT=cfg.weights_left and mode13 == GROUPS_PER_TILE and half,
         num_warps=cfg.num_warps, num_stages=stages_for(mode13, cfg.num_stages),
     )  # fmt: skip
 
@@ -562,6 +634,7 @@ def fused_moe_triton(
         gs2, y.stride(0), y.stride(1), w2.group_size, k_per_split,
         BITS=w2.bits, GROUP_MODE=mode2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k_down, ATOMIC_ADD=split > 1, DOT_DTYPE=dtype, IEEE_FP32=ieee,
+        WEIGHTS_LEFT=cfg.weights_left and mode2 == GROUPS_PER_TILE and half,
         num_warps=cfg.num_warps, num_stages=stages_for(mode2, cfg.num_stages),
     )  # fmt: skip
     return y.view(t, top_k, hidden).sum(dim=1).to(x.dtype)

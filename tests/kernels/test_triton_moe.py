@@ -68,6 +68,25 @@ def test_half_precision_activations(triton_kernels, make_experts, bits, dtype, t
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("case", ["uneven_top2", "odd17_top2"])
+def test_weights_left_dot_kernels(triton_kernels, make_experts, bits, dtype, tol, case):
+    """Sorted blocks with the weight tile on the dot's left (16-bit activations), split-K on the
+    down projection; the idle expert's weights are never read."""
+    _, tmoe = triton_kernels
+    w13, w2 = _experts(make_experts, bits)
+    w13.scales[3] = float("nan")
+    w2.scales[3] = float("nan")
+    x, ids, weights = _routing(case)
+    ids = torch.where(ids == 3, 2, ids)
+    cfg = tmoe.MoeConfig(16, 32, 32, 64, split_k=2, weights_left=True)
+    got = tmoe.fused_moe_triton(x.to(dtype), ids, weights, w13, w2, config=cfg)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    want = fused_moe_ref(x.to(dtype).float(), ids, weights, w13, w2)
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
 def test_experts_without_tokens_are_not_read(triton_kernels, make_experts):
     _, tmoe = triton_kernels
     w13, w2 = _experts(make_experts, 4)
