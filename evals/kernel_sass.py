@@ -214,6 +214,7 @@ def variants(kernels: set[str], bits_list: list[int]):
                         DOT_DTYPE=tl.bfloat16,
                         IEEE_FP32=False,
                         WEIGHTS_LEFT=left,
+                        STAGES=3,
                     )
                     if name == "down":
                         consts["ATOMIC_ADD"] = True

@@ -742,10 +742,11 @@ def gemv_row(
 
     With one group per tile, partial sums stay per packed row across the K loop and are reduced
     over rows once at the end; 2, 3 and 4-bit codes are read as ``0.5 + q / 256`` (see
-    ``HALF_BITS``), 8-bit ones as ``2^23 + q``. The K loop is software-pipelined: with ``STAGES > 1``
-    the loads of the next ``STAGES - 1`` tiles are in flight (asynchronous copies into shared
-    memory on the GPU) while one tile is computed. ``EVEN``: every tile is whole (``K`` and ``N`` multiples of the
-    block sizes, ``k_lo`` of ``BLOCK_K``), so no load needs a mask.
+    ``HALF_BITS``), 8-bit ones as ``2^23 + q``. The K loop is software-pipelined: with
+    ``STAGES > 1`` the loads of the next ``STAGES - 1`` tiles are in flight (asynchronous copies
+    into shared memory on the GPU) while one tile is computed. ``EVEN``: every tile is whole
+    (``K`` and ``N`` multiples of the block sizes, ``k_lo`` of ``BLOCK_K``), so no load needs a
+    mask.
     """
     mask_n = offs_n < N
     if GROUP_MODE == 0:
@@ -759,12 +760,11 @@ def gemv_row(
         acc_rows = tl.zeros((rows, BLOCK_N), dtype=tl.float32)
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
             g = k0 // group_size
-            if BITS == 3:  # read value by value in the sum
-                x = tl.zeros((rows, per_word), tl.float32)
-            elif EVEN:
-                x = tl.load(x_ptrs).to(tl.float32)
-            else:
-                x = tl.load(x_ptrs, mask=k0 + kk < k_hi, other=0.0).to(tl.float32)
+            if BITS != 3:  # 3-bit sums read x value by value
+                if EVEN:
+                    x = tl.load(x_ptrs).to(tl.float32)
+                else:
+                    x = tl.load(x_ptrs, mask=k0 + kk < k_hi, other=0.0).to(tl.float32)
             if EVEN:
                 z = _load_zeros(qz_ptr + g * stride_zg, offs_n, offs_n < N, n_words, stride_zn, BITS)
                 s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn).to(tl.float32)

@@ -129,6 +129,7 @@ def _moe_gate_up_kernel(
     DOT_DTYPE: tl.constexpr,
     IEEE_FP32: tl.constexpr,
     WEIGHTS_LEFT: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """One block of ``BLOCK_M`` sorted slots of one expert: ``silu(gate) * up``. ``WEIGHTS_LEFT``
     (16-bit activations, one group per K tile): tiles by :func:`dot_weights_left`, ``DOT_DTYPE``
@@ -150,7 +151,7 @@ def _moe_gate_up_kernel(
     if WEIGHTS_LEFT:
         gate_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         up_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for k0 in tl.range(0, H, BLOCK_K, num_stages=3):
+        for k0 in tl.range(0, H, BLOCK_K, num_stages=STAGES):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             xt = tl.load(
                 x_ptr + tok[None, :] * stride_xt + offs_k[:, None] * stride_xh,
@@ -256,6 +257,7 @@ def _moe_down_kernel(
     DOT_DTYPE: tl.constexpr,
     IEEE_FP32: tl.constexpr,
     WEIGHTS_LEFT: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """One block of ``BLOCK_M`` sorted slots of one expert, one split of K: the routing-weighted
     down projection into float32 ``[T*k, H]`` (``WEIGHTS_LEFT`` as for the gate/up kernel)."""
@@ -277,7 +279,7 @@ def _moe_down_kernel(
     k_hi = tl.minimum(k_lo + k_per_split, inter)
     if WEIGHTS_LEFT:
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=3):
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             ht = tl.load(
                 h_ptr + slot[None, :] * stride_hs + offs_k[:, None] * stride_hi,
@@ -617,7 +619,7 @@ def fused_moe_triton(
         BITS=w13.bits, GROUP_MODE=mode13, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k_gate_up, DOT_DTYPE=dtype, IEEE_FP32=ieee,
         WEIGHTS_LEFT=cfg.weights_left and mode13 == GROUPS_PER_TILE and half,
-        num_warps=cfg.num_warps, num_stages=stages_for(mode13, cfg.num_stages),
+        STAGES=stages_for(mode13, cfg.num_stages), num_warps=cfg.num_warps, num_stages=stages_for(mode13, cfg.num_stages),
     )  # fmt: skip
 
     mode2, g2, gs2 = _groups(w2, cfg.block_k_down)
@@ -635,7 +637,7 @@ def fused_moe_triton(
         BITS=w2.bits, GROUP_MODE=mode2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k_down, ATOMIC_ADD=split > 1, DOT_DTYPE=dtype, IEEE_FP32=ieee,
         WEIGHTS_LEFT=cfg.weights_left and mode2 == GROUPS_PER_TILE and half,
-        num_warps=cfg.num_warps, num_stages=stages_for(mode2, cfg.num_stages),
+        STAGES=stages_for(mode2, cfg.num_stages), num_warps=cfg.num_warps, num_stages=stages_for(mode2, cfg.num_stages),
     )  # fmt: skip
     return y.view(t, top_k, hidden).sum(dim=1).to(x.dtype)
 
