@@ -619,7 +619,8 @@ def fused_moe_triton(
         BITS=w13.bits, GROUP_MODE=mode13, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k_gate_up, DOT_DTYPE=dtype, IEEE_FP32=ieee,
         WEIGHTS_LEFT=cfg.weights_left and mode13 == GROUPS_PER_TILE and half,
-        STAGES=stages_for(mode13, cfg.num_stages), num_warps=cfg.num_warps, num_stages=stages_for(mode13, cfg.num_stages),
+        STAGES=stages_for(mode13, cfg.num_stages),
+        num_warps=cfg.num_warps, num_stages=stages_for(mode13, cfg.num_stages),
     )  # fmt: skip
 
     mode2, g2, gs2 = _groups(w2, cfg.block_k_down)
@@ -637,7 +638,8 @@ def fused_moe_triton(
         BITS=w2.bits, GROUP_MODE=mode2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k_down, ATOMIC_ADD=split > 1, DOT_DTYPE=dtype, IEEE_FP32=ieee,
         WEIGHTS_LEFT=cfg.weights_left and mode2 == GROUPS_PER_TILE and half,
-        STAGES=stages_for(mode2, cfg.num_stages), num_warps=cfg.num_warps, num_stages=stages_for(mode2, cfg.num_stages),
+        STAGES=stages_for(mode2, cfg.num_stages),
+        num_warps=cfg.num_warps, num_stages=stages_for(mode2, cfg.num_stages),
     )  # fmt: skip
     return y.view(t, top_k, hidden).sum(dim=1).to(x.dtype)
 
