@@ -147,10 +147,16 @@ def variants(kernels: set[str], bits_list: list[int]):
                     stages,
                     bn * bk,
                 )
-        if "dot" in kernels:
-            for bm, bn, bk, warps, stages in [(16, 64, 128, 4, 4), (64, 128, 64, 4, 3)]:
+        dot_tiles = {
+            "dot": [(16, 64, 128, 4, 4), (64, 128, 64, 4, 3)],
+            "wleft": [(16, 128, 128, 4, 3), (16, 128, 64, 4, 3), (32, 128, 64, 4, 3), (64, 128, 64, 4, 3)],
+        }
+        for form, tiles in dot_tiles.items():
+            if form not in kernels:
+                continue
+            for bm, bn, bk, warps, stages in tiles:
                 yield (
-                    f"dot {bits}-bit m{bm} n{bn} k{bk} w{warps}",
+                    f"{form} {bits}-bit m{bm} n{bn} k{bk} w{warps} s{stages}",
                     tm._dequant_matmul_kernel,
                     dict(
                         BITS=bits,
@@ -161,29 +167,8 @@ def variants(kernels: set[str], bits_list: list[int]):
                         SPLIT_K=True,
                         DOT_DTYPE=tl.bfloat16,
                         IEEE_FP32=False,
-                    ),
-                    warps,
-                    stages,
-                    bn * bk,
-                )
-        if "wleft" in kernels:
-            for bm, bn, bk, warps, stages in [
-                (16, 128, 128, 4, 3),
-                (16, 128, 64, 4, 3),
-                (32, 128, 64, 4, 3),
-                (64, 128, 64, 4, 3),
-            ]:
-                yield (
-                    f"wleft {bits}-bit m{bm} n{bn} k{bk} w{warps} s{stages}",
-                    tm._weights_left_kernel,
-                    dict(
-                        BITS=bits,
-                        BLOCK_M=bm,
-                        BLOCK_N=bn,
-                        BLOCK_K=bk,
-                        SPLIT_K=True,
+                        WEIGHTS_LEFT=form == "wleft",
                         STAGES=stages,
-                        DOT_F32=False,
                     ),
                     warps,
                     stages,

@@ -10,7 +10,7 @@ word). Three forms, chosen by :func:`dequant_matmul_triton` from the row count:
   (:func:`gemv_row`);
 - a few rows (batched decode), 16-bit activations: ``tl.dot`` with the weight tile as the left
   operand, codes read as 16-bit floats and the zero taken off after the dot
-  (``_weights_left_kernel``);
+  (:func:`dot_weights_left`);
 - up to ``DEQUANT_MIN_ROWS``: ``tl.dot`` on the unpacked ``q - z`` tile with float32
   accumulation, the group's scale applied to the product (:func:`dot_dequant`);
 - more rows (prefill): ``W^T`` written once in the activation dtype, then torch's matmul.
@@ -302,7 +302,13 @@ def _dequant_matmul_kernel(
     SPLIT_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     IEEE_FP32: tl.constexpr,
+    WEIGHTS_LEFT: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
+    """``y = x @ W^T`` by ``[BLOCK_M, BLOCK_N]`` tiles (grid ``[M blocks * N blocks, splits]``):
+    :func:`dot_dequant` per K tile, or with ``WEIGHTS_LEFT`` (16-bit activations, one group per
+    K tile) ``y^T = W x^T`` by :func:`dot_weights_left`, ``DOT_DTYPE`` float32 then meaning that
+    the interpreter widens the 16-bit operands."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -312,22 +318,38 @@ def _dequant_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_hi
-        a = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        ).to(DOT_DTYPE)
-        acc += dot_dequant(
-            a, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
-            stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-            BITS, GROUP_MODE, DOT_DTYPE, IEEE_FP32, BLOCK_K, BLOCK_N,
-        )  # fmt: skip
+    if WEIGHTS_LEFT:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(
+                x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None] * stride_xk,
+                mask=mask_m[None, :] & (offs_k < k_hi)[:, None],
+                other=0.0,
+            )
+            acc_t += dot_weights_left(
+                xt, qw_ptr, qz_ptr, s_ptr, offs_n, mask_n, k0, k_words, n_words,
+                stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+                BITS, BLOCK_K, DOT_DTYPE == tl.float32,
+            )  # fmt: skip
+        acc = tl.trans(acc_t)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k_hi
+            a = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            ).to(DOT_DTYPE)
+            acc += dot_dequant(
+                a, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
+                stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+                BITS, GROUP_MODE, DOT_DTYPE, IEEE_FP32, BLOCK_K, BLOCK_N,
+            )  # fmt: skip
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     out_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K:
@@ -467,77 +489,6 @@ def dot_weights_left(
         part = tl.dot(wq, xt)
     sx = tl.sum(xt.to(tl.float32), axis=0)
     return s[:, None] * (part - off[:, None] * sx[None, :])
-
-
-@triton.jit
-def _weights_left_kernel(
-    x_ptr,
-    qw_ptr,
-    qz_ptr,
-    s_ptr,
-    out_ptr,
-    ws_ptr,
-    count_ptr,
-    M,
-    N,
-    K,
-    k_words,
-    n_words,
-    stride_xm,
-    stride_xk,
-    stride_qk,
-    stride_qn,
-    stride_zg,
-    stride_zn,
-    stride_sg,
-    stride_sn,
-    stride_om,
-    stride_on,
-    group_size,
-    k_per_split,
-    splits,
-    BITS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    STAGES: tl.constexpr,
-    DOT_F32: tl.constexpr,
-):
-    """``y^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, BLOCK_M]`` for 16-bit
-    activations, one group per K tile (grid ``[M blocks * N blocks, splits]``), each tile by
-    :func:`dot_weights_left`."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
-    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(
-            x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None] * stride_xk,
-            mask=mask_m[None, :] & (offs_k < k_hi)[:, None],
-            other=0.0,
-        )
-        acc += dot_weights_left(
-            xt, qw_ptr, qz_ptr, s_ptr, offs_n, mask_n, k0, k_words, n_words,
-            stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-            BITS, BLOCK_K, DOT_F32,
-        )  # fmt: skip
-    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
-    out_mask = mask_m[None, :] & mask_n[:, None]
-    if SPLIT_K:
-        ws_offs = offs_m[None, :] * N + offs_n[:, None]
-        store_split(acc, out_ptrs, out_mask, ws_ptr, ws_offs, M * N, count_ptr, pid, pid_k, splits)
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -1145,18 +1096,6 @@ def dequant_matmul_triton(
     # Split-K parts meet in a float32 workspace; the unused pointers are never read without it.
     ws = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if split > 1 else out
     counts = split_counters(x.device, grid[0] * m if cfg.gemv else grid[0]) if split > 1 else qweight
-    if cfg.weights_left and mode == GROUPS_PER_TILE and x.dtype in (torch.float16, torch.bfloat16):
-        _weights_left_kernel[grid](
-            x2, qweight, qzeros, scales, out, ws, counts,
-            m, n, k, qweight.shape[0], qzeros.shape[1],
-            x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
-            qzeros.stride(0), qzeros.stride(1), scales.stride(0), scales.stride(1),
-            out.stride(0), out.stride(1), group_size, k_per_split, split,
-            BITS=bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split > 1,
-            STAGES=cfg.num_stages, DOT_F32=x.device.type != "cuda",
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
-        return out.reshape(*x.shape[:-1], n)
     if cfg.gemv:
         _dequant_gemv_kernel[grid](
             x2, qweight, qzeros, scales, g_arg, out, ws, counts,
@@ -1178,6 +1117,8 @@ def dequant_matmul_triton(
         out.stride(0), out.stride(1), group_size, k_per_split, split,
         BITS=bits, GROUP_MODE=mode, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SPLIT_K=split > 1, DOT_DTYPE=dtype, IEEE_FP32=ieee,
+        WEIGHTS_LEFT=cfg.weights_left and mode == GROUPS_PER_TILE and x.dtype in (torch.float16, torch.bfloat16),
+        STAGES=stages_for(mode, cfg.num_stages),
         num_warps=cfg.num_warps, num_stages=stages_for(mode, cfg.num_stages),
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
