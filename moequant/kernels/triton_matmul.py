@@ -267,6 +267,52 @@ def store_split(acc, out_ptrs, mask, ws_ptr, ws_offs, split_stride, count_ptr, t
 
 
 @triton.jit
+def rows_dot(
+    row_ptrs, row_mask, stride_k, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n, k_lo, k_hi,
+    k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+    BITS: tl.constexpr, GROUP_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE_FP32: tl.constexpr,
+    WEIGHTS_LEFT: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """``sum_{k_lo <= k < k_hi} a[m, k] * W[n, k]`` as ``[BLOCK_M, BLOCK_N]`` float32, row ``m`` of
+    ``a`` at ``row_ptrs[m]`` (``[BLOCK_M]`` pointers; rows outside ``row_mask`` read as zero) with
+    stride ``stride_k``: :func:`dot_dequant` per K tile, or with ``WEIGHTS_LEFT`` (16-bit ``a``, one
+    group per K tile) ``W a^T`` by :func:`dot_weights_left`, ``DOT_DTYPE`` float32 then meaning
+    that the interpreter widens the 16-bit operands."""
+    if WEIGHTS_LEFT:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            at = tl.load(
+                row_ptrs[None, :] + offs_k[:, None] * stride_k,
+                mask=row_mask[None, :] & (offs_k < k_hi)[:, None],
+                other=0.0,
+            )
+            acc_t += dot_weights_left(
+                at, qw_ptr, qz_ptr, s_ptr, offs_n, mask_n, k0, k_words, n_words,
+                stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+                BITS, BLOCK_K, DOT_DTYPE == tl.float32,
+            )  # fmt: skip
+        acc = tl.trans(acc_t)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k_hi
+            a = tl.load(
+                row_ptrs[:, None] + offs_k[None, :] * stride_k,
+                mask=row_mask[:, None] & mask_k[None, :],
+                other=0.0,
+            ).to(DOT_DTYPE)
+            acc += dot_dequant(
+                a, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
+                stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+                BITS, GROUP_MODE, DOT_DTYPE, IEEE_FP32, BLOCK_K, BLOCK_N,
+            )  # fmt: skip
+    return acc
+
+
+@triton.jit
 def _dequant_matmul_kernel(
     x_ptr,
     qw_ptr,
@@ -305,10 +351,8 @@ def _dequant_matmul_kernel(
     WEIGHTS_LEFT: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """``y = x @ W^T`` by ``[BLOCK_M, BLOCK_N]`` tiles (grid ``[M blocks * N blocks, splits]``):
-    :func:`dot_dequant` per K tile, or with ``WEIGHTS_LEFT`` (16-bit activations, one group per
-    K tile) ``y^T = W x^T`` by :func:`dot_weights_left`, ``DOT_DTYPE`` float32 then meaning that
-    the interpreter widens the 16-bit operands."""
+    """``y = x @ W^T`` by ``[BLOCK_M, BLOCK_N]`` tiles (grid ``[M blocks * N blocks, splits]``),
+    each by :func:`rows_dot`."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -320,36 +364,11 @@ def _dequant_matmul_kernel(
     mask_n = offs_n < N
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    if WEIGHTS_LEFT:
-        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            xt = tl.load(
-                x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None] * stride_xk,
-                mask=mask_m[None, :] & (offs_k < k_hi)[:, None],
-                other=0.0,
-            )
-            acc_t += dot_weights_left(
-                xt, qw_ptr, qz_ptr, s_ptr, offs_n, mask_n, k0, k_words, n_words,
-                stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-                BITS, BLOCK_K, DOT_DTYPE == tl.float32,
-            )  # fmt: skip
-        acc = tl.trans(acc_t)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < k_hi
-            a = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                mask=mask_m[:, None] & mask_k[None, :],
-                other=0.0,
-            ).to(DOT_DTYPE)
-            acc += dot_dequant(
-                a, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
-                stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-                BITS, GROUP_MODE, DOT_DTYPE, IEEE_FP32, BLOCK_K, BLOCK_N,
-            )  # fmt: skip
+    acc = rows_dot(
+        x_ptr + offs_m * stride_xm, mask_m, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n,
+        k_lo, k_hi, k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
+        group_size, BITS, GROUP_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, IEEE_FP32, WEIGHTS_LEFT, STAGES,
+    )  # fmt: skip
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     out_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K:

@@ -38,6 +38,7 @@ from moequant.kernels.triton_matmul import (
     group_mode,
     last_to_arrive,
     pick_block_k,
+    rows_dot,
     split_counters,
     split_for,
     stages_for,
@@ -277,36 +278,11 @@ def _moe_down_kernel(
     g_e = g_ptr + e * stride_ge
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, inter)
-    if WEIGHTS_LEFT:
-        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            ht = tl.load(
-                h_ptr + slot[None, :] * stride_hs + offs_k[:, None] * stride_hi,
-                mask=valid[None, :] & (offs_k < k_hi)[:, None],
-                other=0.0,
-            )
-            acc_t += dot_weights_left(
-                ht, qw_e, qz_e, s_e, offs_n, mask_n, k0, k_words, n_words,
-                stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-                BITS, BLOCK_K, DOT_DTYPE == tl.float32,
-            )  # fmt: skip
-        acc = tl.trans(acc_t)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < k_hi
-            a = tl.load(
-                h_ptr + slot[:, None] * stride_hs + offs_k[None, :] * stride_hi,
-                mask=valid[:, None] & mask_k[None, :],
-                other=0.0,
-            ).to(DOT_DTYPE)
-            acc += dot_dequant(
-                a, qw_e, qz_e, s_e, g_e, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
-                stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-                BITS, GROUP_MODE, DOT_DTYPE, IEEE_FP32, BLOCK_K, BLOCK_N,
-            )  # fmt: skip
+    acc = rows_dot(
+        h_ptr + slot * stride_hs, valid, stride_hi, qw_e, qz_e, s_e, g_e, offs_n, mask_n,
+        k_lo, k_hi, k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
+        group_size, BITS, GROUP_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, IEEE_FP32, WEIGHTS_LEFT, STAGES,
+    )  # fmt: skip
     route_w = tl.load(weight_ptr + slot, mask=valid, other=0.0).to(tl.float32)
     acc = acc * route_w[:, None]
     out_ptrs = out_ptr + slot[:, None] * stride_os + offs_n[None, :] * stride_oh
