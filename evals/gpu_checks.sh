@@ -5,7 +5,8 @@
 #   3. GPTQ on one Mixtral-8x7B-shaped layer with 128 x 512 calibration tokens (gptq-cuda.json).
 # Logs and JSON go to $RESULTS (default evals/results/gpu-run). Wheels of missing Python packages
 # may be put in .whl/ (installed into /tmp/site first). Each step has its own time limit.
-# Environment: SWEEP_BUDGET_S (default 150), SKIP_GPTQ=1, SKIP_TESTS=1, BENCH_ARGS (extra arguments).
+# Environment: SWEEP_BUDGET_S (default 110), SKIP_GPTQ=1, SKIP_TESTS=1, BENCH_ARGS (extra arguments).
+# The step limits (180 + 280 + 130 s) keep the whole run under ten minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-evals/results/gpu-run}
@@ -21,9 +22,9 @@ $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$RESULTS/
     || { echo "moequant install failed (see install.log); using PYTHONPATH"; export PYTHONPATH=.:${PYTHONPATH:-}; }
 $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-    timeout 120 $PY -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -25 | tee "$RESULTS/tests-gpu.log"
+    timeout 180 $PY -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -25 | tee "$RESULTS/tests-gpu.log"
 fi
-timeout 330 $PY evals/bench_kernels.py --sweep --sweep-budget-s "${SWEEP_BUDGET_S:-150}" \
+timeout 280 $PY evals/bench_kernels.py --sweep --sweep-budget-s "${SWEEP_BUDGET_S:-110}" \
     --out "$RESULTS/kernels.json" ${BENCH_ARGS:-} 2>&1 | tee "$RESULTS/kernels.log" | grep -v "^    sweep"
 if [ "${SKIP_GPTQ:-0}" != 1 ]; then
     timeout 130 $PY evals/bench_gptq.py --parts layer --device cuda 2>&1 | tail -5 | tee "$RESULTS/gptq.log"
