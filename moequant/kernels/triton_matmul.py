@@ -989,6 +989,7 @@ def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device) -
 
 
 _SPLIT_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+MAX_COUNTER_STREAMS = 32  # counter buffers kept, one per (device, stream), least recently used dropped
 
 
 def split_counters(device: torch.device, count: int) -> torch.Tensor:
@@ -1004,10 +1005,14 @@ def split_counters(device: torch.device, count: int) -> torch.Tensor:
         device.index if device.index is not None else torch.cuda.current_device(),
         torch.cuda.current_stream(device).cuda_stream,
     )
-    buf = _SPLIT_COUNTERS.get(key)
+    buf = _SPLIT_COUNTERS.pop(key, None)
     if buf is None or buf.numel() < count:
         buf = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-        _SPLIT_COUNTERS[key] = buf
+    _SPLIT_COUNTERS[key] = buf  # most recently used last
+    if len(_SPLIT_COUNTERS) > MAX_COUNTER_STREAMS:
+        # Memory freed here returns to the pool of the stream it was made on: no other stream's
+        # launch can be handed it while that stream's kernels may still use it.
+        del _SPLIT_COUNTERS[next(iter(_SPLIT_COUNTERS))]
     return buf
 
 

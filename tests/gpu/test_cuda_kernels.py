@@ -135,6 +135,24 @@ def test_split_k_in_one_launch_is_exact_every_time(kernels, gemv):
     assert rel(first, dequant_matmul_ref(x.float(), **lin, bits=4)) < TOL[torch.bfloat16]
 
 
+def test_split_k_counters_per_stream(kernels):
+    """Each stream keeps its own counters (concurrent launches never share one), at most
+    ``MAX_COUNTER_STREAMS`` buffers kept."""
+    tm, _ = kernels
+    lin = packed(512, 2048, 4, 128, seed=7)
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    want = tm.dequant_matmul_triton(x, **lin, bits=4, group_size=128, sorted_groups=True)
+    streams = [torch.cuda.Stream() for _ in range(tm.MAX_COUNTER_STREAMS + 8)]
+    outs = []
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            outs.append(tm.dequant_matmul_triton(x, **lin, bits=4, group_size=128, sorted_groups=True))
+    torch.cuda.synchronize()
+    assert all(torch.equal(out, want) for out in outs)
+    assert len(tm._SPLIT_COUNTERS) <= tm.MAX_COUNTER_STREAMS
+
+
 def test_split_k_under_cuda_graph_replay(kernels):
     tm, _ = kernels
     lin = packed(1024, 2048, 3, 128, seed=5)
