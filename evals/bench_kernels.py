@@ -166,7 +166,8 @@ def config_dict(cfg) -> dict:
 
 
 def matmul_candidates(m: int, n: int, k: int, device: torch.device) -> list:
-    """Tile configurations to try for ``[m, k] @ [k, n]``: gemv shapes for few rows, dot tiles else."""
+    """Tile configurations to try for ``[m, k] @ [k, n]``: gemv shapes for one row, dot tiles for
+    more, weights-left dot tiles up to 64 rows (one row too)."""
     import triton
 
     from moequant.kernels.triton_matmul import MatmulConfig, device_programs, split_for
@@ -193,10 +194,12 @@ def matmul_candidates(m: int, n: int, k: int, device: torch.device) -> list:
         for bm_, bn, bk, warps, stages in tiles:
             splits = {1, split_for(k, bk, triton.cdiv(m, bm_) * triton.cdiv(n, bn), programs)}
             out += [MatmulConfig(bm_, bn, bk, sp, warps, stages) for sp in sorted(splits)]
-        if m <= 64:  # the weights as the dot's left operand
-            for bm_, bn, bk, warps in [(bm, 128, 128, 4), (bm, 128, 64, 4), (bm, 64, 128, 4)]:
-                splits = {1, split_for(k, bk, triton.cdiv(m, bm_) * triton.cdiv(n, bn), programs)}
-                out += [MatmulConfig(bm_, bn, bk, sp, warps, 3, weights_left=True) for sp in sorted(splits)]
+    if m <= 64:  # the weights as the dot's left operand (tensor cores from one row on)
+        bm = 16 if m <= 16 else 1 << (m - 1).bit_length()
+        for bn, bk, warps in [(128, 128, 4), (128, 64, 4), (64, 128, 4)]:
+            tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+            splits = {1, split_for(k, bk, tiles, programs), split_for(k, bk, tiles, 2 * programs)}
+            out += [MatmulConfig(bm, bn, bk, sp, warps, 3, weights_left=True) for sp in sorted(splits)]
     return out
 
 
