@@ -118,7 +118,7 @@ def test_weights_left_dot(triton_kernels, make_linear, bits, dtype, tol, m, n, b
     """The dot kernel with the weight tile on the left: codes read as 16-bit floats ``c + q``, the
     zero taken off after the dot; partial row, column and split tiles."""
     tm, _ = triton_kernels
-    k, group = 320, 64  # 5 K tiles: splits of 2 and 2 and 1
+    k, group = 320, 64  # 5 K tiles: 3 splits of 2, 2 and 1 tiles; 2 of 3 and 2
     lin = make_linear(n, k, bits, group, seed=bits * 3 + m)
     x = _x(m, k, seed=m).to(dtype)
     cfg = tm.MatmulConfig(block_m, block_n, 64, split_k=split, weights_left=True)
@@ -128,14 +128,20 @@ def test_weights_left_dot(triton_kernels, make_linear, bits, dtype, tol, m, n, b
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 
-def test_weights_left_falls_back_where_it_does_not_apply(triton_kernels, make_linear):
-    """Float32 activations, groups inside a tile and a read ``g_idx`` take the plain dot kernel."""
+@pytest.mark.parametrize(
+    ("dtype", "shuffled", "tol"),
+    [(torch.float32, True, 1e-4), (torch.bfloat16, True, 1.6e-2), (torch.bfloat16, False, 1.6e-2)],
+)
+def test_weights_left_falls_back_where_it_does_not_apply(triton_kernels, make_linear, dtype, shuffled, tol):
+    """Float32 activations, a ``g_idx`` read from memory and groups smaller than the K tile take
+    the plain dot kernel, with the same result."""
     tm, _ = triton_kernels
-    lin = make_linear(64, 128, 4, 32, seed=2, shuffled_groups=True)
-    cfg = tm.MatmulConfig(16, 32, 64, weights_left=True)
-    x = _x(3, 128, seed=2)
-    got = tm.dequant_matmul_triton(x, **lin, bits=4, group_size=32, sorted_groups=False, config=cfg)
-    torch.testing.assert_close(got, dequant_matmul_ref(x, **lin, bits=4), rtol=1e-4, atol=1e-4)
+    lin = make_linear(64, 128, 4, 32, seed=2, shuffled_groups=shuffled)
+    cfg = tm.MatmulConfig(16, 32, 64, weights_left=True)  # 64-row K tiles over 32-row groups
+    x = _x(3, 128, seed=2).to(dtype)
+    got = tm.dequant_matmul_triton(x, **lin, bits=4, group_size=32, sorted_groups=not shuffled, config=cfg)
+    want = dequant_matmul_ref(x.float(), **lin, bits=4)
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
     assert tm.pick_config(2, 4096, 4096, 128, torch.device("cpu")).weights_left
     with pytest.raises(ValueError, match="choose one"):
         tm.MatmulConfig(1, 32, 64, gemv=True, weights_left=True)
