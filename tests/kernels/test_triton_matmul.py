@@ -147,6 +147,16 @@ def test_weights_left_falls_back_where_it_does_not_apply(triton_kernels, make_li
         tm.MatmulConfig(1, 32, 64, gemv=True, weights_left=True)
 
 
+def test_weights_left_is_the_default_for_a_few_rows(triton_kernels):
+    tm, _ = triton_kernels
+    cpu = torch.device("cpu")
+    assert tm.pick_config(2, 4096, 4096, 128, cpu).weights_left
+    assert tm.pick_config(16, 4096, 4096, 128, cpu).weights_left
+    assert not tm.pick_config(17, 4096, 4096, 128, cpu).weights_left
+    with pytest.raises(ValueError, match="choose one"):
+        tm.MatmulConfig(1, 32, 64, gemv=True, weights_left=True)
+
+
 def test_leading_dims_and_no_tokens(triton_kernels, make_linear):
     tm, _ = triton_kernels
     lin = make_linear(32, 64, 4, 32, seed=0)
