@@ -285,11 +285,10 @@ def moe_candidates(slots: int, experts: int, hidden: int, inter: int, device: to
             blocks = min(experts, slots) + triton.cdiv(slots, bm)
             splits = {1, split_for(inter, bk, blocks * triton.cdiv(hidden, bn), programs)}
             out += [MoeConfig(bm, bn, bk, bk, sp, warps, stages) for sp in sorted(splits)]
-        if bm == 16:  # the weights as the dots' left operand
-            for bn, bk in [(128, 128), (64, 128), (128, 64)]:
-                blocks = min(experts, slots) + triton.cdiv(slots, bm)
-                splits = {1, split_for(inter, bk, blocks * triton.cdiv(hidden, bn), programs)}
-                out += [MoeConfig(bm, bn, bk, bk, sp, 4, 3, weights_left=True) for sp in sorted(splits)]
+        for bn, bk in [(128, 128), (64, 128), (128, 64)]:  # the weights as the dots' left operand
+            blocks = min(experts, slots) + triton.cdiv(slots, bm)
+            splits = {1, split_for(inter, bk, blocks * triton.cdiv(hidden, bn), programs)}
+            out += [MoeConfig(bm, bn, bk, bk, sp, 4, 3, weights_left=True) for sp in sorted(splits)]
     return out
 
 
@@ -376,7 +375,9 @@ def bench_matmul(args, device, timer: Timer, copy_bw: float, gen: torch.Generato
                     "max_rel_err": err,
                     "config": {"dequant_then_matmul": True}
                     if m >= DEQUANT_MIN_ROWS
-                    else config_dict(pick_config(m, n, k, GROUP_SIZE, device)),
+                    else config_dict(
+                        pick_config(m, n, k, GROUP_SIZE, device, bits=bits, half=dtype != torch.float32)
+                    ),
                 }
                 if sweep:
                     row["sweep"] = sweep

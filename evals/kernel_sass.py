@@ -169,6 +169,7 @@ def variants(kernels: set[str], bits_list: list[int]):
                         IEEE_FP32=False,
                         WEIGHTS_LEFT=form == "wleft",
                         STAGES=stages,
+                        ASM=True,
                     ),
                     warps,
                     stages,
@@ -200,6 +201,7 @@ def variants(kernels: set[str], bits_list: list[int]):
                         IEEE_FP32=False,
                         WEIGHTS_LEFT=left,
                         STAGES=3,
+                        ASM=True,
                     )
                     if name == "down":
                         consts["ATOMIC_ADD"] = True

@@ -272,7 +272,7 @@ def rows_dot(
     k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
     BITS: tl.constexpr, GROUP_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE_FP32: tl.constexpr,
-    WEIGHTS_LEFT: tl.constexpr, STAGES: tl.constexpr,
+    WEIGHTS_LEFT: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     """``sum_{k_lo <= k < k_hi} a[m, k] * W[n, k]`` as ``[BLOCK_M, BLOCK_N]`` float32, row ``m`` of
     ``a`` at ``row_ptrs[m]`` (``[BLOCK_M]`` pointers; rows outside ``row_mask`` read as zero) with
@@ -291,7 +291,7 @@ def rows_dot(
             acc_t += dot_weights_left(
                 at, qw_ptr, qz_ptr, s_ptr, offs_n, mask_n, k0, k_words, n_words,
                 stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-                BITS, BLOCK_K, DOT_DTYPE == tl.float32,
+                BITS, BLOCK_K, DOT_DTYPE == tl.float32, ASM,
             )  # fmt: skip
         acc = tl.trans(acc_t)
     else:
@@ -350,6 +350,7 @@ def _dequant_matmul_kernel(
     IEEE_FP32: tl.constexpr,
     WEIGHTS_LEFT: tl.constexpr,
     STAGES: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     """``y = x @ W^T`` by ``[BLOCK_M, BLOCK_N]`` tiles (grid ``[M blocks * N blocks, splits]``),
     each by :func:`rows_dot`."""
@@ -368,6 +369,7 @@ def _dequant_matmul_kernel(
         x_ptr + offs_m * stride_xm, mask_m, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n,
         k_lo, k_hi, k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
         group_size, BITS, GROUP_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, IEEE_FP32, WEIGHTS_LEFT, STAGES,
+        ASM,
     )  # fmt: skip
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     out_mask = mask_m[:, None] & mask_n[None, :]
@@ -419,8 +421,8 @@ def _hex(w0, w1, w2, j: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def _codes_nk(w0, w1, w2, BITS: tl.constexpr):
-    """Codes ``[N, R * V]`` (uint32) of word blocks ``w0, w1, w2 [N, R]``, ``V`` values per block
-    (32 at 3 bits, else ``32 / BITS``), value ``v`` of block ``r`` at column ``r * V + v``.
+    """Codes ``[N, R * V]`` (uint32) of 3 or 8-bit word blocks ``w0, w1, w2 [N, R]``, ``V`` values
+    per block (32 at 3 bits, 4 at 8), value ``v`` of block ``r`` at column ``r * V + v``.
 
     The values of a block are joined into new trailing axes, one per bit of ``v`` (lowest first),
     then those axes are reversed and merged: every value stays in the register of the thread that
@@ -431,16 +433,66 @@ def _codes_nk(w0, w1, w2, BITS: tl.constexpr):
     if BITS == 8:
         t = tl.permute(_quad(w0, w1, w2, 0, BITS), (0, 1, 3, 2))
         return tl.reshape(t, (n, r * 4))
-    elif BITS == 4:
-        t = tl.permute(_oct(w0, w1, w2, 0, BITS), (0, 1, 4, 3, 2))
-        return tl.reshape(t, (n, r * 8))
-    elif BITS == 2:
-        t = tl.permute(_hex(w0, w1, w2, 0, BITS), (0, 1, 5, 4, 3, 2))
-        return tl.reshape(t, (n, r * 16))
     else:
         t = tl.join(_hex(w0, w1, w2, 0, BITS), _hex(w0, w1, w2, 16, BITS))
         t = tl.permute(t, (0, 1, 6, 5, 4, 3, 2))
         return tl.reshape(t, (n, r * 32))
+
+
+@triton.jit
+def _half_pair(w, i: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
+    """Values ``i`` and ``i + 16 / BITS`` of the 2 or 4-bit words ``w [N, R]`` (uint32) as two 16-bit
+    floats ``c + q`` in one uint32 (the first in the low half), ``MAGIC`` holding ``c``'s bits twice;
+    with ``ASM`` mask and OR are one ``lop3``."""
+    mask: tl.constexpr = ((1 << BITS) - 1) * 0x10001
+    v = w >> (BITS * i)
+    if ASM:
+        return tl.inline_asm_elementwise(
+            f"lop3.b32 $0, $1, {mask}, {MAGIC}, 0xEA;", "=r,r", [v], dtype=tl.uint32, is_pure=True, pack=1
+        )
+    return (v & mask) | MAGIC
+
+
+@triton.jit
+def _halves(p):
+    """``[N, R]`` uint32 -> ``[N, R, 2]`` uint16, low half first (the same bits, one register)."""
+    return tl.join(p.to(tl.uint16), (p >> 16).to(tl.uint16))
+
+
+@triton.jit
+def _paired_codes_nk(w, BITS: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
+    """The 16-bit floats ``c + q`` of 2 or 4-bit words ``w [N, R]`` as ``[N, R * V]`` (uint16 bits,
+    ``V = 32 / BITS``) in pair order: column ``r * V + 2i + h`` holds value ``i + h * V / 2`` of word
+    ``r``, so that each pair of columns is one ``lop3`` of one shifted word (see
+    :func:`pair_order`)."""
+    n: tl.constexpr = w.shape[0]
+    r: tl.constexpr = w.shape[1]
+    p0 = _halves(_half_pair(w, 0, BITS, MAGIC, ASM))
+    p1 = _halves(_half_pair(w, 1, BITS, MAGIC, ASM))
+    p2 = _halves(_half_pair(w, 2, BITS, MAGIC, ASM))
+    p3 = _halves(_half_pair(w, 3, BITS, MAGIC, ASM))
+    t = tl.join(tl.join(p0, p1), tl.join(p2, p3))  # [N, R, h, a, b], pair a + 2b
+    if BITS == 4:
+        out = tl.reshape(tl.permute(t, (0, 1, 4, 3, 2)), (n, r * 8))
+    else:
+        p4 = _halves(_half_pair(w, 4, BITS, MAGIC, ASM))
+        p5 = _halves(_half_pair(w, 5, BITS, MAGIC, ASM))
+        p6 = _halves(_half_pair(w, 6, BITS, MAGIC, ASM))
+        p7 = _halves(_half_pair(w, 7, BITS, MAGIC, ASM))
+        t = tl.join(t, tl.join(tl.join(p4, p5), tl.join(p6, p7)))  # [N, R, h, a, b, c], pair a + 2b + 4c
+        out = tl.reshape(tl.permute(t, (0, 1, 5, 4, 3, 2)), (n, r * 16))
+    return out
+
+
+@triton.jit
+def pair_order(xt, BITS: tl.constexpr):
+    """Rows of ``xt [K, M]`` (``K`` a multiple of ``V = 32 / BITS``) in the order of
+    :func:`_paired_codes_nk`: row ``r * V + 2i + h`` becomes input ``r * V + i + h * V / 2``."""
+    k: tl.constexpr = xt.shape[0]
+    m: tl.constexpr = xt.shape[1]
+    v: tl.constexpr = 32 // BITS
+    t = tl.reshape(xt, (k // v, 2, v // 2, m))
+    return tl.reshape(tl.permute(t, (0, 2, 1, 3)), (k, m))
 
 
 @triton.jit
@@ -464,16 +516,18 @@ def dot_weights_left(
     BITS: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_F32: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     """``W tile [BLOCK_N, BLOCK_K] @ xt [BLOCK_K, M]`` in float32 for 16-bit ``xt`` (zero rows
     where there is no input), the tile's ``BLOCK_K`` inputs from ``k0`` in one group.
 
     The weight tile is the dot's left operand, unpacked in the registers that loaded it. Codes
     below 128 (2, 3, 4 bits) become the 16-bit floats ``c + q`` by ORing in the bits of ``c``
-    (128 in bfloat16, 1024 in float16), 8-bit codes are converted; the dot's float32 sums then
-    lose ``(c + z) * sum_k x`` per column and take the group's scale. ``DOT_F32``: widen both
-    operands to float32 first (the interpreter computes bfloat16 dots wrongly; the values are the
-    same).
+    (128 in bfloat16, 1024 in float16); at 2 and 4 bits two codes of a word at once, the dot's
+    K order then being the pair order of both operands (:func:`pair_order`). 8-bit codes are
+    converted. The dot's float32 sums then lose ``(c + z) * sum_k x`` per column and take the
+    group's scale. ``DOT_F32``: widen both operands to float32 first (the interpreter computes
+    bfloat16 dots wrongly; the values are the same). ``ASM``: compiled for a GPU (``lop3``).
     """
     per_block: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # values per block of words
     words: tl.constexpr = 3 if BITS == 3 else 1  # words per block
@@ -492,16 +546,25 @@ def dot_weights_left(
     else:
         w1 = w0
         w2 = w0
-    q = _codes_nk(w0, w1, w2, BITS)
-    if BITS == 8:
-        wq = q.to(tl.float32).to(x_dtype)
-        off = z
-    elif x_dtype == tl.bfloat16:
-        wq = (q.to(tl.int16) | 0x4300).to(x_dtype, bitcast=True)
-        off = z + 128.0
+    if BITS == 2 or BITS == 4:
+        if x_dtype == tl.bfloat16:
+            wq = _paired_codes_nk(w0, BITS, 0x43004300, ASM).to(x_dtype, bitcast=True)
+            off = z + 128.0
+        else:
+            wq = _paired_codes_nk(w0, BITS, 0x64006400, ASM).to(x_dtype, bitcast=True)
+            off = z + 1024.0
+        xt = pair_order(xt, BITS)
     else:
-        wq = (q.to(tl.int16) | 0x6400).to(x_dtype, bitcast=True)
-        off = z + 1024.0
+        q = _codes_nk(w0, w1, w2, BITS)
+        if BITS == 8:
+            wq = q.to(tl.float32).to(x_dtype)
+            off = z
+        elif x_dtype == tl.bfloat16:
+            wq = (q.to(tl.int16) | 0x4300).to(x_dtype, bitcast=True)
+            off = z + 128.0
+        else:
+            wq = (q.to(tl.int16) | 0x6400).to(x_dtype, bitcast=True)
+            off = z + 1024.0
     if DOT_F32:
         part = tl.dot(wq.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
     else:
@@ -965,27 +1028,40 @@ def split_for(k: int, block_k: int, tiles: int, target_programs: int) -> int:
     return max(1, min(want, k_blocks, 32))
 
 
-def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> MatmulConfig:
-    """Tile sizes for ``[m, k] @ [k, n]``, from tile sweeps on an H200 (evals/results/kernels-*.json):
-    the gemv kernel for one row with split-K to about four programs per SM; up to 16 rows dot
-    tiles with the weights as the left operand (not yet timed on a GPU: they replace 16-row dot
-    tiles that took 1.6x the instructions per weight), then plain dot tiles; split-K to two
-    programs per SM up to 64 rows."""
-    if m <= GEMV_MAX_ROWS:
+def pick_config(
+    m: int,
+    n: int,
+    k: int,
+    group_size: int,
+    device: torch.device,
+    *,
+    bits: int = 4,
+    half: bool = True,
+    sorted_groups: bool = True,
+) -> MatmulConfig:
+    """Tile sizes for ``[m, k] @ [k, n]`` at ``bits``; ``half``: 16-bit activations;
+    ``sorted_groups``: no ``g_idx`` to read.
+
+    Up to 64 rows, dot tiles with the weights as the left operand (16, 32 or 64 rows, 128
+    columns, 128-deep), split-K to two programs per SM; for one row only where codes pair into
+    16-bit floats (2 and 4 bits, 16-bit activations, a K tile in one group), else the GEMV
+    kernel with split-K to four programs per SM; more rows, plain 64 x 128 dot tiles. The H200 sweeps
+    (evals/results/kernels-*.json) chose the GEMV and the plain tiles; the weights-left tiles
+    replace them on fewer instructions per weight (evals/kernel_sass.py), not yet timed on a GPU.
+    """
+    tile_in_group = group_mode(sorted_groups, group_size, pick_block_k(group_size, 128)) == GROUPS_PER_TILE
+    if m <= GEMV_MAX_ROWS and not (half and bits in (2, 4) and tile_in_group):
         bk = pick_block_k(group_size, 128)
         tiles = max(m, 1) * triton.cdiv(n, 128)
         split = split_for(k, bk, tiles, 2 * device_programs(device))
         return MatmulConfig(1, 128, bk, split, num_warps=4, num_stages=3, gemv=True)
-    if m <= 16:
-        bm, bn, bk, warps, stages = 16, 128, 128, 4, 3
-    elif m <= 64:
-        bm, bn, bk, warps, stages = triton.next_power_of_2(m), 64, 128, 4, 3
-    else:
-        bm, bn, bk, warps, stages = 64, 128, 64, 4, 3
-    bk = pick_block_k(group_size, bk)
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    split = split_for(k, bk, tiles, device_programs(device)) if m <= 64 else 1
-    return MatmulConfig(bm, bn, bk, split, warps, stages, weights_left=m <= 16)
+    if m <= 64:
+        bm = max(16, triton.next_power_of_2(m))
+        bk = pick_block_k(group_size, 128)
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, 128)
+        target = (2 if m <= GEMV_MAX_ROWS else 1) * device_programs(device)
+        return MatmulConfig(bm, 128, bk, split_for(k, bk, tiles, target), 4, 3, weights_left=True)
+    return MatmulConfig(64, 128, pick_block_k(group_size, 64), 1, 4, 3)
 
 
 _SPLIT_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
@@ -1107,7 +1183,10 @@ def dequant_matmul_triton(
             qweight, qzeros, scales, g_idx, bits, group_size, x.dtype, sorted_groups=sorted_groups
         )
         return (x2 @ wt).reshape(*x.shape[:-1], n)
-    cfg = config or pick_config(m, n, k, group_size, x.device)
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    cfg = config or pick_config(
+        m, n, k, group_size, x.device, bits=bits, half=half, sorted_groups=sorted_groups
+    )
     mode = group_mode(sorted_groups, group_size, cfg.block_k)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, k_per_split)
@@ -1141,8 +1220,8 @@ def dequant_matmul_triton(
         out.stride(0), out.stride(1), group_size, k_per_split, split,
         BITS=bits, GROUP_MODE=mode, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SPLIT_K=split > 1, DOT_DTYPE=dtype, IEEE_FP32=ieee,
-        WEIGHTS_LEFT=cfg.weights_left and mode == GROUPS_PER_TILE and x.dtype in (torch.float16, torch.bfloat16),
-        STAGES=stages_for(mode, cfg.num_stages),
+        WEIGHTS_LEFT=cfg.weights_left and mode == GROUPS_PER_TILE and half,
+        STAGES=stages_for(mode, cfg.num_stages), ASM=x.device.type == "cuda",
         num_warps=cfg.num_warps, num_stages=stages_for(mode, cfg.num_stages),
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)

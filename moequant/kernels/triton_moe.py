@@ -131,6 +131,7 @@ def _moe_gate_up_kernel(
     IEEE_FP32: tl.constexpr,
     WEIGHTS_LEFT: tl.constexpr,
     STAGES: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     """One block of ``BLOCK_M`` sorted slots of one expert: ``silu(gate) * up``. ``WEIGHTS_LEFT``
     (16-bit activations, one group per K tile): tiles by :func:`dot_weights_left`, ``DOT_DTYPE``
@@ -162,12 +163,12 @@ def _moe_gate_up_kernel(
             gate_t += dot_weights_left(
                 xt, qw_e, qz_e, s_e, offs_n, mask_n, k0, k_words, n_words,
                 stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-                BITS, BLOCK_K, DOT_DTYPE == tl.float32,
+                BITS, BLOCK_K, DOT_DTYPE == tl.float32, ASM,
             )  # fmt: skip
             up_t += dot_weights_left(
                 xt, qw_e, qz_e, s_e, offs_n + inter, mask_n, k0, k_words, n_words,
                 stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-                BITS, BLOCK_K, DOT_DTYPE == tl.float32,
+                BITS, BLOCK_K, DOT_DTYPE == tl.float32, ASM,
             )  # fmt: skip
         acc_gate = tl.trans(gate_t)
         acc_up = tl.trans(up_t)
@@ -259,6 +260,7 @@ def _moe_down_kernel(
     IEEE_FP32: tl.constexpr,
     WEIGHTS_LEFT: tl.constexpr,
     STAGES: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     """One block of ``BLOCK_M`` sorted slots of one expert, one split of K: the routing-weighted
     down projection into float32 ``[T*k, H]`` (``WEIGHTS_LEFT`` as for the gate/up kernel)."""
@@ -282,6 +284,7 @@ def _moe_down_kernel(
         h_ptr + slot * stride_hs, valid, stride_hi, qw_e, qz_e, s_e, g_e, offs_n, mask_n,
         k_lo, k_hi, k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
         group_size, BITS, GROUP_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, IEEE_FP32, WEIGHTS_LEFT, STAGES,
+        ASM,
     )  # fmt: skip
     route_w = tl.load(weight_ptr + slot, mask=valid, other=0.0).to(tl.float32)
     acc = acc * route_w[:, None]
@@ -515,9 +518,10 @@ def pick_moe_config(
     """Tiles for ``slots = T * k`` routed slots, from tile sweeps on an H200: the decode kernels
     while experts see two tokens or fewer each (re-reading an expert per slot still beats 16-row
     tiles there; narrow column blocks for a single token, except for 3 bits, whose unpacking
-    needs the registers; both projections split along K to about four programs per SM), small
-    row blocks when experts see few tokens (with 16 rows the weights on the dot's left, not yet
-    timed on a GPU)."""
+    needs the registers; both projections split along K to about four programs per SM), then
+    16 to 64-row blocks by tokens per expert with the weights on the dots' left (128 x 128 tiles:
+    fewer instructions per weight than the plain tiles the sweeps chose, not yet timed on a
+    GPU)."""
     per_expert = slots / max(num_experts, 1)
     if per_expert <= MOE_GEMV_MAX_SLOTS_PER_EXPERT:
         bk13 = pick_block_k(group_w13, 128)
@@ -528,13 +532,12 @@ def pick_moe_config(
         split13 = split_for(hidden, bk13, slots * triton.cdiv(inter, bn), target)
         return MoeConfig(1, bn, bk13, bk2, split, num_warps=warps, gemv=True, split_k_gate_up=split13)
     block_m = 16 if per_expert <= 16 else (32 if per_expert <= 64 else 64)
-    block_n = 128 if block_m == 16 else 64
-    bk13 = pick_block_k(group_w13, 64 if block_m == 64 else 128)
-    bk2 = pick_block_k(group_w2, 64 if block_m == 64 else 128)
+    bk13 = pick_block_k(group_w13, 128)
+    bk2 = pick_block_k(group_w2, 128)
     active_blocks = min(num_experts, slots) + triton.cdiv(slots, block_m)
-    tiles = active_blocks * triton.cdiv(hidden, block_n)
+    tiles = active_blocks * triton.cdiv(hidden, 128)
     split = split_for(inter, bk2, tiles, device_programs(device)) if block_m <= 32 else 1
-    return MoeConfig(block_m, block_n, bk13, bk2, split, weights_left=block_m <= 16)
+    return MoeConfig(block_m, 128, bk13, bk2, split, weights_left=True)
 
 
 def _groups(w: PackedExperts, block_k: int) -> tuple[int, torch.Tensor, int]:
@@ -595,7 +598,7 @@ def fused_moe_triton(
         BITS=w13.bits, GROUP_MODE=mode13, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k_gate_up, DOT_DTYPE=dtype, IEEE_FP32=ieee,
         WEIGHTS_LEFT=cfg.weights_left and mode13 == GROUPS_PER_TILE and half,
-        STAGES=stages_for(mode13, cfg.num_stages),
+        STAGES=stages_for(mode13, cfg.num_stages), ASM=x.device.type == "cuda",
         num_warps=cfg.num_warps, num_stages=stages_for(mode13, cfg.num_stages),
     )  # fmt: skip
 
@@ -614,7 +617,7 @@ def fused_moe_triton(
         BITS=w2.bits, GROUP_MODE=mode2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k_down, ATOMIC_ADD=split > 1, DOT_DTYPE=dtype, IEEE_FP32=ieee,
         WEIGHTS_LEFT=cfg.weights_left and mode2 == GROUPS_PER_TILE and half,
-        STAGES=stages_for(mode2, cfg.num_stages),
+        STAGES=stages_for(mode2, cfg.num_stages), ASM=x.device.type == "cuda",
         num_warps=cfg.num_warps, num_stages=stages_for(mode2, cfg.num_stages),
     )  # fmt: skip
     return y.view(t, top_k, hidden).sum(dim=1).to(x.dtype)

@@ -142,17 +142,20 @@ def test_weights_left_falls_back_where_it_does_not_apply(triton_kernels, make_li
     got = tm.dequant_matmul_triton(x, **lin, bits=4, group_size=32, sorted_groups=not shuffled, config=cfg)
     want = dequant_matmul_ref(x.float(), **lin, bits=4)
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
-    assert tm.pick_config(2, 4096, 4096, 128, torch.device("cpu")).weights_left
-    with pytest.raises(ValueError, match="choose one"):
-        tm.MatmulConfig(1, 32, 64, gemv=True, weights_left=True)
 
 
-def test_weights_left_is_the_default_for_a_few_rows(triton_kernels):
+def test_weights_left_is_the_default_up_to_64_rows(triton_kernels):
     tm, _ = triton_kernels
     cpu = torch.device("cpu")
-    assert tm.pick_config(2, 4096, 4096, 128, cpu).weights_left
-    assert tm.pick_config(16, 4096, 4096, 128, cpu).weights_left
-    assert not tm.pick_config(17, 4096, 4096, 128, cpu).weights_left
+    for bits in (2, 4):  # one row too, for codes paired into 16-bit floats
+        one = tm.pick_config(1, 4096, 4096, 128, cpu, bits=bits)
+        assert one.weights_left and one.block_m == 16 and not one.gemv
+    for bits, half in [(3, True), (8, True), (4, False)]:
+        assert tm.pick_config(1, 4096, 4096, 128, cpu, bits=bits, half=half).gemv
+    assert tm.pick_config(1, 4096, 4096, 128, cpu, sorted_groups=False).gemv  # g_idx read: the GEMV
+    assert [tm.pick_config(m, 4096, 4096, 128, cpu).block_m for m in (2, 16, 17, 64)] == [16, 16, 32, 64]
+    assert all(tm.pick_config(m, 4096, 4096, 128, cpu, bits=3).weights_left for m in (2, 64))
+    assert not tm.pick_config(65, 4096, 4096, 128, cpu).weights_left
     with pytest.raises(ValueError, match="choose one"):
         tm.MatmulConfig(1, 32, 64, gemv=True, weights_left=True)
 
@@ -244,8 +247,8 @@ def test_gemv_kernel_half_precision(triton_kernels, make_linear, dtype, tol):
 def test_decode_takes_the_gemv_kernel(triton_kernels):
     tm, _ = triton_kernels
     cpu = torch.device("cpu")
-    assert tm.pick_config(1, 4096, 4096, 128, cpu).gemv
-    assert not tm.pick_config(tm.GEMV_MAX_ROWS + 1, 4096, 4096, 128, cpu).gemv
+    assert tm.pick_config(1, 4096, 4096, 128, cpu, bits=3).gemv
+    assert not tm.pick_config(tm.GEMV_MAX_ROWS + 1, 4096, 4096, 128, cpu, bits=3).gemv
     with pytest.raises(ValueError, match="block_m must be 1"):
         tm.MatmulConfig(block_m=16, block_n=64, block_k=64, gemv=True)
 

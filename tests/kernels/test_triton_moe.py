@@ -189,8 +189,8 @@ def test_decode_kernels_only_for_few_tokens_per_expert(triton_kernels):
     cpu = torch.device("cpu")
     assert tmoe.pick_moe_config(2, 8, 4096, 14336, 128, 128, cpu).gemv  # one token, top-2 of 8
     assert not tmoe.pick_moe_config(64, 8, 4096, 14336, 128, 128, cpu).gemv
-    assert tmoe.pick_moe_config(64, 8, 4096, 14336, 128, 128, cpu).weights_left  # 8 slots per expert
-    assert not tmoe.pick_moe_config(512, 8, 4096, 14336, 128, 128, cpu).weights_left  # 64 per expert
+    blocks = [tmoe.pick_moe_config(s, 8, 4096, 14336, 128, 128, cpu) for s in (64, 512, 1024)]
+    assert [(c.block_m, c.weights_left) for c in blocks] == [(16, True), (32, True), (64, True)]
     with pytest.raises(ValueError, match="block_m must be 1"):
         tmoe.MoeConfig(block_m=16, block_n=64, block_k_gate_up=64, block_k_down=64, gemv=True)
     with pytest.raises(ValueError, match="split_k_gate_up is for the decode kernels"):
