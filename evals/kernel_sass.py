@@ -149,7 +149,7 @@ def variants(kernels: set[str], bits_list: list[int]):
                 )
         dot_tiles = {
             "dot": [(16, 64, 128, 4, 4), (64, 128, 64, 4, 3)],
-            "wleft": [(16, 128, 128, 4, 3), (16, 128, 64, 4, 3), (32, 128, 64, 4, 3), (64, 128, 64, 4, 3)],
+            "wleft": [(16, 128, 128, 4, 3), (16, 128, 128, 4, 1), (32, 128, 128, 4, 3), (64, 128, 128, 4, 3)],
         }
         for form, tiles in dot_tiles.items():
             if form not in kernels:

@@ -4,15 +4,17 @@
 ``qzeros int32 [G, N*b/32]`` (``z - 1``), ``scales fp16 [G, N]``. Each program loads the packed
 words of a ``[BLOCK_K, BLOCK_N]`` tile once and expands them in registers (value ``k`` of a column
 is stream bits ``[k*b, k*b + b)``; for 3 bits values 10 and 21 of every 32 continue into the next
-word). Three forms, chosen by :func:`dequant_matmul_triton` from the row count:
+word). The forms, chosen by :func:`pick_config` from the row count, bits and activation dtype:
 
-- one row (decode): the GEMV kernel, products and sums in float32 registers without ``tl.dot``
-  (:func:`gemv_row`);
-- a few rows (batched decode), 16-bit activations: ``tl.dot`` with the weight tile as the left
-  operand, codes read as 16-bit floats and the zero taken off after the dot
-  (:func:`dot_weights_left`);
-- up to ``DEQUANT_MIN_ROWS``: ``tl.dot`` on the unpacked ``q - z`` tile with float32
-  accumulation, the group's scale applied to the product (:func:`dot_dequant`);
+- up to 64 rows (from one row for 2 and 4-bit codes with 16-bit activations): ``tl.dot`` with the
+  weight tile as the left operand, codes read as 16-bit floats and the zero taken off after the
+  dot (:func:`dot_weights_left`);
+- one row otherwise (decode): the GEMV kernel, products and sums in float32 registers without
+  ``tl.dot`` (:func:`gemv_row`);
+- otherwise up to ``DEQUANT_MIN_ROWS``, and where the weights-left form does not apply (float32
+  activations, a ``g_idx`` to read, groups smaller than a K tile): ``tl.dot`` on the unpacked
+  ``q - z`` tile with float32 accumulation, the group's scale applied to the product
+  (:func:`dot_dequant`);
 - more rows (prefill): ``W^T`` written once in the activation dtype, then torch's matmul.
 
 Split-K (several programs along K for one output tile, which keeps the GPU busy at decode sizes)
@@ -40,7 +42,7 @@ GROUPS_PER_TILE = 0  # sorted groups and the whole K tile inside one group: one 
 GROUPS_BY_DIVISION = 1  # sorted groups, g = k // group_size per row
 GROUPS_FROM_G_IDX = 2  # any g_idx, read from memory
 
-GEMV_MAX_ROWS = 1  # up to this many activation rows, pick_config takes the gemv kernel
+GEMV_MAX_ROWS = 1  # up to this many rows, the gemv kernel where the weights-left dot does not apply
 # From this many activation rows on, dequant_matmul_triton writes W^T once in the activation dtype
 # and multiplies with torch: the in-kernel dot measured 3.5-6.5x slower than bf16 at 256 rows on
 # an H200, while one dequantising pass costs about the time of reading the bf16 weight once.
