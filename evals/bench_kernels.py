@@ -278,6 +278,13 @@ def moe_candidates(slots: int, experts: int, hidden: int, inter: int, device: to
             sp = split_for(inter, bk, slots * triton.cdiv(hidden, bn), 4 * programs)
             sp13 = split_for(hidden, bk, slots * triton.cdiv(inter, bn), 4 * programs)
             out.append(MoeConfig(1, bn, bk, bk, sp, warps, 1, gemv=True, split_k_gate_up=sp13))
+            if warps == 4:  # each slot's row in a 16-row dot with the weights on the left
+                for target in (2 * programs, 4 * programs):
+                    sp = split_for(inter, bk, slots * triton.cdiv(hidden, bn), target)
+                    sp13 = split_for(hidden, bk, slots * triton.cdiv(inter, bn), target)
+                    out.append(
+                        MoeConfig(1, bn, bk, bk, sp, 4, 3, gemv=True, split_k_gate_up=sp13, weights_left=True)
+                    )
     if slots >= 8:
         per_expert = slots / experts
         bm = 16 if per_expert <= 16 else 32

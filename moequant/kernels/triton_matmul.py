@@ -857,6 +857,34 @@ def gemv_row(
 
 
 @triton.jit
+def decode_row(
+    x_row, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, N, k_lo, k_hi, k_words, n_words,
+    stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+    BITS: tl.constexpr, GROUP_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ASM: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr, WEIGHTS_LEFT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):  # fmt: skip
+    """``sum_{k_lo <= k < k_hi} x[k] * W[n, k]`` for the columns ``offs_n`` (``[BLOCK_N]`` float32)
+    of one activation row: :func:`gemv_row`, or with ``WEIGHTS_LEFT`` the weights-left dot
+    (:func:`rows_dot`) on a 16-row block holding the row once."""
+    if WEIGHTS_LEFT:
+        rows = tl.arange(0, 16)
+        acc = rows_dot(
+            x_row + rows * 0, rows == 0, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, offs_n < N,
+            k_lo, k_hi, k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
+            group_size, BITS, GROUP_MODE, 16, BLOCK_N, BLOCK_K, DOT_DTYPE, False, True, STAGES, ASM,
+        )  # fmt: skip
+        out = tl.sum(acc, axis=0)
+    else:
+        out = gemv_row(
+            x_row, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, N, k_lo, k_hi, k_words, n_words,
+            stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+            BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES,
+        )  # fmt: skip
+    return out
+
+
+@triton.jit
 def _dequant_gemv_kernel(
     x_ptr,
     qw_ptr,

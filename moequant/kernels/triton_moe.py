@@ -30,11 +30,11 @@ from moequant.kernels.reference import check_moe_shapes
 from moequant.kernels.triton_matmul import (
     GROUPS_PER_TILE,
     check_tiles,
+    decode_row,
     device_programs,
     dot_dequant,
     dot_dtype,
     dot_weights_left,
-    gemv_row,
     group_mode,
     last_to_arrive,
     pick_block_k,
@@ -336,6 +336,8 @@ def _moe_gemv_gate_up_kernel(
     ASM: tl.constexpr,
     EVEN: tl.constexpr,
     STAGES: tl.constexpr,
+    WEIGHTS_LEFT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     """Decode form of the gate/up kernel: one routed slot per program (grid ``[T*k, I blocks,
     splits]``), :func:`gemv_row` for the gate and up columns, ``silu(gate) * up`` stored for the
@@ -354,15 +356,15 @@ def _moe_gemv_gate_up_kernel(
     qz_e = qz_ptr + e * stride_ze
     s_e = s_ptr + e * stride_se
     g_e = g_ptr + e * stride_ge
-    gate = gemv_row(
+    gate = decode_row(
         x_row, stride_xh, qw_e, qz_e, s_e, g_e, offs_n, inter, k_lo, k_hi, k_words, n_words,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES,
+        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES, WEIGHTS_LEFT, DOT_DTYPE,
     )  # fmt: skip
-    up = gemv_row(
+    up = decode_row(
         x_row, stride_xh, qw_e, qz_e, s_e, g_e, offs_n + inter, 2 * inter, k_lo, k_hi, k_words, n_words,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES,
+        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES, WEIGHTS_LEFT, DOT_DTYPE,
     )  # fmt: skip
     out_ptrs = out_ptr + slot * stride_os + offs_n * stride_oi
     if splits == 1:
@@ -425,6 +427,8 @@ def _moe_gemv_down_kernel(
     ASM: tl.constexpr,
     EVEN: tl.constexpr,
     STAGES: tl.constexpr,
+    WEIGHTS_LEFT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     """Decode form of the down kernel: one routed slot per program (grid ``[T*k, H blocks,
     splits]``), the routing weight applied. A token's ``k`` slots and their splits meet in the
@@ -438,11 +442,11 @@ def _moe_gemv_down_kernel(
     mask_n = offs_n < H
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, inter)
-    acc = gemv_row(
+    acc = decode_row(
         h_ptr + slot * stride_hs, stride_hi, qw_ptr + e * stride_qe, qz_ptr + e * stride_ze,
         s_ptr + e * stride_se, g_ptr + e * stride_ge, offs_n, H, k_lo, k_hi, k_words, n_words,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES,
+        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES, WEIGHTS_LEFT, DOT_DTYPE,
     )  # fmt: skip
     acc = acc * tl.load(weight_ptr + slot).to(tl.float32)
     token = slot // top_k
@@ -467,9 +471,10 @@ class MoeConfig:
     ``split_k_gate_up`` to the decode kernels' gate/up projection.
 
     ``gemv=True`` selects the decode kernels (one routed slot per program, no ``tl.dot``, no
-    sorting); they take ``block_m=1``. ``weights_left=True``: the dot kernels take the weight tile
-    as the left operand (:func:`~moequant.kernels.triton_matmul.dot_weights_left`) where the
-    activations are 16-bit and a K tile lies in one group.
+    sorting); they take ``block_m=1``. ``weights_left=True``: the kernels take the weight tile
+    as the left operand of a dot (:func:`~moequant.kernels.triton_matmul.dot_weights_left`; the
+    decode kernels on a 16-row block holding their one row) where the activations are 16-bit and a
+    K tile lies in one group.
     """
 
     block_m: int
@@ -498,8 +503,6 @@ class MoeConfig:
             )
         if self.split_k_gate_up > 1 and not self.gemv:
             raise ValueError("split_k_gate_up is for the decode kernels (gemv=True)")
-        if self.weights_left and self.gemv:
-            raise ValueError("weights_left is for the dot kernels, not the decode kernels (gemv=True)")
 
 
 MOE_GEMV_MAX_SLOTS_PER_EXPERT = 2.0  # up to this many routed slots per expert, the decode kernels
@@ -515,22 +518,26 @@ def pick_moe_config(
     device: torch.device,
     bits: int = 4,
 ) -> MoeConfig:
-    """Tiles for ``slots = T * k`` routed slots, from tile sweeps on an H200: the decode kernels
-    while experts see two tokens or fewer each (re-reading an expert per slot still beats 16-row
-    tiles there; narrow column blocks for a single token, except for 3 bits, whose unpacking
-    needs the registers; both projections split along K to about four programs per SM), then
-    16 to 64-row blocks by tokens per expert with the weights on the dots' left (128 x 128 tiles:
-    fewer instructions per weight than the plain tiles the sweeps chose, not yet timed on a
-    GPU)."""
+    """Tiles for ``slots = T * k`` routed slots: the decode kernels while experts see two tokens
+    or fewer each (re-reading an expert per slot beat 16-row tiles in the H200 sweeps; 2 and
+    4-bit codes with the weights on a dot's left and 128 columns, 3-bit ones on the GEMV loop
+    with 128 columns, 8-bit ones with 32 for a single token; both projections split along K to
+    about four programs per SM), then 16 to 64-row blocks by tokens per expert with the weights
+    on the dots' left (128 x 128 tiles). The weights-left forms take fewer instructions per
+    weight than the GEMV loop and the plain tiles the sweeps chose; they are not yet timed on a
+    GPU."""
     per_expert = slots / max(num_experts, 1)
     if per_expert <= MOE_GEMV_MAX_SLOTS_PER_EXPERT:
         bk13 = pick_block_k(group_w13, 128)
         bk2 = pick_block_k(group_w2, 128)
-        bn, warps = (32, 2) if slots <= 4 and bits != 3 else (128, 4)
+        paired = bits in (2, 4)
+        bn, warps = (32, 2) if slots <= 4 and bits == 8 else (128, 4)
         target = 4 * device_programs(device)
         split = split_for(inter, bk2, slots * triton.cdiv(hidden, bn), target)
         split13 = split_for(hidden, bk13, slots * triton.cdiv(inter, bn), target)
-        return MoeConfig(1, bn, bk13, bk2, split, num_warps=warps, gemv=True, split_k_gate_up=split13)
+        return MoeConfig(
+            1, bn, bk13, bk2, split, num_warps=warps, gemv=True, split_k_gate_up=split13, weights_left=paired
+        )
     block_m = 16 if per_expert <= 16 else (32 if per_expert <= 64 else 64)
     bk13 = pick_block_k(group_w13, 128)
     bk2 = pick_block_k(group_w2, 128)
@@ -638,6 +645,8 @@ def _fused_moe_gemv(
     slots = t * top_k
     ids = topk_ids.reshape(-1)
     asm = x.device.type == "cuda"
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    dtype, _ = dot_dtype(x.dtype, x.device)
 
     mode13, g13, gs13 = _groups(w13, cfg.block_k_gate_up)
     h = x.new_empty(slots, inter)
@@ -656,6 +665,7 @@ def _fused_moe_gemv(
         gs13, h.stride(0), h.stride(1), w13.group_size, kps13, split13,
         BITS=w13.bits, GROUP_MODE=mode13, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k_gate_up,
         ASM=asm, EVEN=even13, STAGES=stages_for(mode13, cfg.num_stages),
+        WEIGHTS_LEFT=cfg.weights_left and mode13 == GROUPS_PER_TILE and half, DOT_DTYPE=dtype,
         num_warps=cfg.num_warps, num_stages=stages_for(mode13, cfg.num_stages),
     )  # fmt: skip
 
@@ -677,6 +687,7 @@ def _fused_moe_gemv(
         gs2, y.stride(0), y.stride(1), w2.group_size, kps2, split2,
         BITS=w2.bits, GROUP_MODE=mode2, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k_down,
         ASM=asm, EVEN=even2, STAGES=stages_for(mode2, cfg.num_stages),
+        WEIGHTS_LEFT=cfg.weights_left and mode2 == GROUPS_PER_TILE and half, DOT_DTYPE=dtype,
         num_warps=cfg.num_warps, num_stages=stages_for(mode2, cfg.num_stages),
     )  # fmt: skip
     return y

@@ -187,7 +187,8 @@ def test_fused_moe(kernels, bits, tokens):
 
 
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_moe_decode_in_two_launches_is_exact_every_time(kernels, tokens):
+@pytest.mark.parametrize("weights_left", [False, True])
+def test_moe_decode_in_two_launches_is_exact_every_time(kernels, tokens, weights_left):
     _, tmoe = kernels
     e, hidden, inter = 8, 1024, 2048
     w13 = PackedExperts.stack([packed(2 * inter, hidden, 4, 128, seed=i) for i in range(e)], 4, 128)
@@ -195,7 +196,7 @@ def test_moe_decode_in_two_launches_is_exact_every_time(kernels, tokens):
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     weights, ids = torch.softmax(torch.randn(tokens, e, device="cuda", generator=gen), -1).topk(2, dim=-1)
     x = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
-    cfg = tmoe.MoeConfig(1, 64, 128, 128, split_k=8, gemv=True, split_k_gate_up=8)
+    cfg = tmoe.MoeConfig(1, 64, 128, 128, split_k=8, gemv=True, split_k_gate_up=8, weights_left=weights_left)
     first = tmoe.fused_moe_triton(x, ids, weights, w13, w2, config=cfg)
     for _ in range(30):
         assert torch.equal(tmoe.fused_moe_triton(x, ids, weights, w13, w2, config=cfg), first)

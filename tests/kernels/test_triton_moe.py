@@ -154,6 +154,25 @@ def test_decode_kernels_match_reference(
     torch.testing.assert_close(got, fused_moe_ref(x, ids, weights, w13, w2), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(("case", "split", "split_gate_up"), [("uneven_top2", 2, 3), ("single_top1", 1, 1)])
+def test_decode_kernels_with_the_weights_left(
+    triton_kernels, make_experts, bits, dtype, tol, case, split, split_gate_up
+):
+    """The decode kernels' weights-left form: each slot's row in a 16-row dot block."""
+    _, tmoe = triton_kernels
+    w13, w2 = _experts(make_experts, bits)
+    x, ids, weights = _routing(case)
+    cfg = tmoe.MoeConfig(
+        1, 32, 32, 64, split_k=split, gemv=True, split_k_gate_up=split_gate_up, weights_left=True
+    )
+    got = tmoe.fused_moe_triton(x.to(dtype), ids, weights, w13, w2, config=cfg)
+    assert got.dtype == dtype
+    want = fused_moe_ref(x.to(dtype).float(), ids, weights, w13, w2)
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
 def test_decode_kernels_half_precision(triton_kernels, make_experts, dtype, tol):
     _, tmoe = triton_kernels
@@ -188,6 +207,8 @@ def test_decode_kernels_only_for_few_tokens_per_expert(triton_kernels):
     _, tmoe = triton_kernels
     cpu = torch.device("cpu")
     assert tmoe.pick_moe_config(2, 8, 4096, 14336, 128, 128, cpu).gemv  # one token, top-2 of 8
+    decode = {b: tmoe.pick_moe_config(2, 8, 4096, 14336, 128, 128, cpu, bits=b) for b in BITS}
+    assert [decode[b].weights_left for b in BITS] == [True, False, True, False]
     assert not tmoe.pick_moe_config(64, 8, 4096, 14336, 128, 128, cpu).gemv
     blocks = [tmoe.pick_moe_config(s, 8, 4096, 14336, 128, 128, cpu) for s in (64, 512, 1024)]
     assert [(c.block_m, c.weights_left) for c in blocks] == [(16, True), (32, True), (64, True)]
