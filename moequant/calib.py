@@ -101,9 +101,7 @@ def consecutive_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | No
     """Consecutive non-overlapping windows ``[W, L]``; the remainder is dropped."""
     n = tokens.numel() // seqlen
     if n == 0:
-        raise MoequantError(
-            f"text has {tokens.numel()} tokens, fewer than one window of {seqlen}; lower --seqlen"
-        )
+        raise MoequantError(f"text has {tokens.numel()} tokens, fewer than one window of {seqlen}; lower --seqlen")
     if max_windows is not None:
         n = min(n, max_windows)
     return tokens[: n * seqlen].view(n, seqlen)

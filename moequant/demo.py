@@ -22,14 +22,9 @@ class DemoRun:
     report_path: Path
 
 
-def run_demo(
-    workdir: str | Path,
-    recipe: str = "mixtral-a4e3",
-    with_rtn: bool = True,
-    calib: CalibSettings | None = None,
-    seqlen: int = 2048,
-    progress_factory=Progress,
-) -> list[DemoRun]:
+def run_demo(workdir: str | Path, recipe: str = "mixtral-a4e3", with_rtn: bool = True,
+             calib: CalibSettings | None = None, seqlen: int = 2048,
+             progress_factory=Progress) -> list[DemoRun]:
     """Compress the bundled model with ``recipe`` (GPTQ, and RTN for contrast) and evaluate each.
 
     Calibration is the bundled calibration slice (``builtin``); evaluation is its held-out slice,
@@ -44,24 +39,10 @@ def run_demo(
     methods = ["gptq", "rtn"] if with_rtn else ["gptq"]
     for method in methods:
         label = f"{recipe}-{method}"
-        compressed = compress(
-            model,
-            workdir / label,
-            recipe=recipe,
-            method=method,
-            device="cpu",
-            calib=calib,
-            overwrite=True,
-            progress=progress_factory(),
-        )
-        report = evaluate(
-            compressed.path,
-            baseline=model,
-            dataset="builtin",
-            seqlen=seqlen,
-            device="cpu",
-            progress=progress_factory(),
-        )
+        compressed = compress(model, workdir / label, recipe=recipe, method=method, device="cpu", calib=calib,
+                              overwrite=True, progress=progress_factory())
+        report = evaluate(compressed.path, baseline=model, dataset="builtin", seqlen=seqlen, device="cpu",
+                          progress=progress_factory())
         path = workdir / f"report-{label}.json"
         write_report(report, path)
         runs.append(DemoRun(label, compressed, report, path))

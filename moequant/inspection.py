@@ -55,11 +55,8 @@ def describe(path: str | Path, allow_pickle: bool = False) -> dict:
         "groups": {k: {**v, "bits": dict(sorted(v["bits"].items()))} for k, v in groups.items()},
     }
     if quant is not None:
-        info["quantization_config"] = {
-            k: quant[k]
-            for k in ("quant_method", "checkpoint_format", "bits", "group_size", "sym", "desc_act")
-            if k in quant
-        }
+        info["quantization_config"] = {k: quant[k] for k in ("quant_method", "checkpoint_format", "bits",
+                                                             "group_size", "sym", "desc_act") if k in quant}
     record = source / "moequant.json"
     if record.is_file():
         rec = json.loads(record.read_text())

@@ -33,14 +33,8 @@ from moequant.nn.quant_experts import LinearSpec, QuantExperts, stacked_specs
 from moequant.nn.quant_linear import QuantLinear, packed_shapes
 
 _DTYPE_NAMES = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+    "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
 }
 _IGNORED_EXTRA = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -63,9 +57,7 @@ def module_spec(qcfg: dict | None, name: str) -> LinearSpec | None:
         if skip:
             return None
         override = override or {}
-        return LinearSpec(
-            int(override.get("bits", spec.bits)), int(override.get("group_size", spec.group_size))
-        )
+        return LinearSpec(int(override.get("bits", spec.bits)), int(override.get("group_size", spec.group_size)))
     return spec
 
 
@@ -73,9 +65,7 @@ def check_quantization_config(qcfg: dict) -> None:
     """Refuse quantisation configs this loader cannot run, with what to do instead."""
     method = str(qcfg.get("quant_method", "gptq")).lower()
     if method != "gptq":
-        raise MoequantError(
-            f"quantization_config.quant_method is {method!r}; moequant loads GPTQ checkpoints only"
-        )
+        raise MoequantError(f"quantization_config.quant_method is {method!r}; moequant loads GPTQ checkpoints only")
     fmt = str(qcfg.get("checkpoint_format", "gptq")).lower()
     if fmt != "gptq":
         raise MoequantError(
@@ -128,14 +118,11 @@ def _plain_or_packed(disk_module: str, target_module: str, spec: LinearSpec | No
     return _packed_fills(disk_module, target_module)
 
 
-def _experts_layout(
-    reader: CheckpointReader, adapter: MixtralAdapter, layer: int, specs: dict[str, LinearSpec | None]
-) -> tuple[str, list[dict[str, LinearSpec | None]]]:
+def _experts_layout(reader: CheckpointReader, adapter: MixtralAdapter, layer: int,
+                    specs: dict[str, LinearSpec | None]) -> tuple[str, list[dict[str, LinearSpec | None]]]:
     """``("plain" | "stacked" | "per-expert", per-expert role specs)`` of one layer's experts."""
     c = adapter.config
-    roles = [
-        {r: specs[adapter.expert_name(layer, e, r)] for r in ("w1", "w3", "w2")} for e in range(c.num_experts)
-    ]
+    roles = [{r: specs[adapter.expert_name(layer, e, r)] for r in ("w1", "w3", "w2")} for e in range(c.num_experts)]
     if all(s is None for r in roles for s in r.values()):
         return "plain", roles
     if stacked_specs(roles) is None:
@@ -148,9 +135,8 @@ def _experts_layout(
     return "stacked", roles
 
 
-def _expert_fills(
-    adapter: MixtralAdapter, layer: int, layout: str, roles: list[dict[str, LinearSpec | None]]
-) -> list[_Fill]:
+def _expert_fills(adapter: MixtralAdapter, layer: int, layout: str,
+                  roles: list[dict[str, LinearSpec | None]]) -> list[_Fill]:
     c = adapter.config
     inter = c.intermediate_size
     target = f"model.layers.{layer}.mlp.experts"
@@ -167,16 +153,9 @@ def _expert_fills(
             bits = roles[e]["w1"].bits
             halves = {"qweight": inter, "qzeros": inter * bits // 32, "scales": inter}
             for key, width in halves.items():
-                fills.append(
-                    _Fill(f"{disk['w1']}.{key}", f"{target}.w13_{key}", (e, slice(None), slice(0, width)))
-                )
-                fills.append(
-                    _Fill(
-                        f"{disk['w3']}.{key}",
-                        f"{target}.w13_{key}",
-                        (e, slice(None), slice(width, 2 * width)),
-                    )
-                )
+                fills.append(_Fill(f"{disk['w1']}.{key}", f"{target}.w13_{key}", (e, slice(None), slice(0, width))))
+                fills.append(_Fill(f"{disk['w3']}.{key}", f"{target}.w13_{key}",
+                                   (e, slice(None), slice(width, 2 * width))))
             # w3 shares w1's g_idx (checked when choosing the layout); copying both checks both are there
             fills.append(_Fill(f"{disk['w1']}.g_idx", f"{target}.w13_g_idx", (e,)))
             fills.append(_Fill(f"{disk['w3']}.g_idx", f"{target}.w13_g_idx", (e,)))
@@ -192,9 +171,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, config: dict, device: torch.d
     """The compute dtype: ``dtype`` if given, else the checkpoint's on CUDA and float32 on CPU."""
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
-            raise MoequantError(
-                f"dtype {dtype} is not a floating-point type; use bfloat16, float16 or float32"
-            )
+            raise MoequantError(f"dtype {dtype} is not a floating-point type; use bfloat16, float16 or float32")
         return dtype
     if dtype is not None and str(dtype) != "auto":
         if str(dtype) not in _DTYPE_NAMES:
@@ -213,19 +190,11 @@ def _hf_config(raw: dict, keep_quant: bool):
     try:
         return MixtralConfig.from_dict(fields)
     except Exception as exc:
-        raise MoequantError(
-            f"config.json does not describe a Mixtral model transformers accepts ({exc})"
-        ) from exc
+        raise MoequantError(f"config.json does not describe a Mixtral model transformers accepts ({exc})") from exc
 
 
-def _skeleton(
-    raw: dict,
-    adapter: MixtralAdapter,
-    specs: dict[str, LinearSpec | None],
-    layouts: list[tuple[str, list]],
-    backend: str,
-    keep_quant: bool,
-) -> nn.Module:
+def _skeleton(raw: dict, adapter: MixtralAdapter, specs: dict[str, LinearSpec | None],
+              layouts: list[tuple[str, list]], backend: str, keep_quant: bool) -> nn.Module:
     """``MixtralForCausalLM`` on the meta device with packed modules in place."""
     from transformers import MixtralForCausalLM
 
@@ -239,45 +208,31 @@ def _skeleton(
                 spec = specs[adapter.attention_name(layer, role)]
                 if spec is not None:
                     old = getattr(attn, f"{role}_proj")
-                    setattr(
-                        attn,
-                        f"{role}_proj",
-                        QuantLinear(
-                            old.in_features, old.out_features, spec.bits, spec.group_size, backend=backend
-                        ),
-                    )
+                    setattr(attn, f"{role}_proj", QuantLinear(old.in_features, old.out_features, spec.bits,
+                                                              spec.group_size, backend=backend))
             if layout != "plain":
                 model.model.layers[layer].mlp.experts = QuantExperts(
-                    c.num_experts,
-                    c.hidden_size,
-                    c.intermediate_size,
-                    roles,
-                    config.hidden_act,
-                    backend,
+                    c.num_experts, c.hidden_size, c.intermediate_size, roles, config.hidden_act, backend,
                     force_per_expert=layout == "per-expert",
                 )
         lm_spec = specs.get("lm_head")
         if lm_spec is not None:
-            model.lm_head = QuantLinear(
-                c.hidden_size, c.vocab_size, lm_spec.bits, lm_spec.group_size, backend=backend
-            )
+            model.lm_head = QuantLinear(c.hidden_size, c.vocab_size, lm_spec.bits, lm_spec.group_size,
+                                        backend=backend)
     return model
 
 
-def _plan(
-    reader: CheckpointReader, adapter: MixtralAdapter, specs: dict[str, LinearSpec | None]
-) -> tuple[list[tuple[str, list]], list[_Fill]]:
+def _plan(reader: CheckpointReader, adapter: MixtralAdapter, specs: dict[str, LinearSpec | None]
+          ) -> tuple[list[tuple[str, list]], list[_Fill]]:
     a, c = adapter, adapter.config
     fills = [_Fill(a.embed_name, "model.embed_tokens.weight"), _Fill(a.final_norm_name, "model.norm.weight")]
     layouts = []
     for layer in range(c.num_layers):
         prefix = f"model.layers.{layer}."
         in_norm, post_norm = a.norm_names(layer)
-        fills += [
-            _Fill(in_norm, prefix + "input_layernorm.weight"),
-            _Fill(post_norm, prefix + "post_attention_layernorm.weight"),
-            _Fill(a.router_name(layer) + ".weight", prefix + "mlp.gate.weight"),
-        ]
+        fills += [_Fill(in_norm, prefix + "input_layernorm.weight"),
+                  _Fill(post_norm, prefix + "post_attention_layernorm.weight"),
+                  _Fill(a.router_name(layer) + ".weight", prefix + "mlp.gate.weight")]
         for role in ("q", "k", "v", "o"):
             name = a.attention_name(layer, role)
             fills += _plain_or_packed(name, name, specs[name])
@@ -326,27 +281,16 @@ def _targets(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _warn_unused(reader: CheckpointReader, used: set[str], tied: bool) -> None:
-    extra = [
-        n
-        for n in reader.names
-        if n not in used and not _IGNORED_EXTRA.match(n) and not (tied and n == "lm_head.weight")
-    ]
+    extra = [n for n in reader.names if n not in used and not _IGNORED_EXTRA.match(n)
+             and not (tied and n == "lm_head.weight")]
     if extra:
         more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
-        warnings.warn(
-            f"ignored {len(extra)} checkpoint tensors the model has no place for: "
-            f"{', '.join(extra[:3])}{more}",
-            stacklevel=4,
-        )
+        warnings.warn(f"ignored {len(extra)} checkpoint tensors the model has no place for: "
+                      f"{', '.join(extra[:3])}{more}", stacklevel=4)
 
 
-def _build(
-    path: str | os.PathLike,
-    device: str | torch.device | None,
-    dtype: str | torch.dtype | None,
-    backend: str,
-    dequantize: bool,
-) -> nn.Module:
+def _build(path: str | os.PathLike, device: str | torch.device | None, dtype: str | torch.dtype | None,
+           backend: str, dequantize: bool) -> nn.Module:
     source = resolve_source(path)
     reader = CheckpointReader(source)
     raw = reader.config
@@ -368,10 +312,8 @@ def _build(
             try:
                 packed_shapes(*info_shape, spec.bits, spec.group_size)
             except MoequantError as exc:
-                raise MoequantError(
-                    f"quantization_config gives {name} bits={spec.bits}, "
-                    f"group_size={spec.group_size}, which cannot hold it: {exc}"
-                ) from exc
+                raise MoequantError(f"quantization_config gives {name} bits={spec.bits}, "
+                                    f"group_size={spec.group_size}, which cannot hold it: {exc}") from exc
     layouts, fills = _plan(reader, adapter, specs)
     model = _skeleton(raw, adapter, specs, layouts, backend, keep_quant=not dequantize)
     targets = _targets(model)
@@ -379,9 +321,8 @@ def _build(
     tied = adapter.config.tie_word_embeddings
     uncovered = [n for n in model.state_dict() if n not in covered and not (tied and n == "lm_head.weight")]
     if uncovered:
-        raise MoequantError(
-            f"no checkpoint tensor fills {', '.join(uncovered[:3])}; this model layout is not supported"
-        )
+        raise MoequantError(f"no checkpoint tensor fills {', '.join(uncovered[:3])}; this model layout is not "
+                            "supported")
     if dequantize:
         get = tensor_getter(reader, dtype=torch.float32)
     else:
@@ -399,9 +340,7 @@ def _build(
             tensor = get(f.disk)
             slot = _slot(targets[f.target], f.index)
             if tuple(tensor.shape) != tuple(slot.shape):
-                raise MoequantError(
-                    f"tensor {f.disk} has shape {list(tensor.shape)}, expected {list(slot.shape)}"
-                )
+                raise MoequantError(f"tensor {f.disk} has shape {list(tensor.shape)}, expected {list(slot.shape)}")
             if f.disk.endswith(".g_idx"):
                 _check_g_idx(f.disk, tensor, targets[f.target.replace("g_idx", "scales")])
             slot.copy_(tensor)
@@ -432,9 +371,7 @@ def _shape_of(adapter: MixtralAdapter, name: str) -> tuple[int, int]:
 def _check_g_idx(name: str, g_idx: torch.Tensor, scales: torch.Tensor) -> None:
     groups = scales.shape[-2]
     if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
-        raise MoequantError(
-            f"tensor {name} names groups outside [0, {groups - 1}]; the checkpoint is corrupt"
-        )
+        raise MoequantError(f"tensor {name} names groups outside [0, {groups - 1}]; the checkpoint is corrupt")
 
 
 def _reset_rotary(model: nn.Module, device: torch.device) -> None:
@@ -456,12 +393,8 @@ def _load_generation_config(model: nn.Module, source: Path) -> None:
 
 
 # -- public API -------------------------------------------------------------------------------
-def load(
-    path: str | os.PathLike,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
-    backend: str = "auto",
-) -> nn.Module:
+def load(path: str | os.PathLike, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, backend: str = "auto") -> nn.Module:
     """A checkpoint folder (compressed by moequant, or an original MoE checkpoint) as a model.
 
     Args:
@@ -487,9 +420,8 @@ def load(
     return _build(path, device, dtype, backend, dequantize=False)
 
 
-def dequantized_model(
-    path: str | os.PathLike, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
-) -> nn.Module:
+def dequantized_model(path: str | os.PathLike, device: str | torch.device | None = None,
+                      dtype: str | torch.dtype | None = None) -> nn.Module:
     """A plain ``MixtralForCausalLM`` whose weights are the checkpoint's dequantised codes.
 
     Every packed module ``X`` becomes the float ``X.weight = s * (q - z)`` (via
@@ -510,3 +442,4 @@ def model_bytes(model: nn.Module) -> int:
         seen.add(key)
         total += t.numel() * t.element_size()
     return total
+

@@ -46,17 +46,8 @@ from moequant.sizes import packed_bits
 
 RECORD_FILE = "moequant.json"
 RECIPE_FILE = "recipe.yaml"
-_COPY_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
+_COPY_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 _GLOBALS_KEY = "globals"
 RANDOM_CALIB = "random"  # uniformly random token ids: for timing runs, never for real calibration
 
@@ -126,13 +117,9 @@ def plan(adapter: MixtralAdapter, recipe: Recipe, method: str | None = None) -> 
 
 def _check_spec(info: LinearInfo, spec: QuantSpec, recipe: Recipe) -> None:
     rule = recipe.rule_for(info.name)
-    where = (
-        f"recipe {recipe.name}, rule {rule[0] + 1} ({rule[1].match!r})" if rule else f"recipe {recipe.name}"
-    )
+    where = f"recipe {recipe.name}, rule {rule[0] + 1} ({rule[1].match!r})" if rule else f"recipe {recipe.name}"
     if info.kind == "router":
-        raise MoequantError(
-            f"{where} would quantise the router {info.name}; routers stay 16-bit, narrow the match"
-        )
+        raise MoequantError(f"{where} would quantise the router {info.name}; routers stay 16-bit, narrow the match")
     if info.kind == "embedding":
         raise MoequantError(f"{where} would quantise {info.name}; embeddings stay 16-bit in the GPTQ layout")
     g = spec.group_size
@@ -210,18 +197,8 @@ def compress(
         ids, calib_info = _calibration_ids(source, calib, adapter)
         hidden = reader.get(adapter.embed_name, dtype=torch.float32, device=dev)[ids.to(dev)]
     writer = CheckpointWriter(out_path, fresh=state is None)
-    run = _Run(
-        reader,
-        adapter,
-        recipe_obj,
-        specs,
-        dev,
-        writer,
-        progress,
-        calibrate,
-        batch=_calib_batch(calib, adapter),
-        expert_batch=expert_batch or adapter.config.num_experts,
-    )
+    run = _Run(reader, adapter, recipe_obj, specs, dev, writer, progress, calibrate,
+               batch=_calib_batch(calib, adapter), expert_batch=expert_batch or adapter.config.num_experts)
     if state is not None:
         start_layer = state["completed_layers"]
         run.modules, run.layers, calib_info = state["modules"], state["layers"], state["calibration"]
@@ -264,9 +241,7 @@ def compress(
 
 
 # -- calibration ---------------------------------------------------------------------------
-def _calibration_ids(
-    source: Path, calib: CalibSettings, adapter: MixtralAdapter
-) -> tuple[torch.Tensor, dict]:
+def _calibration_ids(source: Path, calib: CalibSettings, adapter: MixtralAdapter) -> tuple[torch.Tensor, dict]:
     seqlen = min(calib.seqlen, adapter.config.max_position_embeddings)
     if calib.source == RANDOM_CALIB:
         gen = torch.Generator().manual_seed(calib.seed)
@@ -278,13 +253,8 @@ def _calibration_ids(
             raise MoequantError(f"{exc} (or compress without calibration: --method rtn)") from exc
         tokens = tokenize(tokenizer, load_text(calib.source, "calib"))
         ids = random_windows(tokens, calib.samples, seqlen, calib.seed)
-    info = {
-        "dataset": calib.source,
-        "samples": calib.samples,
-        "seqlen": seqlen,
-        "seed": calib.seed,
-        "tokens": int(ids.numel()),
-    }
+    info = {"dataset": calib.source, "samples": calib.samples, "seqlen": seqlen, "seed": calib.seed,
+            "tokens": int(ids.numel())}
     return ids, info
 
 
@@ -313,19 +283,8 @@ def _calibrated_layer(run: _Run, layer: int, x: torch.Tensor) -> tuple[dict, tor
         h_qkv = acc.hessian(inplace=True)[0]
     tokens = int(acc.tokens[0])
     for role in ("q", "k", "v"):
-        setattr(
-            w,
-            role,
-            _solve(
-                run,
-                [a.attention_name(layer, role)],
-                getattr(w, role)[None],
-                h_qkv[None],
-                tensors,
-                [tokens],
-                [None],
-            )[0],
-        )
+        setattr(w, role, _solve(run, [a.attention_name(layer, role)], getattr(w, role)[None], h_qkv[None],
+                                tensors, [tokens], [None])[0])
     del h_qkv, acc
     with run.phase("forward"):
         acc = HessianAccumulator(1, c.num_heads * c.head_dim, dev)
@@ -333,9 +292,8 @@ def _calibrated_layer(run: _Run, layer: int, x: torch.Tensor) -> tuple[dict, tor
         for xc in chunks:
             ctx.append(a.attention(a.norm(xc, w.input_norm), w.q, w.k, w.v, cos, sin))
             acc.add(ctx[-1].reshape(-1, ctx[-1].shape[-1]))
-    w.o = _solve(
-        run, [a.attention_name(layer, "o")], w.o[None], acc.hessian(inplace=True), tensors, [tokens], [None]
-    )[0]
+    w.o = _solve(run, [a.attention_name(layer, "o")], w.o[None], acc.hessian(inplace=True), tensors,
+                 [tokens], [None])[0]
     del acc
     x = torch.cat([xc + F.linear(cc, w.o) for xc, cc in zip(chunks, ctx, strict=True)])
     del ctx, chunks
@@ -366,15 +324,8 @@ def _calibrated_layer(run: _Run, layer: int, x: torch.Tensor) -> tuple[dict, tor
     return tensors, x, layer_record
 
 
-def _expert_rows(
-    run: _Run,
-    e: int,
-    h: torch.Tensor,
-    probs: torch.Tensor,
-    top_ids: torch.Tensor,
-    top_w: torch.Tensor,
-    starved: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+def _expert_rows(run: _Run, e: int, h: torch.Tensor, probs: torch.Tensor, top_ids: torch.Tensor,
+                 top_w: torch.Tensor, starved: bool) -> tuple[torch.Tensor, torch.Tensor | None, str]:
     """Rows of ``h [T, K]`` that calibrate expert ``e``, their weights, and the policy applied."""
     token, slot = torch.where(top_ids == e)
     weights = top_w[token, slot] if run.recipe.hessian_weighting == "router" else None
@@ -388,17 +339,9 @@ def _expert_rows(
     return torch.cat([token, everyone]), torch.cat([routed_w, probs[:, e]]), "augmented"
 
 
-def _solve_experts(
-    run: _Run,
-    layer: int,
-    experts: dict[int, ExpertWeights],
-    h2: torch.Tensor,
-    probs: torch.Tensor,
-    top_ids: torch.Tensor,
-    top_w: torch.Tensor,
-    starved: list[int],
-    tensors: dict,
-) -> None:
+def _solve_experts(run: _Run, layer: int, experts: dict[int, ExpertWeights], h2: torch.Tensor,
+                   probs: torch.Tensor, top_ids: torch.Tensor, top_w: torch.Tensor, starved: list[int],
+                   tensors: dict) -> None:
     """Quantise the experts of one batch; their weights in ``experts`` become the dequantised ones."""
     a = run.adapter
     c = a.config
@@ -438,15 +381,8 @@ def _row_chunks(idx: torch.Tensor, weights: torch.Tensor | None, size: int = 1 <
         yield idx[s : s + size], None if weights is None else weights[s : s + size]
 
 
-def _solve(
-    run: _Run,
-    names: list[str],
-    weights: torch.Tensor,
-    hessians: torch.Tensor | None,
-    tensors: dict,
-    tokens: list[int],
-    policies: list[str | None],
-) -> torch.Tensor:
+def _solve(run: _Run, names: list[str], weights: torch.Tensor, hessians: torch.Tensor | None, tensors: dict,
+           tokens: list[int], policies: list[str | None]) -> torch.Tensor:
     """Quantise ``weights [E, N, K]`` (one module per name) and return them dequantised.
 
     Modules that share a spec are solved as one batch; modules kept 16-bit are copied through.
@@ -480,41 +416,23 @@ def _solve(
                 tensors[f"{names[i]}.{key}"] = value[j]
             starved_to_rtn = (policies[i] or "").startswith("routed (no tokens")
             applied = "gptq" if spec.method == "gptq" and h_sel is not None and not starved_to_rtn else "rtn"
-            run.modules[names[i]] = _module_record(
-                weights.shape[1:],
-                spec,
-                tokens[i],
-                policies[i],
-                applied,
-                error=float(result.error[j]),
-                damp=float(result.damp[j]),
+            run.modules[names[i]] = _module_record(weights.shape[1:], spec, tokens[i], policies[i], applied,
+                error=float(result.error[j]), damp=float(result.damp[j]),
                 error_kind="output" if h_sel is not None else "weight",
             )
             out[i] = deq[j].to(out.dtype)
     return out
 
 
-def _module_record(
-    shape,
-    spec: QuantSpec | None,
-    tokens: int | None,
-    policy: str | None,
-    applied: str | None = None,
-    error: float | None = None,
-    damp: float | None = None,
-    error_kind: str | None = None,
-) -> dict:
+def _module_record(shape, spec: QuantSpec | None, tokens: int | None, policy: str | None,
+                   applied: str | None = None, error: float | None = None, damp: float | None = None,
+                   error_kind: str | None = None) -> dict:
     rec: dict = {"shape": [int(shape[0]), int(shape[1])]}
     if spec is None:
         rec.update(bits=16, method="keep")
     else:
-        rec.update(
-            bits=spec.bits,
-            group_size=spec.group_size,
-            sym=spec.sym,
-            method=applied or spec.method,
-            act_order=spec.act_order and (applied or spec.method) == "gptq",
-        )
+        rec.update(bits=spec.bits, group_size=spec.group_size, sym=spec.sym, method=applied or spec.method,
+                   act_order=spec.act_order and (applied or spec.method) == "gptq")
         if damp is not None and (applied or spec.method) == "gptq":
             rec["damp"] = round(damp, 6)
         if error is not None:
@@ -538,22 +456,16 @@ def _streamed_layer(run: _Run, layer: int) -> tuple[dict, dict]:
         spec = run.specs[info.name]
         if spec is None:
             tensors[info.weight] = run.reader.get(info.weight)
-            run.modules[info.name] = _module_record((info.out_features, info.in_features), None, None, None)
+            run.modules[info.name] = _module_record((info.out_features, info.in_features), None,
+                                                    None, None)
             continue
         weight = get(info.weight)
         result = rtn(weight, spec.bits, spec.group_size, spec.sym, spec.clip_grid)
         del weight
         for key, value in pack_result(result, spec.bits).items():
             tensors[f"{info.name}.{key}"] = value.cpu()
-        run.modules[info.name] = _module_record(
-            (info.out_features, info.in_features),
-            spec,
-            None,
-            None,
-            "rtn",
-            error=float(result.error),
-            error_kind="weight",
-        )
+        run.modules[info.name] = _module_record((info.out_features, info.in_features), spec, None,
+                                                None, "rtn", error=float(result.error), error_kind="weight")
         del result
     return tensors, {"layer": layer}
 
@@ -563,11 +475,8 @@ def _passthrough(run: _Run, layer: int) -> dict:
     """Every tensor of the layer but the attention and expert weights (written where they are solved)."""
     prefix = run.adapter.layer_prefix(layer)
     solved = {i.weight for i in run.adapter.layer_linears(layer) if i.kind in ("attention", "expert")}
-    return {
-        name: run.reader.get(name, check_finite=True)
-        for name in run.reader.names
-        if name.startswith(prefix) and name not in solved
-    }
+    return {name: run.reader.get(name, check_finite=True) for name in run.reader.names
+            if name.startswith(prefix) and name not in solved}
 
 
 def _global_tensors(run: _Run, hidden: torch.Tensor | None) -> dict:
@@ -597,13 +506,9 @@ def _global_tensors(run: _Run, hidden: torch.Tensor | None) -> dict:
 
 
 # -- records, metadata and resume state ------------------------------------------------------------
-def _finish_record(
-    run: _Run, source: Path, calib_info: dict | None, method: str | None, started: float
-) -> dict:
+def _finish_record(run: _Run, source: Path, calib_info: dict | None, method: str | None, started: float) -> dict:
     a = run.adapter
-    all_infos = [
-        i for layer in range(a.config.num_layers) for i in a.layer_linears(layer)
-    ] + a.global_linears()
+    all_infos = [i for layer in range(a.config.num_layers) for i in a.layer_linears(layer)] + a.global_linears()
     for info in all_infos:
         if info.name not in run.modules and (info.kind != "lm_head" or run.reader.has(info.weight)):
             run.modules[info.name] = _module_record((info.out_features, info.in_features), None, None, None)
@@ -611,21 +516,15 @@ def _finish_record(
             run.modules[info.name] = {"kind": info.kind, **run.modules[info.name]}
     source_params = sum(run.reader.numel(n) for n in run.reader.names)
     quant_params = sum(i.numel for i in all_infos if run.specs.get(i.name) is not None)
-    out_bytes = sum(
-        run.writer.shard_path(k).stat().st_size
-        for k in [_layer_key(i) for i in range(a.config.num_layers)] + [_GLOBALS_KEY]
-    )
-    quant_bits = sum(
-        packed_bits(i.out_features, i.in_features, s.bits, s.group_size)
-        for i in all_infos
-        if (s := run.specs.get(i.name)) is not None
-    )
+    out_bytes = sum(run.writer.shard_path(k).stat().st_size
+                    for k in [_layer_key(i) for i in range(a.config.num_layers)] + [_GLOBALS_KEY])
+    quant_bits = sum(packed_bits(i.out_features, i.in_features, s.bits, s.group_size)
+                     for i in all_infos if (s := run.specs.get(i.name)) is not None)
     by_group: dict[str, dict] = {}
     for info in all_infos:
         spec = run.specs.get(info.name)
-        g = by_group.setdefault(
-            info.kind, {"modules": 0, "parameters": 0, "bits": {}, "error_sum": 0.0, "errors": 0}
-        )
+        g = by_group.setdefault(info.kind, {"modules": 0, "parameters": 0, "bits": {}, "error_sum": 0.0,
+                                            "errors": 0})
         g["modules"] += 1
         g["parameters"] += info.numel
         key = str(16 if spec is None else spec.bits)
@@ -634,26 +533,12 @@ def _finish_record(
         if err is not None:
             g["error_sum"] += err
             g["errors"] += 1
-    groups = {
-        k: {
-            "modules": v["modules"],
-            "parameters": v["parameters"],
-            "bits": v["bits"],
-            "mean_error": round(v["error_sum"] / v["errors"], 6) if v["errors"] else None,
-        }
-        for k, v in by_group.items()
-    }
+    groups = {k: {"modules": v["modules"], "parameters": v["parameters"], "bits": v["bits"],
+                  "mean_error": round(v["error_sum"] / v["errors"], 6) if v["errors"] else None}
+              for k, v in by_group.items()}
     source_bytes = run.reader.total_bytes()
-    starved = [
-        {
-            "layer": r["layer"],
-            "expert": e,
-            "tokens": r["routing_histogram"][e],
-            "policy": r["calibration_policy"],
-        }
-        for r in run.layers
-        for e in r.get("starved_experts", [])
-    ]
+    starved = [{"layer": r["layer"], "expert": e, "tokens": r["routing_histogram"][e], "policy": r["calibration_policy"]}
+               for r in run.layers for e in r.get("starved_experts", [])]
     return {
         "moequant_version": __version__,
         "format": "gptq",
@@ -662,14 +547,9 @@ def _finish_record(
         "architecture": (run.reader.config.get("architectures") or [a.family])[0],
         "recipe": {"name": run.recipe.name, "fingerprint": run.recipe.fingerprint(), "file": RECIPE_FILE},
         "method_override": method,
-        "settings": {
-            "act_order": run.recipe.act_order,
-            "damp": run.recipe.damp,
-            "block_size": run.recipe.block_size,
-            "min_tokens": run.recipe.min_tokens,
-            "expert_calibration": run.recipe.expert_calibration,
-            "hessian_weighting": run.recipe.hessian_weighting,
-        },
+        "settings": {"act_order": run.recipe.act_order, "damp": run.recipe.damp, "block_size": run.recipe.block_size,
+                     "min_tokens": run.recipe.min_tokens, "expert_calibration": run.recipe.expert_calibration,
+                     "hessian_weighting": run.recipe.hessian_weighting},
         "calibration": calib_info,
         "totals": {
             "parameters": source_params,
@@ -684,12 +564,9 @@ def _finish_record(
         "starved_experts": starved,
         "layers": [{k: v for k, v in r.items() if k not in ("time_s", "phases_s")} for r in run.layers],
         "modules": dict(sorted(run.modules.items(), key=lambda kv: _natural(kv[0]))),
-        "timing": {
-            "total_s": round(time.perf_counter() - started, 3),
-            "device": str(run.device),
-            "layers_s": [r.get("time_s") for r in run.layers],
-            "layer_phases_s": [r.get("phases_s") for r in run.layers],
-        },
+        "timing": {"total_s": round(time.perf_counter() - started, 3), "device": str(run.device),
+                   "layers_s": [r.get("time_s") for r in run.layers],
+                   "layer_phases_s": [r.get("phases_s") for r in run.layers]},
     }
 
 
@@ -699,19 +576,11 @@ def _natural(name: str) -> list:
 
 def _write_metadata(run: _Run, source: Path, record: dict) -> None:
     config = dict(run.reader.config)
-    quant_specs = {
-        n: s
-        for n, s in run.specs.items()
-        if not n.endswith(".gate") and n != "model.embed_tokens" and (n != "lm_head" or s is not None)
-    }
+    quant_specs = {n: s for n, s in run.specs.items()
+                   if not n.endswith(".gate") and n != "model.embed_tokens" and (n != "lm_head" or s is not None)}
     config["quantization_config"] = quantization_config(
-        quant_specs,
-        __version__,
-        run.recipe.name,
-        run.recipe.damp,
-        run.recipe.act_order,
-        lm_head=run.specs.get("lm_head") is not None,
-        others=[n for n in run.specs if n not in quant_specs],
+        quant_specs, __version__, run.recipe.name, run.recipe.damp, run.recipe.act_order,
+        lm_head=run.specs.get("lm_head") is not None, others=[n for n in run.specs if n not in quant_specs],
     )
     run.writer.write_json("config.json", config)
     run.writer.write_json(RECORD_FILE, record)
@@ -751,22 +620,11 @@ def _check_tensors_present(reader: CheckpointReader, adapter: MixtralAdapter) ->
             raise MoequantError(f"tensor {name} is missing from the checkpoint at {reader.path}")
 
 
-def _fingerprint(
-    reader: CheckpointReader, recipe: Recipe, method: str | None, calib: CalibSettings | None
-) -> str:
+def _fingerprint(reader: CheckpointReader, recipe: Recipe, method: str | None, calib: CalibSettings | None) -> str:
     files = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in reader.files()]
-    payload = json.dumps(
-        {
-            "v": __version__,
-            "config": reader.config,
-            "files": files,
-            "recipe": recipe.model_dump(),
-            "method": method,
-            "calib": None if calib is None else vars(calib),
-        },
-        sort_keys=True,
-        default=str,
-    )
+    payload = json.dumps({"v": __version__, "config": reader.config, "files": files, "recipe": recipe.model_dump(),
+                          "method": method, "calib": None if calib is None else vars(calib)}, sort_keys=True,
+                         default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -785,27 +643,15 @@ def _load_state(partial: Path, fingerprint: str) -> dict | None:
     return state
 
 
-def _save_state(
-    partial: Path,
-    fingerprint: str,
-    completed: int,
-    run: _Run,
-    calib_info: dict | None,
-    hidden: torch.Tensor | None,
-) -> None:
+def _save_state(partial: Path, fingerprint: str, completed: int, run: _Run, calib_info: dict | None,
+                hidden: torch.Tensor | None) -> None:
     resume_dir = partial / "resume"
     resume_dir.mkdir(exist_ok=True)
     if hidden is not None:
         tmp = resume_dir / "hidden.safetensors.tmp"
         save_file({"hidden": hidden.contiguous().cpu()}, str(tmp))
         tmp.replace(resume_dir / "hidden.safetensors")
-    write_json_atomic(
-        resume_dir / "state.json",
-        {
-            "fingerprint": fingerprint,
-            "completed_layers": completed,
-            "modules": run.modules,
-            "layers": run.layers,
-            "calibration": calib_info,
-        },
-    )
+    write_json_atomic(resume_dir / "state.json", {
+        "fingerprint": fingerprint, "completed_layers": completed, "modules": run.modules, "layers": run.layers,
+        "calibration": calib_info,
+    })

@@ -127,9 +127,7 @@ class Recipe(BaseModel):
 
 
 def builtin_names() -> list[str]:
-    return sorted(
-        p.name[:-5] for p in resources.files("moequant.recipes").iterdir() if p.name.endswith(".yaml")
-    )
+    return sorted(p.name[:-5] for p in resources.files("moequant.recipes").iterdir() if p.name.endswith(".yaml"))
 
 
 def load_recipe(ref: str | Path) -> Recipe:
@@ -143,9 +141,7 @@ def load_recipe(ref: str | Path) -> Recipe:
         return parse_recipe(text, source=f"built-in recipe {ref_text}")
     if ref_text.endswith((".yaml", ".yml")) or "/" in ref_text:
         raise MoequantError(f"recipe file {ref_text} does not exist")
-    raise MoequantError(
-        f"unknown recipe {ref_text!r}; built-in recipes: {', '.join(builtin_names())}, or a YAML path"
-    )
+    raise MoequantError(f"unknown recipe {ref_text!r}; built-in recipes: {', '.join(builtin_names())}, or a YAML path")
 
 
 def parse_recipe(text: str, source: str = "recipe") -> Recipe:
@@ -159,9 +155,7 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(
-            ".[", "["
-        )
+        where = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
         raise MoequantError(f"{source}: {where}: {_describe(err)}") from exc
 
 

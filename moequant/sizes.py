@@ -8,20 +8,10 @@ from moequant.arch.registry import adapter_for
 from moequant.recipe import Recipe
 
 MIXTRAL_8X7B = {
-    "architectures": ["MixtralForCausalLM"],
-    "model_type": "mixtral",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-    "vocab_size": 32000,
-    "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 1e6,
-    "tie_word_embeddings": False,
+    "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000, "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5, "rope_theta": 1e6, "tie_word_embeddings": False,
 }
 
 
@@ -57,21 +47,13 @@ def estimate_bits(recipe: Recipe, config: dict) -> dict:
     for info in adapter.global_linears():
         spec = recipe.spec_for(info.name)
         params += info.numel
-        total_bits += (
-            16 * info.numel
-            if spec is None or info.kind == "embedding"
-            else packed_bits(info.out_features, info.in_features, spec.bits, spec.group_size)
-        )
+        total_bits += 16 * info.numel if spec is None or info.kind == "embedding" else packed_bits(
+            info.out_features, info.in_features, spec.bits, spec.group_size)
     params += c.hidden_size
     total_bits += 16 * c.hidden_size
 
     def describe(bits: set[int]) -> str:
         return "/".join(f"{b}-bit" for b in sorted(bits)) or "-"
 
-    return {
-        "bits_per_weight": total_bits / params,
-        "bytes": total_bits / 8,
-        "parameters": params,
-        "attention": describe(seen["attention"]),
-        "expert": describe(seen["expert"]),
-    }
+    return {"bits_per_weight": total_bits / params, "bytes": total_bits / 8, "parameters": params,
+            "attention": describe(seen["attention"]), "expert": describe(seen["expert"])}

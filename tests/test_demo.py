@@ -4,9 +4,7 @@ from moequant.builtin_data import BUNDLED_MODEL_DIR
 from moequant.demo import run_demo
 from moequant.pipeline import CalibSettings
 
-pytestmark = pytest.mark.skipif(
-    not (BUNDLED_MODEL_DIR / "config.json").is_file(), reason="bundled model missing"
-)
+pytestmark = pytest.mark.skipif(not (BUNDLED_MODEL_DIR / "config.json").is_file(), reason="bundled model missing")
 
 
 def test_demo_gptq_beats_rtn_on_the_bundled_model(tmp_path):

@@ -112,9 +112,8 @@ def test_generate_matches_the_dequantised_model(stacked):
     _, out = stacked
     prompt = ids(batch=1, length=5, seed=2)
     got = load(out, device="cpu").generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    want = dequantized_model(out, device="cpu").generate(
-        prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False
-    )
+    want = dequantized_model(out, device="cpu").generate(prompt, max_new_tokens=6, min_new_tokens=6,
+                                                         do_sample=False)
     assert got.shape == (1, 11)
     assert torch.equal(got, want)
 
@@ -156,9 +155,7 @@ def test_mixed_layouts_and_quantised_lm_head(mixed):
 
 
 def test_tied_embeddings(tmp_path_factory):
-    _, out = _compress(
-        tmp_path_factory, "tied", RECIPE_STACKED, tie_word_embeddings=True, num_hidden_layers=1
-    )
+    _, out = _compress(tmp_path_factory, "tied", RECIPE_STACKED, tie_word_embeddings=True, num_hidden_layers=1)
     model = load(out, device="cpu")
     assert model.lm_head.weight is model.model.embed_tokens.weight
     x = ids(seed=4)
@@ -218,15 +215,11 @@ def test_unsupported_quantisation_is_refused(stacked, tmp_path):
 
 
 def test_module_spec_follows_dynamic_rules():
-    qcfg = {
-        "bits": 3,
-        "group_size": 128,
-        "dynamic": {
-            r"-:^model\.layers\.0\.self_attn\.q_proj$": {},
-            r"+:^model\.layers\.\d+\.self_attn\..*$": {"bits": 4, "group_size": 32},
-            r"^model\.layers\.1\..*experts\.0\..*$": {"bits": 8},
-        },
-    }
+    qcfg = {"bits": 3, "group_size": 128, "dynamic": {
+        r"-:^model\.layers\.0\.self_attn\.q_proj$": {},
+        r"+:^model\.layers\.\d+\.self_attn\..*$": {"bits": 4, "group_size": 32},
+        r"^model\.layers\.1\..*experts\.0\..*$": {"bits": 8},
+    }}
     assert module_spec(qcfg, "model.layers.0.self_attn.q_proj") is None
     assert module_spec(qcfg, "model.layers.1.self_attn.q_proj") == LinearSpec(4, 32)
     assert module_spec(qcfg, "model.layers.1.block_sparse_moe.experts.0.w1") == LinearSpec(8, 128)
@@ -259,19 +252,8 @@ def test_generate_command(stacked):
     from moequant_cli.main import app
 
     runner = CliRunner()
-    result = runner.invoke(
-        app,
-        [
-            "generate",
-            str(stacked[1]),
-            "--prompt",
-            "The for statement",
-            "--max-new-tokens",
-            "5",
-            "--device",
-            "cpu",
-        ],
-    )
+    result = runner.invoke(app, ["generate", str(stacked[1]), "--prompt", "The for statement",
+                                 "--max-new-tokens", "5", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("The for statement")
     assert re.search(r"5 new tokens in [\d.]+ s .*: [\d.]+ tokens/s", result.output.replace("\n", " "))

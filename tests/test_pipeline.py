@@ -18,9 +18,7 @@ SMALL = CalibSettings(samples=4, seqlen=64, seed=0)
 
 
 def digest(folder):
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()
-    }
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def test_rtn_layout_and_values(tmp_path, tiny_mixtral):
@@ -39,13 +37,8 @@ def test_rtn_layout_and_values(tmp_path, tiny_mixtral):
     assert reader.shape(name + ".qzeros") == (2, 128 * 3 // 32)
     assert reader.dtype(name + ".scales") == torch.float16
     assert not reader.has(name + ".weight")
-    for kept in (
-        "model.layers.0.block_sparse_moe.gate.weight",
-        "model.embed_tokens.weight",
-        "lm_head.weight",
-        "model.layers.0.input_layernorm.weight",
-        "model.norm.weight",
-    ):
+    for kept in ("model.layers.0.block_sparse_moe.gate.weight", "model.embed_tokens.weight", "lm_head.weight",
+                 "model.layers.0.input_layernorm.weight", "model.norm.weight"):
         assert torch.equal(reader.get(kept), source.get(kept))
     expected = rtn(source.get(name + ".weight"), 3, 128, True).dequantize()
     assert torch.equal(tensor_getter(reader)(name + ".weight"), expected)
@@ -59,17 +52,13 @@ def test_rtn_layout_and_values(tmp_path, tiny_mixtral):
 
 def test_gptq_beats_rtn_and_records_every_expert(tmp_path, tiny_mixtral_tok):
     gptq = compress(tiny_mixtral_tok, tmp_path / "g", recipe="mixtral-a4e2", calib=SMALL).record
-    rtn_rec = compress(
-        tiny_mixtral_tok, tmp_path / "r", recipe="mixtral-a4e2", method="rtn", calib=SMALL
-    ).record
+    rtn_rec = compress(tiny_mixtral_tok, tmp_path / "r", recipe="mixtral-a4e2", method="rtn", calib=SMALL).record
     assert gptq["calibration"]["tokens"] == SMALL.samples * SMALL.seqlen
     for layer in gptq["layers"]:
         assert sum(layer["routing_histogram"]) == SMALL.samples * SMALL.seqlen * 2
     experts = {n: m for n, m in gptq["modules"].items() if ".experts." in n}
     assert len(experts) == 2 * 4 * 3
-    assert all(
-        m["method"] == "gptq" and m["error_kind"] == "output" and "calibration" in m for m in experts.values()
-    )
+    assert all(m["method"] == "gptq" and m["error_kind"] == "output" and "calibration" in m for m in experts.values())
     assert all(m["tokens"] >= 0 for m in experts.values())
     attn = [n for n in gptq["modules"] if "self_attn" in n]
     assert all(gptq["modules"][n]["error"] < rtn_rec["modules"][n]["error"] for n in attn[:4])
@@ -101,9 +90,7 @@ def test_routed_policy_records_plain_rounding_for_empty_experts(tmp_path, tiny_m
         "name: routed\nexpert_calibration: routed\nmin_tokens: 100000\nrules:\n"
         "  - match: '.*experts\\.\\d+\\.w[123]'\n    bits: 4\n"
     )
-    rec = compress(
-        tiny_mixtral_tok, tmp_path / "o", recipe=recipe, calib=CalibSettings(samples=1, seqlen=4)
-    ).record
+    rec = compress(tiny_mixtral_tok, tmp_path / "o", recipe=recipe, calib=CalibSettings(samples=1, seqlen=4)).record
     for layer in rec["layers"]:
         for e, count in enumerate(layer["routing_histogram"]):
             module = rec["modules"][f"model.layers.{layer['layer']}.block_sparse_moe.experts.{e}.w1"]
@@ -126,9 +113,8 @@ def test_resume_is_byte_identical(tmp_path):
     assert a.pop("moequant.json") and b.pop("moequant.json")
     assert a == b
     strip = lambda r: {k: v for k, v in r.items() if k != "timing"}  # noqa: E731
-    assert strip(json.loads((full.path / "moequant.json").read_text())) == strip(
-        json.loads((resumed.path / "moequant.json").read_text())
-    )
+    assert strip(json.loads((full.path / "moequant.json").read_text())) == \
+        strip(json.loads((resumed.path / "moequant.json").read_text()))
 
 
 def test_resume_refuses_other_settings(tmp_path, tiny_mixtral_tok):
@@ -153,9 +139,7 @@ def test_sharded_source_and_old_config_style(tmp_path, tiny_mixtral):
 
 
 def test_asymmetric_zero_points_never_underflow(tmp_path, tiny_mixtral_tok):
-    recipe = parse_recipe(
-        "name: asym\nsym: false\nrules:\n  - match: '.*(proj|w[123])'\n    bits: 2\n    group_size: 32\n"
-    )
+    recipe = parse_recipe("name: asym\nsym: false\nrules:\n  - match: '.*(proj|w[123])'\n    bits: 2\n    group_size: 32\n")
     out = compress(tiny_mixtral_tok, tmp_path / "o", recipe=recipe, calib=SMALL).path
     reader = CheckpointReader(out)
     for name in reader.names:
@@ -185,9 +169,7 @@ def test_missing_expert_and_nan_are_named(tmp_path, tiny_mixtral):
     tensors = load_file(str(src / "model.safetensors"))
     missing = tensors.pop("model.layers.1.block_sparse_moe.experts.3.w3.weight")
     save_file(tensors, str(src / "model.safetensors"))
-    with pytest.raises(
-        MoequantError, match=r"model\.layers\.1\.block_sparse_moe\.experts\.3\.w3\.weight is missing"
-    ):
+    with pytest.raises(MoequantError, match=r"model\.layers\.1\.block_sparse_moe\.experts\.3\.w3\.weight is missing"):
         compress(src, tmp_path / "o", method="rtn")
     missing[0, 0] = float("nan")
     tensors["model.layers.1.block_sparse_moe.experts.3.w3.weight"] = missing
@@ -200,11 +182,8 @@ def test_missing_expert_and_nan_are_named(tmp_path, tiny_mixtral):
 def test_dense_model_refused(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
-        )
-    ).save_pretrained(tmp_path / "llama")
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path / "llama")
     with pytest.raises(MoequantError, match="dense model without experts"):
         compress(tmp_path / "llama", tmp_path / "o", method="rtn")
 
@@ -220,9 +199,8 @@ def test_other_calibration_settings_change_the_result(tmp_path, tiny_mixtral_tok
     rules = "rules:\n  - match: '.*experts\\.\\d+\\.w[123]'\n    bits: 3\n"
     calib = CalibSettings(samples=1, seqlen=32, seed=3)
     base = compress(tiny_mixtral_tok, tmp_path / "a", recipe=parse_recipe(f"name: a\n{rules}"), calib=calib)
-    other = compress(
-        tiny_mixtral_tok, tmp_path / "b", recipe=parse_recipe(f"name: b\n{settings}\n{rules}"), calib=calib
-    )
+    other = compress(tiny_mixtral_tok, tmp_path / "b", recipe=parse_recipe(f"name: b\n{settings}\n{rules}"),
+                     calib=calib)
     key, value = settings.split(": ")
     assert other.record["settings"][key] == value
     if key == "expert_calibration":
@@ -237,9 +215,7 @@ def test_gptq_without_tokenizer_or_with_short_text_is_clear(tmp_path, tiny_mixtr
     short = tmp_path / "short.txt"
     short.write_text("too short")
     with pytest.raises(MoequantError, match="fewer than one window of 64"):
-        compress(
-            tiny_mixtral_tok, tmp_path / "o", calib=CalibSettings(source=str(short), samples=2, seqlen=64)
-        )
+        compress(tiny_mixtral_tok, tmp_path / "o", calib=CalibSettings(source=str(short), samples=2, seqlen=64))
     with pytest.raises(MoequantError, match="unknown dataset"):
         compress(tiny_mixtral_tok, tmp_path / "o", calib=CalibSettings(source="nope", samples=2, seqlen=64))
 
@@ -275,11 +251,8 @@ def test_killed_mid_layer_resumes_byte_identical(tmp_path):
 
     src = add_tokenizer(make_mixtral(tmp_path / "src", seed=6, num_hidden_layers=3))
     marker = tmp_path / "marker"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", KILLABLE, str(src), str(tmp_path / "out"), str(marker)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(src), str(tmp_path / "out"), str(marker)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -302,9 +275,7 @@ def test_killed_mid_layer_resumes_byte_identical(tmp_path):
 
 def test_expert_batches_give_the_same_checkpoint(tmp_path, tiny_mixtral_tok):
     whole = compress(tiny_mixtral_tok, tmp_path / "all", recipe="mixtral-a4e2", calib=SMALL)
-    batched = compress(
-        tiny_mixtral_tok, tmp_path / "three", recipe="mixtral-a4e2", calib=SMALL, expert_batch=3
-    )
+    batched = compress(tiny_mixtral_tok, tmp_path / "three", recipe="mixtral-a4e2", calib=SMALL, expert_batch=3)
     a, b = digest(whole.path), digest(batched.path)
     a.pop("moequant.json"), b.pop("moequant.json")
     assert a == b

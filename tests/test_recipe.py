@@ -31,9 +31,7 @@ def test_rule_overrides_and_keep():
     r = parse_recipe(BASE + "  - match: 'lm_head'\n    bits: 8\n    sym: false\n    method: rtn\n")
     s = r.spec_for("lm_head")
     assert (s.bits, s.sym, s.method) == (8, False, "rtn")
-    keep = parse_recipe(
-        "name: k\nrules:\n  - match: '.*q_proj'\n    bits: 16\n  - match: '.*'\n    bits: 4\n"
-    )
+    keep = parse_recipe("name: k\nrules:\n  - match: '.*q_proj'\n    bits: 16\n  - match: '.*'\n    bits: 4\n")
     assert keep.spec_for("model.layers.0.self_attn.q_proj") is None
     assert keep.spec_for("model.layers.0.self_attn.k_proj").bits == 4
 

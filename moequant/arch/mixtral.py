@@ -106,50 +106,16 @@ class MixtralAdapter:
     def layer_linears(self, layer: int) -> list[LinearInfo]:
         c = self.config
         q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        shapes = {
-            "q": (q_out, c.hidden_size),
-            "k": (kv_out, c.hidden_size),
-            "v": (kv_out, c.hidden_size),
-            "o": (c.hidden_size, q_out),
-        }
-        out = [
-            LinearInfo(self.attention_name(layer, r), "attention", r, *shapes[r], layer=layer)
-            for r in ATTN_ROLES
-        ]
+        shapes = {"q": (q_out, c.hidden_size), "k": (kv_out, c.hidden_size), "v": (kv_out, c.hidden_size),
+                  "o": (c.hidden_size, q_out)}
+        out = [LinearInfo(self.attention_name(layer, r), "attention", r, *shapes[r], layer=layer) for r in ATTN_ROLES]
         for e in range(c.num_experts):
-            out.append(
-                LinearInfo(
-                    self.expert_name(layer, e, "w1"),
-                    "expert",
-                    "w1",
-                    c.intermediate_size,
-                    c.hidden_size,
-                    layer,
-                    e,
-                )
-            )
-            out.append(
-                LinearInfo(
-                    self.expert_name(layer, e, "w2"),
-                    "expert",
-                    "w2",
-                    c.hidden_size,
-                    c.intermediate_size,
-                    layer,
-                    e,
-                )
-            )
-            out.append(
-                LinearInfo(
-                    self.expert_name(layer, e, "w3"),
-                    "expert",
-                    "w3",
-                    c.intermediate_size,
-                    c.hidden_size,
-                    layer,
-                    e,
-                )
-            )
+            out.append(LinearInfo(self.expert_name(layer, e, "w1"), "expert", "w1", c.intermediate_size,
+                                  c.hidden_size, layer, e))
+            out.append(LinearInfo(self.expert_name(layer, e, "w2"), "expert", "w2", c.hidden_size,
+                                  c.intermediate_size, layer, e))
+            out.append(LinearInfo(self.expert_name(layer, e, "w3"), "expert", "w3", c.intermediate_size,
+                                  c.hidden_size, layer, e))
         out.append(LinearInfo(self.router_name(layer), "router", "gate", c.num_experts, c.hidden_size, layer))
         return out
 
@@ -197,15 +163,8 @@ class MixtralAdapter:
             raise MoequantError(f"rope type {c.rope_type!r} in config.json is not supported") from exc
         return inv_freq.float(), float(scaling)
 
-    def attention(
-        self,
-        h: torch.Tensor,
-        wq: torch.Tensor,
-        wk: torch.Tensor,
-        wv: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-    ) -> torch.Tensor:
+    def attention(self, h: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Causal grouped-query self-attention up to (not including) ``o_proj``.
 
         Args:
@@ -262,22 +221,15 @@ class MixtralAdapter:
         """``w2 (silu(w1 x) * w3 x)`` for ``x [t, H]``; returns ``[t, H]``."""
         return F.linear(F.silu(F.linear(x, w.w1)) * F.linear(x, w.w3), w.w2)
 
-    def moe(
-        self, h: torch.Tensor, top_ids: torch.Tensor, top_w: torch.Tensor, experts: list[ExpertWeights]
-    ) -> torch.Tensor:
+    def moe(self, h: torch.Tensor, top_ids: torch.Tensor, top_w: torch.Tensor,
+            experts: list[ExpertWeights]) -> torch.Tensor:
         """Sparse MoE block output ``[T, H]`` for routed tokens ``h [T, H]``."""
         out = torch.zeros_like(h)
         self.add_experts(out, h, top_ids, top_w, dict(enumerate(experts)))
         return out
 
-    def add_experts(
-        self,
-        out: torch.Tensor,
-        h: torch.Tensor,
-        top_ids: torch.Tensor,
-        top_w: torch.Tensor,
-        experts: dict[int, ExpertWeights],
-    ) -> None:
+    def add_experts(self, out: torch.Tensor, h: torch.Tensor, top_ids: torch.Tensor, top_w: torch.Tensor,
+                    experts: dict[int, ExpertWeights]) -> None:
         """Add the weighted outputs of ``experts`` (by expert index, in order) for their routed tokens to ``out``."""
         for e, w in sorted(experts.items()):
             token, slot = torch.where(top_ids == e)
@@ -286,9 +238,8 @@ class MixtralAdapter:
             y = self.expert_mlp(h[token], w) * top_w[token, slot, None].to(h.dtype)
             out.index_add_(0, token, y)
 
-    def layer_forward(
-        self, x: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_forward(self, x: torch.Tensor, w: LayerWeights, cos: torch.Tensor,
+                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoder layer on ``x [B, T, H]``; returns the output and ``topk_ids [B*T, k]``."""
         h = self.norm(x, w.input_norm)
         x = x + F.linear(self.attention(h, w.q, w.k, w.v, cos, sin), w.o)
@@ -312,9 +263,7 @@ def _sliding_causal_mask(t: int, window: int, device: torch.device) -> torch.Ten
 
 def load_expert_weights(adapter: MixtralAdapter, get, layer: int, expert: int) -> ExpertWeights:
     """One expert's matrices through ``get(tensor_name) -> Tensor``."""
-    return ExpertWeights(
-        *(get(adapter.expert_name(layer, expert, r) + ".weight") for r in ("w1", "w3", "w2"))
-    )
+    return ExpertWeights(*(get(adapter.expert_name(layer, expert, r) + ".weight") for r in ("w1", "w3", "w2")))
 
 
 def load_layer_weights(adapter: MixtralAdapter, get, layer: int, with_experts: bool = True) -> LayerWeights:
@@ -326,18 +275,9 @@ def load_layer_weights(adapter: MixtralAdapter, get, layer: int, with_experts: b
     """
     in_norm, post_norm = adapter.norm_names(layer)
     attn = {r: get(adapter.attention_name(layer, r) + ".weight") for r in ATTN_ROLES}
-    experts = (
-        [load_expert_weights(adapter, get, layer, e) for e in range(adapter.config.num_experts)]
-        if with_experts
-        else []
-    )
+    experts = [load_expert_weights(adapter, get, layer, e)
+               for e in range(adapter.config.num_experts)] if with_experts else []
     return LayerWeights(
-        input_norm=get(in_norm),
-        q=attn["q"],
-        k=attn["k"],
-        v=attn["v"],
-        o=attn["o"],
-        post_norm=get(post_norm),
-        gate=get(adapter.router_name(layer) + ".weight"),
-        experts=experts,
+        input_norm=get(in_norm), q=attn["q"], k=attn["k"], v=attn["v"], o=attn["o"],
+        post_norm=get(post_norm), gate=get(adapter.router_name(layer) + ".weight"), experts=experts,
     )

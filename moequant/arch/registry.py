@@ -24,6 +24,4 @@ def adapter_for(config: dict) -> MixtralAdapter:
             f"model type {label!r} is a dense model without experts; moequant compresses Mixture-of-Experts "
             f"models ({', '.join(sorted(ADAPTERS))})"
         )
-    raise MoequantError(
-        f"MoE model type {label!r} is not supported yet; supported: {', '.join(sorted(ADAPTERS))}"
-    )
+    raise MoequantError(f"MoE model type {label!r} is not supported yet; supported: {', '.join(sorted(ADAPTERS))}")

@@ -12,15 +12,8 @@ def _key(spec: QuantSpec) -> tuple[int, int, bool]:
     return spec.bits, spec.group_size, spec.sym
 
 
-def quantization_config(
-    specs: dict[str, QuantSpec | None],
-    version: str,
-    recipe_name: str,
-    damp: float,
-    act_order: bool,
-    lm_head: bool,
-    others: list[str] = (),
-) -> dict:
+def quantization_config(specs: dict[str, QuantSpec | None], version: str, recipe_name: str,
+                        damp: float, act_order: bool, lm_head: bool, others: list[str] = ()) -> dict:
     """The GPTQ ``quantization_config`` for a checkpoint whose modules got ``specs``.
 
     ``specs`` maps every linear module that a GPTQ reader would quantise by default (attention

@@ -80,9 +80,7 @@ class SafetensorsFile:
                 start, stop = (int(v) for v in info["data_offsets"])
                 shape = tuple(int(d) for d in info["shape"])
             except (KeyError, TypeError, ValueError) as exc:
-                raise MoequantError(
-                    f"shard {path.name} has a malformed entry for {name}; re-download it"
-                ) from exc
+                raise MoequantError(f"shard {path.name} has a malformed entry for {name}; re-download it") from exc
             numel = 1
             for d in shape:
                 numel *= d
@@ -107,9 +105,7 @@ class SafetensorsFile:
         while done < len(buf):
             n = os.preadv(self._fd, [view[done:]], self._base + start + done)
             if n <= 0:
-                raise MoequantError(
-                    f"shard {self.path.name} ended while reading {name}; the file may be truncated"
-                )
+                raise MoequantError(f"shard {self.path.name} ended while reading {name}; the file may be truncated")
             done += n
         if not buf:
             return torch.empty(shape, dtype=dtype)
@@ -176,9 +172,7 @@ class CheckpointReader:
         for shard_name in sorted(set(weight_map.values())):
             shard = self.path / shard_name
             if not shard.is_file():
-                raise MoequantError(
-                    f"{index.name} names shard {shard_name}, which is missing from {self.path}"
-                )
+                raise MoequantError(f"{index.name} names shard {shard_name}, which is missing from {self.path}")
             self._open(shard)
         for name, shard_name in weight_map.items():
             shard = self.path / shard_name
@@ -245,13 +239,8 @@ class CheckpointReader:
             n *= d
         return n
 
-    def get(
-        self,
-        name: str,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device | None = None,
-        check_finite: bool = False,
-    ) -> torch.Tensor:
+    def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+            check_finite: bool = False) -> torch.Tensor:
         """Read one tensor (optionally cast, moved, and checked for NaN/Inf)."""
         self._require(name)
         if self._pickled is not None:
@@ -290,16 +279,8 @@ class CheckpointReader:
 
 
 _ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+

@@ -18,15 +18,12 @@ def packed_bits(reader: CheckpointReader, module: str, in_features: int) -> int:
     rows = reader.shape(module + ".qweight")[0]
     bits, rem = divmod(rows * 32, in_features)
     if rem or bits not in (2, 3, 4, 8):
-        raise MoequantError(
-            f"{module}.qweight has {rows} rows, which fits no bit width for {in_features} inputs"
-        )
+        raise MoequantError(f"{module}.qweight has {rows} rows, which fits no bit width for {in_features} inputs")
     return bits
 
 
-def read_packed(
-    reader: CheckpointReader, module: str, in_features: int, device: str | torch.device | None = None
-) -> tuple[dict[str, torch.Tensor], int]:
+def read_packed(reader: CheckpointReader, module: str, in_features: int,
+                device: str | torch.device | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """The four packed tensors of ``module`` and its bit width, with their shapes checked."""
     missing = [f"{module}.{k}" for k in PACKED_KEYS if not reader.has(f"{module}.{k}")]
     if missing:
@@ -38,15 +35,12 @@ def read_packed(
     expected = {"qzeros": (groups, n * bits // 32), "scales": (groups, n), "g_idx": (in_features,)}
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
-            raise MoequantError(
-                f"{module}.{key} has shape {list(tensors[key].shape)}, expected {list(shape)}"
-            )
+            raise MoequantError(f"{module}.{key} has shape {list(tensors[key].shape)}, expected {list(shape)}")
     return tensors, bits
 
 
-def tensor_getter(
-    reader: CheckpointReader, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
-) -> Callable[[str], torch.Tensor]:
+def tensor_getter(reader: CheckpointReader, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device | None = None) -> Callable[[str], torch.Tensor]:
     """``get(name)`` for tensor names of the original model.
 
     A ``X.weight`` that the checkpoint stores packed (``X.qweight`` ...) is dequantised to a
@@ -60,9 +54,8 @@ def tensor_getter(
             if reader.has(module + ".qweight"):
                 g_idx_len = reader.shape(module + ".g_idx")[0]
                 packed, bits = read_packed(reader, module, g_idx_len, device)
-                return dequantize_packed(
-                    packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], bits
-                ).to(dtype)
+                return dequantize_packed(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"],
+                                         bits).to(dtype)
         return reader.get(name, dtype=dtype, device=device)
 
     return get

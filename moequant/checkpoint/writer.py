@@ -34,9 +34,7 @@ def check_output(out: Path, source: Path | None, overwrite: bool, resume: bool =
     if source is not None:
         src = source.resolve()
         if out == src or src in out.parents:
-            raise MoequantError(
-                f"output {out} is inside the source checkpoint {src}; choose a folder outside it"
-            )
+            raise MoequantError(f"output {out} is inside the source checkpoint {src}; choose a folder outside it")
         if out in src.parents:
             raise MoequantError(f"output {out} contains the source checkpoint {src}; choose another folder")
     if out.exists() and not overwrite:
@@ -44,9 +42,7 @@ def check_output(out: Path, source: Path | None, overwrite: bool, resume: bool =
     if out.exists() and not out.is_dir():
         raise MoequantError(f"{out} exists and is not a folder; remove it or choose another output")
     if resume and not partial_dir_for(out).is_dir():
-        raise MoequantError(
-            f"nothing to resume: no partial run at {partial_dir_for(out)}; run without --resume"
-        )
+        raise MoequantError(f"nothing to resume: no partial run at {partial_dir_for(out)}; run without --resume")
 
 
 class CheckpointWriter:

@@ -22,26 +22,10 @@ PROTOCOL = (
     "stderr by the delta method over per-window mean NLL; KL(baseline || model) per predicted token"
 )
 REPORT_KEYS = (
-    "model",
-    "baseline",
-    "dataset",
-    "seqlen",
-    "windows",
-    "tokens",
-    "windows_hash",
-    "perplexity",
-    "perplexity_stderr",
-    "baseline_perplexity",
-    "kl_divergence",
-    "top1_agreement",
-    "router_agreement",
-    "router_agreement_per_layer",
-    "hidden_error_per_layer",
-    "bits_per_weight",
-    "size_bytes",
-    "baseline_size_bytes",
-    "recipe",
-    "moequant_version",
+    "model", "baseline", "dataset", "seqlen", "windows", "tokens", "windows_hash", "perplexity",
+    "perplexity_stderr", "baseline_perplexity", "kl_divergence", "top1_agreement", "router_agreement",
+    "router_agreement_per_layer", "hidden_error_per_layer", "bits_per_weight", "size_bytes",
+    "baseline_size_bytes", "recipe", "moequant_version",
 )
 RECORD_FILE = "moequant.json"
 _PACKED_AUX = (".qzeros", ".scales", ".g_idx")
@@ -67,11 +51,8 @@ def checkpoint_size(path: str | Path) -> dict:
     if record_file.is_file():
         try:
             totals = json.loads(record_file.read_text())["totals"]
-            return {
-                "bytes": int(totals["bytes"]),
-                "parameters": int(totals["parameters"]),
-                "bits_per_weight": float(totals["bits_per_weight"]),
-            }
+            return {"bytes": int(totals["bytes"]), "parameters": int(totals["parameters"]),
+                    "bits_per_weight": float(totals["bits_per_weight"])}
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             pass
     reader = CheckpointReader(path)
@@ -99,13 +80,8 @@ def recipe_of(path: str | Path) -> dict | None:
         return None
 
 
-def build_report(
-    result: EvalResult,
-    model: str | Path,
-    baseline: str | Path | None,
-    dataset: str,
-    extra: dict | None = None,
-) -> dict:
+def build_report(result: EvalResult, model: str | Path, baseline: str | Path | None, dataset: str,
+                 extra: dict | None = None) -> dict:
     """The report of one evaluation (see :data:`REPORT_KEYS`); ``extra`` adds settings such as the device."""
     w, seqlen = result.windows.shape
     size = checkpoint_size(model)
@@ -200,14 +176,10 @@ def render_markdown(report: dict, chart: str | None = None) -> str:
     if per_layer:
         errors = report.get("hidden_error_per_layer") or [None] * len(per_layer)
         lines += ["## Per layer", "", "| layer | router agreement | hidden-state error |", "|---|---|---|"]
-        lines += [
-            f"| {i} | {r:.4f} | {_fmt(e)} |" for i, (r, e) in enumerate(zip(per_layer, errors, strict=True))
-        ]
+        lines += [f"| {i} | {r:.4f} | {_fmt(e)} |" for i, (r, e) in enumerate(zip(per_layer, errors, strict=True))]
         lines.append("")
-        lines.append(
-            "Hidden-state error: ||h_model - h_baseline|| / ||h_baseline|| of the layer's output over all "
-            "tokens."
-        )
+        lines.append("Hidden-state error: ||h_model - h_baseline|| / ||h_baseline|| of the layer's output over all "
+                     "tokens.")
         lines.append("")
     if chart:
         lines += [f"![per-layer router agreement and hidden-state error]({chart})", ""]

@@ -30,9 +30,8 @@ def dataset_label(dataset: str) -> str:
     return str(path.resolve()) if path.is_file() else dataset
 
 
-def evaluation_windows(
-    dataset: str, tokenizer_dirs: list[Path], seqlen: int, max_windows: int | None = None
-) -> torch.Tensor:
+def evaluation_windows(dataset: str, tokenizer_dirs: list[Path], seqlen: int,
+                       max_windows: int | None = None) -> torch.Tensor:
     """The evaluation windows ``[W, seqlen]`` of ``dataset``, tokenised by the first folder with a tokenizer."""
     text = load_text(dataset, split="eval")
     error: MoequantError | None = None
@@ -91,18 +90,8 @@ def evaluate(
         folders = [source] + ([base_source] if base_source is not None else [])
         windows = evaluation_windows(dataset, folders, seqlen, max_windows)
     elif windows.shape[1] > max_positions:
-        raise MoequantError(
-            f"windows of {windows.shape[1]} tokens exceed the model's {max_positions} positions"
-        )
-    result = evaluate_windows(
-        source,
-        windows,
-        base_source,
-        device=dev,
-        dtype=DTYPES[dtype],
-        batch=batch,
-        engine=engine,
-        progress=progress,
-    )
+        raise MoequantError(f"windows of {windows.shape[1]} tokens exceed the model's {max_positions} positions")
+    result = evaluate_windows(source, windows, base_source, device=dev, dtype=DTYPES[dtype], batch=batch,
+                              engine=engine, progress=progress)
     extra = {"device": str(dev), "dtype": dtype}
     return build_report(result, source, base_source, dataset_label(dataset), extra)

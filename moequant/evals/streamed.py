@@ -82,10 +82,8 @@ class EvalResult:
         """Share of tokens per layer whose top-k expert set matches the baseline's."""
         if self.base_topk_ids is None:
             return None
-        return [
-            float(topk_sets_equal(self.topk_ids[i], self.base_topk_ids[i]).double().mean())
-            for i in range(self.num_layers)
-        ]
+        return [float(topk_sets_equal(self.topk_ids[i], self.base_topk_ids[i]).double().mean())
+                for i in range(self.num_layers)]
 
 
 class _Model:
@@ -155,9 +153,7 @@ def evaluate_windows(
         check_pair(m.adapter, b.adapter)
     vocab = m.adapter.config.vocab_size
     if int(windows.max()) >= vocab or int(windows.min()) < 0:
-        raise MoequantError(
-            f"token ids fall outside the model's vocabulary of {vocab}; use the model's tokenizer"
-        )
+        raise MoequantError(f"token ids fall outside the model's vocabulary of {vocab}; use the model's tokenizer")
     batch = batch or default_batch(m.adapter, windows.shape[1], windows.shape[0])
     sides = [m] if b is None else [m, b]
     run = _streamed if engine == "streamed" else _in_memory
@@ -168,14 +164,8 @@ def evaluate_windows(
 
 
 # -- streamed engine ------------------------------------------------------------------------
-def _streamed(
-    sides: list[_Model],
-    windows: torch.Tensor,
-    device: torch.device,
-    dtype: torch.dtype,
-    batch: int,
-    progress: Progress,
-) -> EvalResult:
+def _streamed(sides: list[_Model], windows: torch.Tensor, device: torch.device, dtype: torch.dtype,
+              batch: int, progress: Progress) -> EvalResult:
     adapter = sides[0].adapter
     n_layers = adapter.config.num_layers
     w, seqlen = windows.shape
@@ -186,25 +176,12 @@ def _streamed(
     err_sq = [[0.0, 0.0] for _ in range(n_layers)]
     two = len(sides) == 2
 
-    progress.begin(
-        n_layers, f"evaluating {sides[0].path.name}" + (f" against {sides[1].path.name}" if two else "")
-    )
+    progress.begin(n_layers, f"evaluating {sides[0].path.name}" + (f" against {sides[1].path.name}" if two else ""))
     for layer in range(n_layers):
         for i, side in enumerate(sides):
             label = "model" if i == 0 else "baseline"
-            routes[i].append(
-                _layer(
-                    side,
-                    layer,
-                    hidden[i],
-                    cos,
-                    sin,
-                    dtype,
-                    device,
-                    batch,
-                    lambda stage, label=label, layer=layer: progress.stage(layer, f"{label} {stage}"),
-                )
-            )
+            routes[i].append(_layer(side, layer, hidden[i], cos, sin, dtype, device, batch,
+                                    lambda stage, label=label, layer=layer: progress.stage(layer, f"{label} {stage}")))
         if two:
             for hm, hb in zip(torch.split(hidden[0], batch), torch.split(hidden[1], batch), strict=True):
                 err_sq[layer][0] += float((hm.double() - hb.double()).pow(2).sum())
@@ -232,17 +209,8 @@ def _embed(side: _Model, ids: torch.Tensor, dtype: torch.dtype, device: torch.de
     return table[ids].to(dtype)
 
 
-def _layer(
-    side: _Model,
-    layer: int,
-    x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    dtype: torch.dtype,
-    device: torch.device,
-    batch: int,
-    stage: Callable[[str], None],
-) -> torch.Tensor:
+def _layer(side: _Model, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype,
+           device: torch.device, batch: int, stage: Callable[[str], None]) -> torch.Tensor:
     """Apply decoder layer ``layer`` to ``x [W, L, H]`` in place; return its top-k ids ``[W*L, k]`` (int16, CPU)."""
     a = side.adapter
     c = a.config
@@ -275,9 +243,7 @@ def _layer(
         if token.numel() == 0:
             continue
         expert_reader, get_expert = side.getter(dtype, device)
-        weights = ExpertWeights(
-            *(get_expert(a.expert_name(layer, e, r) + ".weight") for r in ("w1", "w3", "w2"))
-        )
+        weights = ExpertWeights(*(get_expert(a.expert_name(layer, e, r) + ".weight") for r in ("w1", "w3", "w2")))
         for start in range(0, token.numel(), expert_rows):
             t, s = token[start : start + expert_rows], slot[start : start + expert_rows]
             flat.index_add_(0, t, a.expert_mlp(h2[t], weights) * top_w[t, s, None].to(dtype))
@@ -319,33 +285,17 @@ class _Scores:
             self.kl.append(kl_divergence(lb, lm).cpu())
             self.top1.append(top1_equal(lb, lm).cpu())
 
-    def result(
-        self, windows: torch.Tensor, routes: list[torch.Tensor], hidden_error: list[float] | None
-    ) -> EvalResult:
+    def result(self, windows: torch.Tensor, routes: list[torch.Tensor], hidden_error: list[float] | None) -> EvalResult:
         cat = torch.cat
         if not self.two:
             return EvalResult(windows.cpu(), cat(self.nll), routes[0])
-        return EvalResult(
-            windows.cpu(),
-            cat(self.nll),
-            routes[0],
-            base_nll=cat(self.base_nll),
-            kl=cat(self.kl),
-            top1=cat(self.top1),
-            base_topk_ids=routes[1],
-            hidden_error=hidden_error,
-        )
+        return EvalResult(windows.cpu(), cat(self.nll), routes[0], base_nll=cat(self.base_nll), kl=cat(self.kl),
+                          top1=cat(self.top1), base_topk_ids=routes[1], hidden_error=hidden_error)
 
 
 # -- in-memory engine ------------------------------------------------------------------------
-def _in_memory(
-    sides: list[_Model],
-    windows: torch.Tensor,
-    device: torch.device,
-    dtype: torch.dtype,
-    batch: int,
-    progress: Progress,
-) -> EvalResult:
+def _in_memory(sides: list[_Model], windows: torch.Tensor, device: torch.device, dtype: torch.dtype,
+               batch: int, progress: Progress) -> EvalResult:
     models = [_load_model(s, dtype, device) for s in sides]
     n_layers = sides[0].adapter.config.num_layers
     top_k = sides[0].adapter.config.top_k

@@ -73,11 +73,8 @@ class _ExpertLinears(nn.Module):
         for role in EXPERT_ROLES:
             k, n = (inter, hidden) if role == "w2" else (hidden, inter)
             spec = specs.get(role)
-            layer = (
-                nn.Linear(k, n, bias=False)
-                if spec is None
-                else QuantLinear(k, n, spec.bits, spec.group_size, backend=backend)
-            )
+            layer = (nn.Linear(k, n, bias=False) if spec is None
+                     else QuantLinear(k, n, spec.bits, spec.group_size, backend=backend))
             setattr(self, role, layer)
 
 
@@ -91,23 +88,14 @@ class QuantExperts(nn.Module):
         backend: ``torch``, ``triton`` or ``auto``.
     """
 
-    def __init__(
-        self,
-        num_experts: int,
-        hidden_size: int,
-        intermediate_size: int,
-        specs: list[dict[str, LinearSpec | None]],
-        hidden_act: str = "silu",
-        backend: str = "auto",
-        force_per_expert: bool = False,
-    ) -> None:
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 specs: list[dict[str, LinearSpec | None]], hidden_act: str = "silu", backend: str = "auto",
+                 force_per_expert: bool = False) -> None:
         super().__init__()
         if len(specs) != num_experts:
             raise MoequantError(f"got specs for {len(specs)} experts, expected {num_experts}")
         if backend not in dispatch.BACKENDS:
-            raise MoequantError(
-                f"unknown kernel backend {backend!r}: use one of {', '.join(dispatch.BACKENDS)}"
-            )
+            raise MoequantError(f"unknown kernel backend {backend!r}: use one of {', '.join(dispatch.BACKENDS)}")
         self.num_experts = num_experts
         self.hidden_dim = hidden_size
         self.intermediate_dim = intermediate_size
@@ -130,20 +118,14 @@ class QuantExperts(nn.Module):
             )
 
     @classmethod
-    def from_experts(
-        cls,
-        experts: Sequence[Mapping[str, ExpertWeight]],
-        hidden_act: str = "silu",
-        backend: str = "auto",
-        force_per_expert: bool = False,
-    ) -> QuantExperts:
+    def from_experts(cls, experts: Sequence[Mapping[str, ExpertWeight]], hidden_act: str = "silu",
+                     backend: str = "auto", force_per_expert: bool = False) -> QuantExperts:
         """Experts from their weights, on the device of the first one.
 
         ``experts[e][role]`` for roles ``w1``, ``w3`` (``[I, H]``) and ``w2`` (``[H, I]``) is either a
         float weight (kept 16-bit) or ``(LinearSpec, packed)`` with ``packed`` the dict of
         ``qweight, qzeros, scales, g_idx``. The stacked layout is used when it fits.
         """
-
         def spec_of(w: ExpertWeight) -> LinearSpec | None:
             return None if isinstance(w, torch.Tensor) else w[0]
 
@@ -158,29 +140,19 @@ class QuantExperts(nn.Module):
         inter, hidden = shape_of(experts[0]["w1"])
         specs = [{r: spec_of(ex[r]) for r in EXPERT_ROLES} for ex in experts]
         same_g_idx = all(
-            isinstance(ex["w1"], torch.Tensor)
-            or isinstance(ex["w3"], torch.Tensor)
+            isinstance(ex["w1"], torch.Tensor) or isinstance(ex["w3"], torch.Tensor)
             or torch.equal(ex["w1"][1]["g_idx"], ex["w3"][1]["g_idx"])
             for ex in experts
         )
-        module = cls(
-            len(experts),
-            hidden,
-            inter,
-            specs,
-            hidden_act,
-            backend,
-            force_per_expert=force_per_expert or not same_g_idx,
-        )
+        module = cls(len(experts), hidden, inter, specs, hidden_act, backend,
+                     force_per_expert=force_per_expert or not same_g_idx)
         module.to(tensor_of(experts[0]["w1"]).device)
         with torch.no_grad():
             for e, ex in enumerate(experts):
                 for role in EXPERT_ROLES:
                     want = (hidden, inter) if role == "w2" else (inter, hidden)
                     if shape_of(ex[role]) != want:
-                        raise MoequantError(
-                            f"expert {e} {role} is {list(shape_of(ex[role]))}, expected {list(want)}"
-                        )
+                        raise MoequantError(f"expert {e} {role} is {list(shape_of(ex[role]))}, expected {list(want)}")
                 if module.stacked:
                     module._fill_stacked(e, ex)
                 else:
@@ -209,12 +181,7 @@ class QuantExperts(nn.Module):
     def _register_stacked(self, prefix: str, n: int, k: int, spec: LinearSpec) -> None:
         e = self.num_experts
         shapes = packed_shapes(n, k, spec.bits, spec.group_size)
-        dtypes = {
-            "qweight": torch.int32,
-            "qzeros": torch.int32,
-            "scales": torch.float16,
-            "g_idx": torch.int32,
-        }
+        dtypes = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float16, "g_idx": torch.int32}
         for key in PACKED_KEYS:
             self.register_buffer(f"{prefix}_{key}", torch.empty((e, *shapes[key]), dtype=dtypes[key]))
 
@@ -225,42 +192,21 @@ class QuantExperts(nn.Module):
             raise MoequantError("per-expert storage has no stacked packed weights")
         (s13, _), (s2, _) = self.layout()
         return (
-            PackedExperts(
-                self.w13_qweight,
-                self.w13_qzeros,
-                self.w13_scales,
-                self.w13_g_idx,
-                self.w13_spec.bits,
-                self.w13_spec.group_size,
-                sorted_groups=s13,
-            ),
-            PackedExperts(
-                self.w2_qweight,
-                self.w2_qzeros,
-                self.w2_scales,
-                self.w2_g_idx,
-                self.w2_spec.bits,
-                self.w2_spec.group_size,
-                sorted_groups=s2,
-            ),
+            PackedExperts(self.w13_qweight, self.w13_qzeros, self.w13_scales, self.w13_g_idx,
+                          self.w13_spec.bits, self.w13_spec.group_size, sorted_groups=s13),
+            PackedExperts(self.w2_qweight, self.w2_qzeros, self.w2_scales, self.w2_g_idx,
+                          self.w2_spec.bits, self.w2_spec.group_size, sorted_groups=s2),
         )
 
     def layout(self) -> tuple[tuple[bool, int | None], tuple[bool, int | None]]:
         """``(sorted_groups, shared zero)`` of the stacked w13 and w2 (see ``QuantLinear.layout``), cached."""
         if self._layout is None:
             self._layout = (
-                (
-                    is_monotone_g_idx(
-                        self.w13_g_idx, effective_group_size(self.w13_spec.group_size, self.hidden_dim)
-                    ),
-                    shared_zero(self.w13_qzeros, self.w13_spec.bits),
-                ),
-                (
-                    is_monotone_g_idx(
-                        self.w2_g_idx, effective_group_size(self.w2_spec.group_size, self.intermediate_dim)
-                    ),
-                    shared_zero(self.w2_qzeros, self.w2_spec.bits),
-                ),
+                (is_monotone_g_idx(self.w13_g_idx, effective_group_size(self.w13_spec.group_size, self.hidden_dim)),
+                 shared_zero(self.w13_qzeros, self.w13_spec.bits)),
+                (is_monotone_g_idx(self.w2_g_idx,
+                                   effective_group_size(self.w2_spec.group_size, self.intermediate_dim)),
+                 shared_zero(self.w2_qzeros, self.w2_spec.bits)),
             )
         return self._layout
 
@@ -270,29 +216,21 @@ class QuantExperts(nn.Module):
         return self._resolved[1]
 
     # -- compute -------------------------------------------------------------------------------
-    def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
         """``sum_j top_k_weights[t, j] * expert_{top_k_index[t, j]}(x_t)``: ``[T, H]`` in the input dtype."""
         backend = self.resolved_backend(hidden_states.device)
         if backend == "triton":
             if self.stacked:
                 w13, w2 = self.packed_experts()
-                return dispatch.fused_moe(
-                    hidden_states, top_k_index, top_k_weights, w13, w2, backend="triton"
-                )
+                return dispatch.fused_moe(hidden_states, top_k_index, top_k_weights, w13, w2, backend="triton")
             if not self._warned:
-                warnings.warn(
-                    "the experts of this layer differ in bits, group size or g_idx, so the fused MoE "
-                    "kernel cannot run them; computing them one expert at a time",
-                    stacklevel=2,
-                )
+                warnings.warn("the experts of this layer differ in bits, group size or g_idx, so the fused MoE "
+                              "kernel cannot run them; computing them one expert at a time", stacklevel=2)
                 self._warned = True
         return self._torch_forward(hidden_states, top_k_index, top_k_weights)
 
-    def _torch_forward(
-        self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
+    def _torch_forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         top_k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)
@@ -314,32 +252,16 @@ class QuantExperts(nn.Module):
         """Expert ``e`` on its tokens ``x [t, H]`` -> ``[t, H]`` in ``x.dtype``."""
         if self.stacked:
             (s13, z13), (s2, z2) = self.layout()
-            gate_up = packed_matmul(
-                x,
-                self.w13_qweight[e],
-                self.w13_qzeros[e],
-                self.w13_scales[e],
-                self.w13_g_idx[e],
-                self.w13_spec.bits,
-                effective_group_size(self.w13_spec.group_size, self.hidden_dim),
-                s13,
-                "torch",
-                z13,
-            )
+            gate_up = packed_matmul(x, self.w13_qweight[e], self.w13_qzeros[e], self.w13_scales[e],
+                                    self.w13_g_idx[e], self.w13_spec.bits,
+                                    effective_group_size(self.w13_spec.group_size, self.hidden_dim), s13, "torch",
+                                    z13)
             gate, up = gate_up.chunk(2, dim=-1)
             h = self.act_fn(gate) * up
-            return packed_matmul(
-                h,
-                self.w2_qweight[e],
-                self.w2_qzeros[e],
-                self.w2_scales[e],
-                self.w2_g_idx[e],
-                self.w2_spec.bits,
-                effective_group_size(self.w2_spec.group_size, self.intermediate_dim),
-                s2,
-                "torch",
-                z2,
-            )
+            return packed_matmul(h, self.w2_qweight[e], self.w2_qzeros[e], self.w2_scales[e], self.w2_g_idx[e],
+                                 self.w2_spec.bits,
+                                 effective_group_size(self.w2_spec.group_size, self.intermediate_dim), s2, "torch",
+                                 z2)
         ex = self.experts[e]
         return _linear(ex.w2, self.act_fn(_linear(ex.w1, x)) * _linear(ex.w3, x))
 
@@ -353,16 +275,10 @@ class QuantExperts(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        layout = (
-            f"stacked, w13 {self.w13_spec.bits}-bit g{self.w13_spec.group_size}, "
-            f"w2 {self.w2_spec.bits}-bit g{self.w2_spec.group_size}"
-            if self.stacked
-            else "per-expert"
-        )
-        return (
-            f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
-            f"{layout}, backend={self.backend}"
-        )
+        layout = (f"stacked, w13 {self.w13_spec.bits}-bit g{self.w13_spec.group_size}, "
+                  f"w2 {self.w2_spec.bits}-bit g{self.w2_spec.group_size}" if self.stacked else "per-expert")
+        return (f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
+                f"{layout}, backend={self.backend}")
 
 
 def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -24,9 +24,7 @@ CHUNK_ELEMENTS = 1 << 22
 _SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def packed_shapes(
-    out_features: int, in_features: int, bits: int, group_size: int
-) -> dict[str, tuple[int, ...]]:
+def packed_shapes(out_features: int, in_features: int, bits: int, group_size: int) -> dict[str, tuple[int, ...]]:
     """Shapes of the packed tensors of a ``[N, K]`` weight: ``qweight``, ``qzeros``, ``scales``, ``g_idx``."""
     check_bits(bits)
     n, k = out_features, in_features
@@ -34,12 +32,7 @@ def packed_shapes(
         raise MoequantError(f"a packed [{n}, {k}] weight needs both dimensions to be multiples of 32")
     g = effective_group_size(group_size, k)
     groups = -(-k // g)
-    return {
-        "qweight": (k * bits // 32, n),
-        "qzeros": (groups, n * bits // 32),
-        "scales": (groups, n),
-        "g_idx": (k,),
-    }
+    return {"qweight": (k * bits // 32, n), "qzeros": (groups, n * bits // 32), "scales": (groups, n), "g_idx": (k,)}
 
 
 def unpack_cols(words: torch.Tensor, bits: int) -> torch.Tensor:
@@ -109,9 +102,8 @@ def shared_zero(qzeros: torch.Tensor, bits: int) -> int | None:
     return first + 1 if bool((zeros == first).all()) else None
 
 
-def keep_dtype_apply(
-    module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool, names: tuple[str, ...]
-) -> nn.Module:
+def keep_dtype_apply(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool,
+                     names: tuple[str, ...]) -> nn.Module:
     """``module._apply(fn)`` that moves the float buffers ``names`` without changing their dtype.
 
     Model-wide casts (``model.to(torch.bfloat16)``, ``.half()``) would otherwise round the
@@ -139,22 +131,12 @@ class QuantLinear(nn.Module):
         scales_dtype: dtype of ``scales`` (float16 in GPTQ checkpoints).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bits: int,
-        group_size: int,
-        bias: bool = False,
-        backend: str = "auto",
-        scales_dtype: torch.dtype = torch.float16,
-        device: torch.device | str | None = None,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
+                 backend: str = "auto", scales_dtype: torch.dtype = torch.float16,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         if backend not in dispatch.BACKENDS:
-            raise MoequantError(
-                f"unknown kernel backend {backend!r}: use one of {', '.join(dispatch.BACKENDS)}"
-            )
+            raise MoequantError(f"unknown kernel backend {backend!r}: use one of {', '.join(dispatch.BACKENDS)}")
         shapes = packed_shapes(out_features, in_features, bits, group_size)
         self.in_features = in_features
         self.out_features = out_features
@@ -165,40 +147,22 @@ class QuantLinear(nn.Module):
         self.register_buffer("qzeros", torch.empty(shapes["qzeros"], dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.empty(shapes["scales"], dtype=scales_dtype, device=device))
         self.register_buffer("g_idx", torch.empty(shapes["g_idx"], dtype=torch.int32, device=device))
-        self.bias = (
-            nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
-        )
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
         self._layout: tuple[bool, int | None] | None = None
         self._resolved: tuple[torch.device, str] | None = None
 
     @classmethod
-    def from_packed(
-        cls,
-        packed: dict[str, torch.Tensor],
-        bits: int,
-        group_size: int,
-        bias: torch.Tensor | None = None,
-        backend: str = "auto",
-    ) -> QuantLinear:
+    def from_packed(cls, packed: dict[str, torch.Tensor], bits: int, group_size: int,
+                    bias: torch.Tensor | None = None, backend: str = "auto") -> QuantLinear:
         """A layer holding ``packed`` (keys ``qweight, qzeros, scales, g_idx``), on their device."""
         qweight = packed["qweight"]
         k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
-        layer = cls(
-            k,
-            n,
-            bits,
-            group_size,
-            bias=bias is not None,
-            backend=backend,
-            scales_dtype=packed["scales"].dtype,
-            device=qweight.device,
-        )
+        layer = cls(k, n, bits, group_size, bias=bias is not None, backend=backend,
+                    scales_dtype=packed["scales"].dtype, device=qweight.device)
         for name in ("qweight", "qzeros", "scales", "g_idx"):
             buf = getattr(layer, name)
             if tuple(packed[name].shape) != tuple(buf.shape):
-                raise MoequantError(
-                    f"packed {name} has shape {list(packed[name].shape)}, expected {list(buf.shape)}"
-                )
+                raise MoequantError(f"packed {name} has shape {list(packed[name].shape)}, expected {list(buf.shape)}")
             buf.copy_(packed[name])
         if bias is not None:
             layer.bias.data.copy_(bias)
@@ -212,10 +176,8 @@ class QuantLinear(nn.Module):
         """``(sorted_groups, zero)``: whether ``g_idx`` is ``k // group_size``, and the zero point
         shared by all groups (None if they differ). Read from the buffers once, then cached."""
         if self._layout is None:
-            self._layout = (
-                is_monotone_g_idx(self.g_idx, self.effective_group_size),
-                shared_zero(self.qzeros, self.bits),
-            )
+            self._layout = (is_monotone_g_idx(self.g_idx, self.effective_group_size),
+                            shared_zero(self.qzeros, self.bits))
         return self._layout
 
     def resolved_backend(self, device: torch.device) -> str:
@@ -229,18 +191,8 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise MoequantError(f"input has {x.shape[-1]} features, the layer expects {self.in_features}")
         sorted_groups, zero = self.layout()
-        y = packed_matmul(
-            x,
-            self.qweight,
-            self.qzeros,
-            self.scales,
-            self.g_idx,
-            self.bits,
-            self.effective_group_size,
-            sorted_groups,
-            self.resolved_backend(x.device),
-            zero,
-        )
+        y = packed_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+                          self.effective_group_size, sorted_groups, self.resolved_backend(x.device), zero)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
@@ -252,24 +204,13 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}, bias={self.bias is not None}, backend={self.backend}"
-        )
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, backend={self.backend}")
 
 
-def packed_matmul(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    g_idx: torch.Tensor,
-    bits: int,
-    group_size: int,
-    sorted_groups: bool,
-    backend: str,
-    zero: int | None = None,
-) -> torch.Tensor:
+def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                  g_idx: torch.Tensor, bits: int, group_size: int, sorted_groups: bool, backend: str,
+                  zero: int | None = None) -> torch.Tensor:
     """``x @ W^T`` for one packed weight on a resolved backend (``torch`` or ``triton``).
 
     ``group_size`` is the effective size; ``sorted_groups`` says ``g_idx == k // group_size``;
@@ -278,9 +219,8 @@ def packed_matmul(
     the reference kernel (one transient float32 ``[K, N]``).
     """
     if backend == "triton":
-        return dispatch.dequant_matmul(
-            x, qweight, qzeros, scales, g_idx, bits, group_size, backend="triton", sorted_groups=sorted_groups
-        )
+        return dispatch.dequant_matmul(x, qweight, qzeros, scales, g_idx, bits, group_size, backend="triton",
+                                       sorted_groups=sorted_groups)
     if sorted_groups and group_size % 32 == 0 and x.shape[-1] % group_size == 0:
         return grouped_dequant_matmul(x, qweight, qzeros, scales, bits, group_size, zero)
     return dispatch.dequant_matmul(x, qweight, qzeros, scales, g_idx, bits, group_size, backend="torch")

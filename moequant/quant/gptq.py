@@ -83,9 +83,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> QuantRes
     hdiag = None
     if spec.clip_grid and perm is None:
         hdiag = h_b.diagonal(dim1=-2, dim2=-1).float()  # [E, K]
-    codes_t = _gptq_pass(
-        w_t, u, scales, zeros, perm, g, spec.bits, spec.sym, spec.block_size, spec.clip_grid, hdiag
-    )
+    codes_t = _gptq_pass(w_t, u, scales, zeros, perm, g, spec.bits, spec.sym, spec.block_size,
+                         spec.clip_grid, hdiag)
     del u, w_t
 
     result = QuantResult(
@@ -154,9 +153,8 @@ def _validate(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> None:
         )
 
 
-def _static_group_params(
-    w: torch.Tensor, g: int, bits: int, sym: bool, clip_grid: int = 0, h: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _static_group_params(w: torch.Tensor, g: int, bits: int, sym: bool, clip_grid: int = 0,
+                         h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales (float32) and zeros (int32), ``[E, G, N]``, from the original ``w [E, N, K]``.
 
     With ``clip_grid`` the clipping search weighs each column by the Hessian diagonal of ``h``.
@@ -167,11 +165,8 @@ def _static_group_params(
     parts = []
     if full:
         weight = None if diag is None else diag[:, :full].reshape(e, full // g, 1, g)
-        parts.append(
-            find_params(
-                w[..., :full].reshape(e, n, full // g, g).transpose(1, 2), bits, sym, clip_grid, weight
-            )
-        )
+        parts.append(find_params(w[..., :full].reshape(e, n, full // g, g).transpose(1, 2), bits, sym,
+                                 clip_grid, weight))
     if full < k:
         weight = None if diag is None else diag[:, None, full:]
         s, z = find_params(w[..., full:], bits, sym, clip_grid, weight)

@@ -20,9 +20,8 @@ _FP16_TINY = 2.0**-14
 CLIP_STEP = 0.02
 
 
-def find_params(
-    w: torch.Tensor, bits: int, sym: bool, clip_grid: int = 0, weight: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def find_params(w: torch.Tensor, bits: int, sym: bool, clip_grid: int = 0,
+                weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for every row of ``w``.
 
     Args:
@@ -58,9 +57,8 @@ def find_params(
     return scale, zero
 
 
-def _rounding_error(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, weight: torch.Tensor | None
-) -> torch.Tensor:
+def _rounding_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                    weight: torch.Tensor | None) -> torch.Tensor:
     s, z = scale[..., None], zero[..., None].float()
     diff = dequantize(quantize(w, s, z, bits), s, z) - w
     diff = diff.square_()
@@ -69,9 +67,7 @@ def _rounding_error(
     return diff.sum(dim=-1)
 
 
-def _range_params(
-    wmin: torch.Tensor, wmax: torch.Tensor, bits: int, sym: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _range_params(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point covering ``[wmin, wmax]`` (``wmin <= 0 <= wmax``), per row."""
     maxq = 2**bits - 1
     if sym:
@@ -95,9 +91,7 @@ def _to_fp16_grid(scale: torch.Tensor, round_up: bool = False) -> torch.Tensor:
     scale = scale.clamp(min=_FP16_TINY, max=65504.0)
     half = scale.to(torch.float16).float()
     if round_up:
-        bumped = torch.nextafter(
-            half.to(torch.float16), torch.tensor(float("inf"), dtype=torch.float16)
-        ).float()
+        bumped = torch.nextafter(half.to(torch.float16), torch.tensor(float("inf"), dtype=torch.float16)).float()
         half = torch.where(half < scale, bumped, half)
     return half
 

@@ -29,9 +29,7 @@ def hf_logits(path, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize(
-    "overrides", [{}, {"sliding_window": 8}, {"num_key_value_heads": 4, "num_experts_per_tok": 1}]
-)
+@pytest.mark.parametrize("overrides", [{}, {"sliding_window": 8}, {"num_key_value_heads": 4, "num_experts_per_tok": 1}])
 def test_explicit_forward_matches_transformers(tmp_path, overrides):
     path = make_mixtral(tmp_path / "m", seed=3, **overrides)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -4,9 +4,7 @@ from moequant.checkpoint.gptq_config import quantization_config
 from moequant.quant.types import QuantSpec
 
 
-def mixtral_specs(
-    attn: QuantSpec | None, expert, layers: int = 3, experts: int = 4
-) -> tuple[dict, list[str]]:
+def mixtral_specs(attn: QuantSpec | None, expert, layers: int = 3, experts: int = 4) -> tuple[dict, list[str]]:
     specs, routers = {}, []
     for layer in range(layers):
         for role in "qkvo":

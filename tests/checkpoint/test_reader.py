@@ -52,12 +52,8 @@ def test_truncated_shard_is_named(tmp_path):
 def test_index_naming_missing_shard(tmp_path):
     path = make_mixtral(tmp_path / "m", num_hidden_layers=1)
     (path / "model.safetensors").rename(path / "model-00001-of-00002.safetensors")
-    index = {
-        "weight_map": {
-            "model.norm.weight": "model-00001-of-00002.safetensors",
-            "lm_head.weight": "model-00002-of-00002.safetensors",
-        }
-    }
+    index = {"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors",
+                            "lm_head.weight": "model-00002-of-00002.safetensors"}}
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(MoequantError, match="names shard model-00002-of-00002.safetensors, which is missing"):
         CheckpointReader(path)
@@ -67,10 +63,8 @@ def test_nan_is_named(tmp_path):
     path = tmp_path / "m"
     path.mkdir()
     (path / "config.json").write_text("{}")
-    save_file(
-        {"a.weight": torch.tensor([1.0, float("nan")]), "b.weight": torch.tensor([float("inf")])},
-        str(path / "model.safetensors"),
-    )
+    save_file({"a.weight": torch.tensor([1.0, float("nan")]), "b.weight": torch.tensor([float("inf")])},
+              str(path / "model.safetensors"))
     reader = CheckpointReader(path)
     with pytest.raises(MoequantError, match="a.weight .* contains NaN"):
         reader.get("a.weight", check_finite=True)

@@ -17,10 +17,7 @@ def test_output_appears_only_when_finished(tmp_path):
     assert not partial_dir_for(out).exists()
     reader = CheckpointReader(out)
     assert sorted(reader.names) == ["a", "b"]
-    assert [p.name for p in reader.files()] == [
-        "model-00001-of-00002.safetensors",
-        "model-00002-of-00002.safetensors",
-    ]
+    assert [p.name for p in reader.files()] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
 
 
 def test_overwrite_replaces_existing(tmp_path):

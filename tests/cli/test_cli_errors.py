@@ -43,9 +43,8 @@ def test_bad_recipe_and_device(tmp_path, tiny_mixtral):
     code, output = run("compress", str(tiny_mixtral), "-o", str(tmp_path / "o"), "--recipe", "nope")
     assert_one_line_error(code, output, "unknown recipe")
     if not __import__("torch").cuda.is_available():
-        code, output = run(
-            "compress", str(tiny_mixtral), "-o", str(tmp_path / "o"), "--device", "cuda", "--method", "rtn"
-        )
+        code, output = run("compress", str(tiny_mixtral), "-o", str(tmp_path / "o"), "--device", "cuda",
+                           "--method", "rtn")
         assert_one_line_error(code, output, "no CUDA device")
 
 
@@ -84,9 +83,7 @@ def test_real_process_exit_status_and_debug_variable(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "model.safetensors is truncated or corrupt" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, env={**env, "MOEQUANT_DEBUG": "1"}, timeout=120
-    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "MOEQUANT_DEBUG": "1"}, timeout=120)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 

@@ -34,20 +34,8 @@ def reports(tmp_path_factory):
     made = {}
     for name, seqlen in (("a", 32), ("b", 32), ("c", 16)):
         target = root / f"{name}.json"
-        code, output = run(
-            "eval",
-            compressed,
-            "--baseline",
-            original,
-            "--seqlen",
-            seqlen,
-            "--max-windows",
-            2,
-            "--device",
-            "cpu",
-            "--output",
-            target,
-        )
+        code, output = run("eval", compressed, "--baseline", original, "--seqlen", seqlen, "--max-windows", 2,
+                           "--device", "cpu", "--output", target)
         assert code == 0, output
         made[name] = (target, output)
     return made

@@ -60,9 +60,7 @@ def test_report_without_baseline(pair, tmp_path):
     original, _ = pair
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(5))
     report = build_report(evaluate_windows(original, ids), original, None, "tokens")
-    assert (
-        report["baseline"] is None and report["kl_divergence"] is None and report["perplexity_stderr"] is None
-    )
+    assert report["baseline"] is None and report["kl_divergence"] is None and report["perplexity_stderr"] is None
     paths = write_report(report, tmp_path / "solo.json")
     assert paths["png"] is None and not (tmp_path / "solo.png").exists()
     assert set(REPORT_KEYS) <= set(load_report(paths["json"]))

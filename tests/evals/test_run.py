@@ -18,10 +18,8 @@ def add_tokenizer(folder, vocab_size: int = 200) -> None:
 
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(
-        builtin_text("eval").splitlines(),
-        trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=["[UNK]"]),
-    )
+    tok.train_from_iterator(builtin_text("eval").splitlines(),
+                            trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=["[UNK]"]))
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
 
 

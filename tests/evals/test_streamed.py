@@ -73,9 +73,7 @@ def test_memory_engine_agrees_with_streamed(models):
     memory = evaluate_windows(other, ids, baseline=original, batch=2, engine="memory")
     assert torch.allclose(streamed.nll, memory.nll, rtol=1e-5, atol=1e-6)
     assert torch.allclose(streamed.kl, memory.kl, rtol=1e-4, atol=1e-6)
-    assert streamed.router_agreement_per_layer() == pytest.approx(
-        memory.router_agreement_per_layer(), abs=0.02
-    )
+    assert streamed.router_agreement_per_layer() == pytest.approx(memory.router_agreement_per_layer(), abs=0.02)
     assert streamed.hidden_error == pytest.approx(memory.hidden_error, rel=1e-4)
 
 

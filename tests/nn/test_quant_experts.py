@@ -42,18 +42,14 @@ def expert_loop(x, ids, weights, experts) -> torch.Tensor:
 
 def uniform_experts(bits13: int = 3, bits2: int = 2, g13: int = 32, g2: int = 32, seed: int = 0):
     return [
-        {
-            "w1": quantised(INTER, H, bits13, g13, seed + 10 * e),
-            "w3": quantised(INTER, H, bits13, g13, seed + 10 * e + 1),
-            "w2": quantised(H, INTER, bits2, g2, seed + 10 * e + 2),
-        }
+        {"w1": quantised(INTER, H, bits13, g13, seed + 10 * e),
+         "w3": quantised(INTER, H, bits13, g13, seed + 10 * e + 1),
+         "w2": quantised(H, INTER, bits2, g2, seed + 10 * e + 2)}
         for e in range(E)
     ]
 
 
-def routing(
-    tokens: int, experts: tuple[int, ...], seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def routing(tokens: int, experts: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens routed to two distinct experts drawn from ``experts`` (the others get none)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, H, generator=gen)
@@ -92,11 +88,8 @@ def test_mixed_bits_and_16bit_experts_run_per_expert():
     experts[0]["w3"] = quantised(INTER, H, 4, 64, 99, sym=True)  # w1 and w3 differ
     experts[1]["w2"] = quantised(H, INTER, 8, -1, 98)
     gen = torch.Generator().manual_seed(7)
-    experts[2] = {
-        "w1": torch.randn(INTER, H, generator=gen) / 8,
-        "w3": torch.randn(INTER, H, generator=gen) / 8,
-        "w2": torch.randn(H, INTER, generator=gen) / 10,
-    }
+    experts[2] = {"w1": torch.randn(INTER, H, generator=gen) / 8, "w3": torch.randn(INTER, H, generator=gen) / 8,
+                  "w2": torch.randn(H, INTER, generator=gen) / 10}
     module = QuantExperts.from_experts(experts, backend="torch")
     assert not module.stacked
     x, ids, w = routing(12, (0, 1, 2))
@@ -109,13 +102,8 @@ def test_no_float_copy_of_packed_weights():
     assert list(module.parameters()) == []
     floats = [n for n, t in module.named_buffers() if t.is_floating_point()]
     assert floats == ["w13_scales", "w2_scales"]
-    packed_bytes = sum(
-        t.numel() * t.element_size()
-        for ex in experts
-        for r in ("w1", "w3", "w2")
-        for k, t in ex[r][1].items()
-        if not (r == "w3" and k == "g_idx")
-    )
+    packed_bytes = sum(t.numel() * t.element_size() for ex in experts for r in ("w1", "w3", "w2")
+                       for k, t in ex[r][1].items() if not (r == "w3" and k == "g_idx"))
     held = sum(t.numel() * t.element_size() for t in module.buffers())
     assert held == packed_bytes  # w3 shares w1's g_idx, everything else is stored once, packed
     module.to(torch.bfloat16)

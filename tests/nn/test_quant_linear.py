@@ -15,9 +15,8 @@ from moequant.quant.rtn import rtn
 BITS = (2, 3, 4, 8)
 
 
-def packed_linear(
-    n: int, k: int, bits: int, group_size: int, sym: bool, seed: int, shuffle_groups: bool = False
-) -> dict[str, torch.Tensor]:
+def packed_linear(n: int, k: int, bits: int, group_size: int, sym: bool, seed: int,
+                  shuffle_groups: bool = False) -> dict[str, torch.Tensor]:
     """A random ``[n, k]`` weight quantised with RTN and packed as a checkpoint stores it."""
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(n, k, generator=gen) / k**0.5
@@ -70,9 +69,7 @@ def test_chunked_dequantisation_is_exact(rows):
     p = packed_linear(64, 256, 3, 32, sym=False, seed=5)
     x = torch.randn(rows, 256)
     whole = grouped_dequant_matmul(x, p["qweight"], p["qzeros"], p["scales"], 3, 32)
-    chunked = grouped_dequant_matmul(
-        x, p["qweight"], p["qzeros"], p["scales"], 3, 32, chunk_elements=3 * 32 * 64
-    )
+    chunked = grouped_dequant_matmul(x, p["qweight"], p["qzeros"], p["scales"], 3, 32, chunk_elements=3 * 32 * 64)
     close(chunked, whole)
     close(whole, reference(x, p, 3))
 
@@ -90,8 +87,7 @@ def test_holds_only_packed_tensors_and_keeps_fp16_scales():
     held = dict(layer.named_buffers())
     assert set(held) == {"qweight", "qzeros", "scales", "g_idx"}
     assert sum(t.numel() * t.element_size() for t in held.values()) == sum(
-        t.numel() * t.element_size() for t in p.values()
-    )
+        t.numel() * t.element_size() for t in p.values())
     x = torch.randn(3, 128)
     before = layer(x)
     layer.to(torch.bfloat16)  # a model-wide cast must not round the scales
