@@ -180,42 +180,25 @@ def variants(kernels: set[str], bits_list: list[int]):
                 ("gate_up", tmoe._moe_gemv_gate_up_kernel),
                 ("down", tmoe._moe_gemv_down_kernel),
             ]:
-                yield (
-                    f"moe {name} {bits}-bit n64 k128 w4",
-                    fn,
-                    dict(
-                        BITS=bits,
-                        GROUP_MODE=0,
-                        BLOCK_N=64,
-                        BLOCK_K=128,
-                        ASM=True,
-                        EVEN=True,
-                        STAGES=3,
-                        WEIGHTS_LEFT=False,
-                        DOT_DTYPE=tl.bfloat16,
-                    ),
-                    4,
-                    3,
-                    64 * 128,  # per loop: gate and up are two loops
-                )
-                yield (
-                    f"moe {name} wleft {bits}-bit m16 n128 k128 w4",
-                    fn,
-                    dict(
-                        BITS=bits,
-                        GROUP_MODE=0,
-                        BLOCK_N=128,
-                        BLOCK_K=128,
-                        ASM=True,
-                        EVEN=True,
-                        STAGES=3,
-                        WEIGHTS_LEFT=True,
-                        DOT_DTYPE=tl.bfloat16,
-                    ),
-                    4,
-                    3,
-                    128 * 128,
-                )
+                for left, bn in [(False, 64), (True, 128)]:  # per loop: gate and up are two loops
+                    yield (
+                        f"moe {name}{' wleft' if left else ''} {bits}-bit n{bn} k128 w4",
+                        fn,
+                        dict(
+                            BITS=bits,
+                            GROUP_MODE=0,
+                            BLOCK_N=bn,
+                            BLOCK_K=128,
+                            ASM=True,
+                            EVEN=True,
+                            STAGES=3,
+                            WEIGHTS_LEFT=left,
+                            DOT_DTYPE=tl.bfloat16,
+                        ),
+                        4,
+                        3,
+                        bn * 128,
+                    )
         if "moe_dot" in kernels:
             for name, fn in [("gate_up", tmoe._moe_gate_up_kernel), ("down", tmoe._moe_down_kernel)]:
                 for left, bn in [(False, 64), (True, 128)]:
