@@ -625,17 +625,16 @@ def _gemv_8bit_sum(w, x, c, ASM: tl.constexpr):
     return out
 
 
-# Codes of at most 7 bits become the float f = 0.5 + q / 256 (exponent bits 0x3F000000, the code
-# at mantissa bits 16..22) with no subtraction; sum_j x_j (q_j - z) = 256 * (sum_j x_j f_j -
-# (0.5 + z / 256) * sum_j x_j), the second sum taken once per row of the tile, not per column.
-HALF_BITS = tl.constexpr(0x3F000000)
+# Codes of at most 7 bits become the float f = 0.5 + q / 256 (the bits of 0.5, 0x3F000000, with
+# the code at mantissa bits 16..22) with no subtraction; sum_j x_j (q_j - z) = 256 * (sum_j x_j f_j
+# - (0.5 + z / 256) * sum_j x_j), the second sum taken once per row of the tile, not per column.
 
 
 @triton.jit
 def _byte_as_half_plus(plane, half, i: tl.constexpr, ASM: tl.constexpr):
     """Byte ``i`` (below 128) of each uint32 in ``plane [R, N]`` as the float32 ``0.5 + byte / 256``.
 
-    ``half`` (``[N]`` uint32) holds ``HALF_BITS``, computed at run time so that it stays in a
+    ``half`` (``[N]`` uint32) holds 0x3F000000, computed at run time so that it stays in a
     register instead of being rematerialised per element. With ``ASM`` one ``prmt`` places the
     byte under its exponent byte.
     """
@@ -777,7 +776,7 @@ def gemv_row(
 
     With one group per tile, partial sums stay per packed row across the K loop and are reduced
     over rows once at the end; 2, 3 and 4-bit codes are read as ``0.5 + q / 256`` (see
-    ``HALF_BITS``), 8-bit ones as ``2^23 + q``. The K loop is software-pipelined: with
+    :func:`_byte_as_half_plus`), 8-bit ones as ``2^23 + q``. The K loop is software-pipelined: with
     ``STAGES > 1`` the loads of the next ``STAGES - 1`` tiles are in flight (asynchronous copies
     into shared memory on the GPU) while one tile is computed. ``EVEN``: every tile is whole
     (``K`` and ``N`` multiples of the block sizes, ``k_lo`` of ``BLOCK_K``), so no load needs a
@@ -826,7 +825,7 @@ def gemv_row(
             else:
                 # The sums start from -(0.5 + z / 256) * sum_j x_j and the scale takes the 256.
                 zf = z.to(tl.float32) + 128.0
-                half = (zf.to(tl.uint32, bitcast=True) & 0xFF800000) - 0x04000000  # 2^7 -> 2^-1: HALF_BITS
+                half = (zf.to(tl.uint32, bitcast=True) & 0xFF800000) - 0x04000000  # 2^7 -> 2^-1: 0x3F000000
                 if BITS == 3:
                     part, sx = _half_plus_3bit_sum(
                         tl.zeros((rows, BLOCK_N), tl.float32),

@@ -340,7 +340,7 @@ def _moe_gemv_gate_up_kernel(
     DOT_DTYPE: tl.constexpr,
 ):
     """Decode form of the gate/up kernel: one routed slot per program (grid ``[T*k, I blocks,
-    splits]``), :func:`gemv_row` for the gate and up columns, ``silu(gate) * up`` stored for the
+    splits]``), :func:`decode_row` for the gate and up columns, ``silu(gate) * up`` stored for the
     slot. With split-K, gate and up parts meet in the float32 workspace ``[splits, T*k, 2I]`` and
     the last program of a tile adds them in split order before the product."""
     slot = tl.program_id(0)
