@@ -6,7 +6,7 @@ words of a ``[BLOCK_K, BLOCK_N]`` tile once and expands them in registers (value
 is stream bits ``[k*b, k*b + b)``; for 3 bits values 10 and 21 of every 32 continue into the next
 word). The forms, chosen by :func:`pick_config` from the row count, bits and activation dtype:
 
-- up to 64 rows (from one row for 2 and 4-bit codes with 16-bit activations): ``tl.dot`` with the
+- up to 64 rows (from one row for 2, 3 and 4-bit codes with 16-bit activations): ``tl.dot`` with the
   weight tile as the left operand, codes read as 16-bit floats and the zero taken off after the
   dot (:func:`dot_weights_left`);
 - one row otherwise (decode): the GEMV kernel, products and sums in float32 registers without
@@ -449,10 +449,54 @@ def _half_pair(w, i: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, ASM:
     mask: tl.constexpr = ((1 << BITS) - 1) * 0x10001
     v = w >> (BITS * i)
     if ASM:
-        return tl.inline_asm_elementwise(
+        out = tl.inline_asm_elementwise(
             f"lop3.b32 $0, $1, {mask}, {MAGIC}, 0xEA;", "=r,r", [v], dtype=tl.uint32, is_pure=True, pack=1
         )
-    return (v & mask) | MAGIC
+    else:
+        out = (v & mask) | MAGIC
+    return out
+
+
+@triton.jit
+def _stream_bits_at(w0, w1, w2, bit: tl.constexpr, dst: tl.constexpr):
+    """A uint32 whose bits ``[dst, dst + 3)`` are the stream bits ``[bit, bit + 3)`` of the 3-bit
+    blocks ``w0, w1, w2 [N, R]`` (the other bits as they fall; ``dst`` 0 or 16)."""
+    if bit < 32:
+        lo = w0
+        hi = w1
+    elif bit < 64:
+        lo = w1
+        hi = w2
+    else:
+        lo = w2
+        hi = w2
+    if bit % 32 > 29:  # continues into the next word
+        v = (lo >> (bit % 32 - dst)) | (hi << (32 + dst - bit % 32))
+    elif bit % 32 >= dst:
+        v = lo >> (bit % 32 - dst)
+    else:
+        v = lo << (dst - bit % 32)
+    return v
+
+
+@triton.jit
+def _half_pair3(w0, w1, w2, i: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
+    """Values ``i`` and ``i + 16`` of the 3-bit blocks ``w0, w1, w2 [N, R]`` as two 16-bit floats
+    ``c + q`` in one uint32 (as :func:`_half_pair`); with ``ASM`` two ``lop3``."""
+    lo = _stream_bits_at(w0, w1, w2, 3 * i, 0)
+    hi = _stream_bits_at(w0, w1, w2, 3 * i + 48, 16)
+    if ASM:
+        out = tl.inline_asm_elementwise(
+            f"{{ .reg .b32 t; lop3.b32 t, $1, 7, {MAGIC}, 0xEA; lop3.b32 $0, $2, 0x70000, t, 0xEA; }}",
+            "=r,r,r",
+            [lo, hi],
+            dtype=tl.uint32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        out = (lo & 7) | (hi & 0x70000) | MAGIC
+    return out
 
 
 @triton.jit
@@ -462,37 +506,54 @@ def _halves(p):
 
 
 @triton.jit
-def _paired_codes_nk(w, BITS: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
-    """The 16-bit floats ``c + q`` of 2 or 4-bit words ``w [N, R]`` as ``[N, R * V]`` (uint16 bits,
-    ``V = 32 / BITS``) in pair order: column ``r * V + 2i + h`` holds value ``i + h * V / 2`` of word
-    ``r``, so that each pair of columns is one ``lop3`` of one shifted word (see
-    :func:`pair_order`)."""
-    n: tl.constexpr = w.shape[0]
-    r: tl.constexpr = w.shape[1]
-    p0 = _halves(_half_pair(w, 0, BITS, MAGIC, ASM))
-    p1 = _halves(_half_pair(w, 1, BITS, MAGIC, ASM))
-    p2 = _halves(_half_pair(w, 2, BITS, MAGIC, ASM))
-    p3 = _halves(_half_pair(w, 3, BITS, MAGIC, ASM))
-    t = tl.join(tl.join(p0, p1), tl.join(p2, p3))  # [N, R, h, a, b], pair a + 2b
+def _pair_at(w0, w1, w2, i: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
+    if BITS == 3:
+        p = _half_pair3(w0, w1, w2, i, MAGIC, ASM)
+    else:
+        p = _half_pair(w0, i, BITS, MAGIC, ASM)
+    return _halves(p)
+
+
+@triton.jit
+def _four_pairs(w0, w1, w2, i: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
+    """Pairs ``i .. i + 3`` as ``[N, R, h, a, b]``, pair ``i + a + 2b``."""
+    return tl.join(
+        tl.join(_pair_at(w0, w1, w2, i, BITS, MAGIC, ASM), _pair_at(w0, w1, w2, i + 1, BITS, MAGIC, ASM)),
+        tl.join(_pair_at(w0, w1, w2, i + 2, BITS, MAGIC, ASM), _pair_at(w0, w1, w2, i + 3, BITS, MAGIC, ASM)),
+    )
+
+
+@triton.jit
+def _paired_codes_nk(w0, w1, w2, BITS: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
+    """The 16-bit floats ``c + q`` of 2, 3 or 4-bit blocks ``w0, w1, w2 [N, R]`` (3 bits: 32 values
+    in three words, else ``V = 32 / BITS`` in ``w0``) as ``[N, R * V]`` (uint16 bits) in pair order:
+    column ``r * V + 2i + h`` holds value ``i + h * V / 2`` of block ``r``, so that each pair of
+    columns comes from one or two shifted words in one or two ``lop3`` (see :func:`pair_order`)."""
+    n: tl.constexpr = w0.shape[0]
+    r: tl.constexpr = w0.shape[1]
+    t = _four_pairs(w0, w1, w2, 0, BITS, MAGIC, ASM)  # [N, R, h, a, b]
     if BITS == 4:
         out = tl.reshape(tl.permute(t, (0, 1, 4, 3, 2)), (n, r * 8))
     else:
-        p4 = _halves(_half_pair(w, 4, BITS, MAGIC, ASM))
-        p5 = _halves(_half_pair(w, 5, BITS, MAGIC, ASM))
-        p6 = _halves(_half_pair(w, 6, BITS, MAGIC, ASM))
-        p7 = _halves(_half_pair(w, 7, BITS, MAGIC, ASM))
-        t = tl.join(t, tl.join(tl.join(p4, p5), tl.join(p6, p7)))  # [N, R, h, a, b, c], pair a + 2b + 4c
-        out = tl.reshape(tl.permute(t, (0, 1, 5, 4, 3, 2)), (n, r * 16))
+        t = tl.join(t, _four_pairs(w0, w1, w2, 4, BITS, MAGIC, ASM))  # [N, R, h, a, b, c]
+        if BITS == 2:
+            out = tl.reshape(tl.permute(t, (0, 1, 5, 4, 3, 2)), (n, r * 16))
+        else:
+            t2 = tl.join(
+                _four_pairs(w0, w1, w2, 8, BITS, MAGIC, ASM), _four_pairs(w0, w1, w2, 12, BITS, MAGIC, ASM)
+            )
+            t = tl.join(t, t2)  # [N, R, h, a, b, c, d]
+            out = tl.reshape(tl.permute(t, (0, 1, 6, 5, 4, 3, 2)), (n, r * 32))
     return out
 
 
 @triton.jit
 def pair_order(xt, BITS: tl.constexpr):
-    """Rows of ``xt [K, M]`` (``K`` a multiple of ``V = 32 / BITS``) in the order of
-    :func:`_paired_codes_nk`: row ``r * V + 2i + h`` becomes input ``r * V + i + h * V / 2``."""
+    """Rows of ``xt [K, M]`` (``K`` a multiple of ``V``, 32 at 3 bits, else ``32 / BITS``) in the
+    order of :func:`_paired_codes_nk`: row ``r * V + 2i + h`` becomes input ``r * V + i + h * V / 2``."""
     k: tl.constexpr = xt.shape[0]
     m: tl.constexpr = xt.shape[1]
-    v: tl.constexpr = 32 // BITS
+    v: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     t = tl.reshape(xt, (k // v, 2, v // 2, m))
     return tl.reshape(tl.permute(t, (0, 2, 1, 3)), (k, m))
 
@@ -525,11 +586,11 @@ def dot_weights_left(
 
     The weight tile is the dot's left operand, unpacked in the registers that loaded it. Codes
     below 128 (2, 3, 4 bits) become the 16-bit floats ``c + q`` by ORing in the bits of ``c``
-    (128 in bfloat16, 1024 in float16); at 2 and 4 bits two codes of a word at once, the dot's
-    K order then being the pair order of both operands (:func:`pair_order`). 8-bit codes are
-    converted. The dot's float32 sums then lose ``(c + z) * sum_k x`` per column and take the
-    group's scale. ``DOT_F32``: widen both operands to float32 first (the interpreter computes
-    bfloat16 dots wrongly; the values are the same). ``ASM``: compiled for a GPU (``lop3``).
+    (128 in bfloat16, 1024 in float16), two codes at once, the dot's K order then being the pair
+    order of both operands (:func:`pair_order`). 8-bit codes are converted. The dot's float32
+    sums then lose ``(c + z) * sum_k x`` per column and take the group's scale. ``DOT_F32``: widen
+    both operands to float32 first (the interpreter computes bfloat16 dots wrongly; the values
+    are the same). ``ASM``: compiled for a GPU (``lop3``).
     """
     per_block: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # values per block of words
     words: tl.constexpr = 3 if BITS == 3 else 1  # words per block
@@ -548,12 +609,12 @@ def dot_weights_left(
     else:
         w1 = w0
         w2 = w0
-    if BITS == 2 or BITS == 4:
+    if BITS != 8:
         if x_dtype == tl.bfloat16:
-            wq = _paired_codes_nk(w0, BITS, 0x43004300, ASM).to(x_dtype, bitcast=True)
+            wq = _paired_codes_nk(w0, w1, w2, BITS, 0x43004300, ASM).to(x_dtype, bitcast=True)
             off = z + 128.0
         else:
-            wq = _paired_codes_nk(w0, BITS, 0x64006400, ASM).to(x_dtype, bitcast=True)
+            wq = _paired_codes_nk(w0, w1, w2, BITS, 0x64006400, ASM).to(x_dtype, bitcast=True)
             off = z + 1024.0
         xt = pair_order(xt, BITS)
     else:
@@ -1073,13 +1134,13 @@ def pick_config(
 
     Up to 64 rows, dot tiles with the weights as the left operand (16, 32 or 64 rows, 128
     columns, 128-deep), split-K to two programs per SM; for one row only where codes pair into
-    16-bit floats (2 and 4 bits, 16-bit activations, a K tile in one group), else the GEMV
+    16-bit floats (2, 3 and 4 bits, 16-bit activations, a K tile in one group), else the GEMV
     kernel with split-K to four programs per SM; more rows, plain 64 x 128 dot tiles. The H200 sweeps
     (evals/results/kernels-*.json) chose the GEMV and the plain tiles; the weights-left tiles
     replace them on fewer instructions per weight (evals/kernel_sass.py), not yet timed on a GPU.
     """
     tile_in_group = group_mode(sorted_groups, group_size, pick_block_k(group_size, 128)) == GROUPS_PER_TILE
-    if m <= GEMV_MAX_ROWS and not (half and bits in (2, 4) and tile_in_group):
+    if m <= GEMV_MAX_ROWS and not (half and bits in (2, 3, 4) and tile_in_group):
         bk = pick_block_k(group_size, 128)
         tiles = max(m, 1) * triton.cdiv(n, 128)
         split = split_for(k, bk, tiles, 2 * device_programs(device))

@@ -519,9 +519,9 @@ def pick_moe_config(
     bits: int = 4,
 ) -> MoeConfig:
     """Tiles for ``slots = T * k`` routed slots: the decode kernels while experts see two tokens
-    or fewer each (re-reading an expert per slot beat 16-row tiles in the H200 sweeps; 2 and
-    4-bit codes with the weights on a dot's left and 128 columns, 3-bit ones on the GEMV loop
-    with 128 columns, 8-bit ones with 32 for a single token; both projections split along K to
+    or fewer each (re-reading an expert per slot beat 16-row tiles in the H200 sweeps; 2, 3 and
+    4-bit codes with the weights on a dot's left and 128 columns, 8-bit ones on the GEMV loop
+    with 32 columns for a single token, else 128; both projections split along K to
     about four programs per SM), then 16 to 64-row blocks by tokens per expert with the weights
     on the dots' left (128 x 128 tiles). The weights-left forms take fewer instructions per
     weight than the GEMV loop and the plain tiles the sweeps chose; they are not yet timed on a
@@ -530,7 +530,7 @@ def pick_moe_config(
     if per_expert <= MOE_GEMV_MAX_SLOTS_PER_EXPERT:
         bk13 = pick_block_k(group_w13, 128)
         bk2 = pick_block_k(group_w2, 128)
-        paired = bits in (2, 4)
+        paired = bits in (2, 3, 4)
         bn, warps = (32, 2) if slots <= 4 and bits == 8 else (128, 4)
         target = 4 * device_programs(device)
         split = split_for(inter, bk2, slots * triton.cdiv(hidden, bn), target)

@@ -147,14 +147,14 @@ def test_weights_left_falls_back_where_it_does_not_apply(triton_kernels, make_li
 def test_weights_left_is_the_default_up_to_64_rows(triton_kernels):
     tm, _ = triton_kernels
     cpu = torch.device("cpu")
-    for bits in (2, 4):  # one row too, for codes paired into 16-bit floats
+    for bits in (2, 3, 4):  # one row too, for codes paired into 16-bit floats
         one = tm.pick_config(1, 4096, 4096, 128, cpu, bits=bits)
         assert one.weights_left and one.block_m == 16 and not one.gemv
-    for bits, half in [(3, True), (8, True), (4, False)]:
+    for bits, half in [(8, True), (4, False)]:
         assert tm.pick_config(1, 4096, 4096, 128, cpu, bits=bits, half=half).gemv
     assert tm.pick_config(1, 4096, 4096, 128, cpu, sorted_groups=False).gemv  # g_idx read: the GEMV
     assert [tm.pick_config(m, 4096, 4096, 128, cpu).block_m for m in (2, 16, 17, 64)] == [16, 16, 32, 64]
-    assert all(tm.pick_config(m, 4096, 4096, 128, cpu, bits=3).weights_left for m in (2, 64))
+    assert all(tm.pick_config(m, 4096, 4096, 128, cpu, bits=8).weights_left for m in (2, 64))
     assert not tm.pick_config(65, 4096, 4096, 128, cpu).weights_left
     with pytest.raises(ValueError, match="choose one"):
         tm.MatmulConfig(1, 32, 64, gemv=True, weights_left=True)
@@ -247,8 +247,8 @@ def test_gemv_kernel_half_precision(triton_kernels, make_linear, dtype, tol):
 def test_decode_takes_the_gemv_kernel(triton_kernels):
     tm, _ = triton_kernels
     cpu = torch.device("cpu")
-    assert tm.pick_config(1, 4096, 4096, 128, cpu, bits=3).gemv
-    assert not tm.pick_config(tm.GEMV_MAX_ROWS + 1, 4096, 4096, 128, cpu, bits=3).gemv
+    assert tm.pick_config(1, 4096, 4096, 128, cpu, bits=8).gemv
+    assert not tm.pick_config(tm.GEMV_MAX_ROWS + 1, 4096, 4096, 128, cpu, bits=8).gemv
     with pytest.raises(ValueError, match="block_m must be 1"):
         tm.MatmulConfig(block_m=16, block_n=64, block_k=64, gemv=True)
 
