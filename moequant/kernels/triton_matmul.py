@@ -383,62 +383,15 @@ def _dequant_matmul_kernel(
 
 
 @triton.jit
-def _value(w0, w1, w2, j: tl.constexpr, BITS: tl.constexpr):
-    """Value ``j`` of a block of packed words ``w0, w1, w2 [N, R]`` (uint32; 3 bits: 32 values in
-    three words, else ``32 / BITS`` in ``w0``): stream bits ``[j * BITS, (j + 1) * BITS)``."""
-    if BITS * j < 32:
-        lo = w0
-        hi = w1
-    elif BITS * j < 64:
-        lo = w1
-        hi = w2
-    else:
-        lo = w2
-        hi = w2
-    v = lo >> (BITS * j % 32)
-    if BITS * j % 32 + BITS > 32:
-        v = v | (hi << (32 - BITS * j % 32))
-    return v & ((1 << BITS) - 1)
-
-
-@triton.jit
-def _pair(w0, w1, w2, j: tl.constexpr, BITS: tl.constexpr):
-    return tl.join(_value(w0, w1, w2, j, BITS), _value(w0, w1, w2, j + 1, BITS))
-
-
-@triton.jit
-def _quad(w0, w1, w2, j: tl.constexpr, BITS: tl.constexpr):
-    return tl.join(_pair(w0, w1, w2, j, BITS), _pair(w0, w1, w2, j + 2, BITS))
-
-
-@triton.jit
-def _oct(w0, w1, w2, j: tl.constexpr, BITS: tl.constexpr):
-    return tl.join(_quad(w0, w1, w2, j, BITS), _quad(w0, w1, w2, j + 4, BITS))
-
-
-@triton.jit
-def _hex(w0, w1, w2, j: tl.constexpr, BITS: tl.constexpr):
-    return tl.join(_oct(w0, w1, w2, j, BITS), _oct(w0, w1, w2, j + 8, BITS))
-
-
-@triton.jit
-def _codes_nk(w0, w1, w2, BITS: tl.constexpr):
-    """Codes ``[N, R * V]`` (uint32) of 3 or 8-bit word blocks ``w0, w1, w2 [N, R]``, ``V`` values
-    per block (32 at 3 bits, 4 at 8), value ``v`` of block ``r`` at column ``r * V + v``.
-
-    The values of a block are joined into new trailing axes, one per bit of ``v`` (lowest first),
-    then those axes are reversed and merged: every value stays in the register of the thread that
-    loaded its word.
-    """
-    n: tl.constexpr = w0.shape[0]
-    r: tl.constexpr = w0.shape[1]
-    if BITS == 8:
-        t = tl.permute(_quad(w0, w1, w2, 0, BITS), (0, 1, 3, 2))
-        return tl.reshape(t, (n, r * 4))
-    else:
-        t = tl.join(_hex(w0, w1, w2, 0, BITS), _hex(w0, w1, w2, 16, BITS))
-        t = tl.permute(t, (0, 1, 6, 5, 4, 3, 2))
-        return tl.reshape(t, (n, r * 32))
+def _bytes_nk(w):
+    """The 8-bit codes of words ``w [N, R]`` (uint32) as ``[N, R * 4]``, byte ``v`` of word ``r`` at
+    column ``4r + v``: joined into two new trailing axes (lowest bit of ``v`` first), which are then
+    swapped and merged, so that every code stays in the register of the thread that loaded it."""
+    n: tl.constexpr = w.shape[0]
+    r: tl.constexpr = w.shape[1]
+    lo = tl.join(w & 0xFF, (w >> 8) & 0xFF)
+    hi = tl.join((w >> 16) & 0xFF, w >> 24)
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), (n, r * 4))
 
 
 @triton.jit
@@ -618,16 +571,8 @@ def dot_weights_left(
             off = z + 1024.0
         xt = pair_order(xt, BITS)
     else:
-        q = _codes_nk(w0, w1, w2, BITS)
-        if BITS == 8:
-            wq = q.to(tl.float32).to(x_dtype)
-            off = z
-        elif x_dtype == tl.bfloat16:
-            wq = (q.to(tl.int16) | 0x4300).to(x_dtype, bitcast=True)
-            off = z + 128.0
-        else:
-            wq = (q.to(tl.int16) | 0x6400).to(x_dtype, bitcast=True)
-            off = z + 1024.0
+        wq = _bytes_nk(w0).to(tl.float32).to(x_dtype)
+        off = z
     if DOT_F32:
         part = tl.dot(wq.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
     else:
