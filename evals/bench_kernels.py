@@ -200,6 +200,9 @@ def matmul_candidates(m: int, n: int, k: int, device: torch.device) -> list:
             tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
             splits = {1, split_for(k, bk, tiles, programs), split_for(k, bk, tiles, 2 * programs)}
             out += [MatmulConfig(bm, bn, bk, sp, warps, 3, weights_left=True) for sp in sorted(splits)]
+            if bn == 128 and bk == 128:  # and without software pipelining
+                sp = split_for(k, bk, tiles, 2 * programs)
+                out.append(MatmulConfig(bm, bn, bk, sp, warps, 1, weights_left=True))
     return out
 
 
