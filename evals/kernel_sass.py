@@ -123,35 +123,12 @@ def variants(kernels: set[str], bits_list: list[int]):
     from moequant.kernels import triton_moe as tmoe
 
     for bits in bits_list:
-        if "gemv" in kernels:
-            for bn, bk, warps, stages in [
-                (128, 128, 4, 3),
-                (128, 128, 4, 1),
-                (64, 128, 4, 3),
-                (32, 128, 2, 3),
-            ]:
-                yield (
-                    f"gemv {bits}-bit n{bn} k{bk} w{warps} s{stages}",
-                    tm._dequant_gemv_kernel,
-                    dict(
-                        BITS=bits,
-                        GROUP_MODE=0,
-                        BLOCK_N=bn,
-                        BLOCK_K=bk,
-                        SPLIT_K=True,
-                        ASM=True,
-                        EVEN=True,
-                        STAGES=stages,
-                    ),
-                    warps,
-                    stages,
-                    bn * bk,
-                )
-        dot_tiles = {
+        forms = {  # the dense kernel's forms and their (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+            "gemv": [(1, 128, 128, 4, 3), (1, 128, 128, 4, 1), (1, 64, 128, 4, 3), (1, 32, 128, 2, 3)],
             "dot": [(16, 64, 128, 4, 4), (64, 128, 64, 4, 3)],
             "wleft": [(16, 128, 128, 4, 3), (16, 128, 128, 4, 1), (32, 128, 128, 4, 3), (64, 128, 128, 4, 3)],
         }
-        for form, tiles in dot_tiles.items():
+        for form, tiles in forms.items():
             if form not in kernels:
                 continue
             for bm, bn, bk, warps, stages in tiles:
@@ -170,6 +147,8 @@ def variants(kernels: set[str], bits_list: list[int]):
                         WEIGHTS_LEFT=form == "wleft",
                         STAGES=stages,
                         ASM=True,
+                        GEMV=form == "gemv",
+                        EVEN=True,
                     ),
                     warps,
                     stages,

@@ -353,9 +353,12 @@ def _dequant_matmul_kernel(
     WEIGHTS_LEFT: tl.constexpr,
     STAGES: tl.constexpr,
     ASM: tl.constexpr,
+    GEMV: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """``y = x @ W^T`` by ``[BLOCK_M, BLOCK_N]`` tiles (grid ``[M blocks * N blocks, splits]``),
-    each by :func:`rows_dot`."""
+    each by :func:`rows_dot`, or with ``GEMV`` (``BLOCK_M = 1``, no dot) by :func:`gemv_row`.
+    ``EVEN``: every tile is whole (see :func:`gemv_row`)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -367,12 +370,19 @@ def _dequant_matmul_kernel(
     mask_n = offs_n < N
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    acc = rows_dot(
-        x_ptr + offs_m * stride_xm, mask_m, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n,
-        k_lo, k_hi, k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
-        group_size, BITS, GROUP_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, IEEE_FP32, WEIGHTS_LEFT, STAGES,
-        ASM,
-    )  # fmt: skip
+    if GEMV:
+        acc = gemv_row(
+            x_ptr + pid_m * stride_xm, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, N, k_lo, k_hi,
+            k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+            BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES,
+        )[None, :]  # fmt: skip
+    else:
+        acc = rows_dot(
+            x_ptr + offs_m * stride_xm, mask_m, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n,
+            k_lo, k_hi, k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
+            group_size, BITS, GROUP_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, IEEE_FP32, WEIGHTS_LEFT,
+            STAGES, ASM,
+        )  # fmt: skip
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     out_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K:
@@ -890,68 +900,6 @@ def decode_row(
 
 
 @triton.jit
-def _dequant_gemv_kernel(
-    x_ptr,
-    qw_ptr,
-    qz_ptr,
-    s_ptr,
-    g_ptr,
-    out_ptr,
-    ws_ptr,
-    count_ptr,
-    N,
-    K,
-    k_words,
-    n_words,
-    stride_xm,
-    stride_xk,
-    stride_qk,
-    stride_qn,
-    stride_zg,
-    stride_zn,
-    stride_sg,
-    stride_sn,
-    stride_om,
-    stride_on,
-    group_size,
-    k_per_split,
-    splits,
-    BITS: tl.constexpr,
-    GROUP_MODE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    ASM: tl.constexpr,
-    EVEN: tl.constexpr,
-    STAGES: tl.constexpr,
-):
-    """One activation row per program (grid ``[N blocks, splits, M]``), see :func:`gemv_row`: for
-    decode, where a dot's 16-row minimum would idle."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    x_row = x_ptr + m * stride_xm
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
-    acc = gemv_row(
-        x_row, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, N, k_lo, k_hi, k_words, n_words,
-        stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES,
-    )  # fmt: skip
-    out_ptrs = out_ptr + m * stride_om + offs_n * stride_on
-    if SPLIT_K:
-        tile = m * tl.num_programs(0) + pid_n
-        split_stride = tl.num_programs(2) * N
-        store_split(
-            acc, out_ptrs, mask_n, ws_ptr, m * N + offs_n, split_stride, count_ptr, tile, pid_k, splits
-        )
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
-
-
-@triton.jit
 def _dequant_kernel(
     qw_ptr,
     qz_ptr,
@@ -1061,6 +1009,12 @@ def split_for(k: int, block_k: int, tiles: int, target_programs: int) -> int:
     k_blocks = triton.cdiv(k, block_k)
     want = triton.cdiv(target_programs, max(tiles, 1))
     return max(1, min(want, k_blocks, 32))
+
+
+def k_split(k: int, split_k: int, block_k: int) -> tuple[int, int]:
+    """``(K per split, splits)`` for a requested split: whole ``block_k`` tiles per split."""
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    return k_per_split, triton.cdiv(k, k_per_split)
 
 
 def pick_config(
@@ -1223,30 +1177,13 @@ def dequant_matmul_triton(
         m, n, k, group_size, x.device, bits=bits, half=half, sorted_groups=sorted_groups
     )
     mode = group_mode(sorted_groups, group_size, cfg.block_k)
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    split = triton.cdiv(k, k_per_split)
+    k_per_split, split = k_split(k, cfg.split_k, cfg.block_k)
     out = x.new_empty(m, n)
     g_arg = g_idx if g_idx is not None else qweight  # unread unless GROUP_MODE reads g_idx
-    if cfg.gemv:
-        grid = (triton.cdiv(n, cfg.block_n), split, m)
-    else:
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     # Split-K parts meet in a float32 workspace; the unused pointers are never read without it.
     ws = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if split > 1 else out
-    counts = split_counters(x.device, grid[0] * m if cfg.gemv else grid[0]) if split > 1 else qweight
-    if cfg.gemv:
-        _dequant_gemv_kernel[grid](
-            x2, qweight, qzeros, scales, g_arg, out, ws, counts,
-            n, k, qweight.shape[0], qzeros.shape[1],
-            x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
-            qzeros.stride(0), qzeros.stride(1), scales.stride(0), scales.stride(1),
-            out.stride(0), out.stride(1), group_size, k_per_split, split,
-            BITS=bits, GROUP_MODE=mode, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split > 1,
-            ASM=x.device.type == "cuda", EVEN=k % cfg.block_k == 0 and n % cfg.block_n == 0,
-            STAGES=stages_for(mode, cfg.num_stages),
-            num_warps=cfg.num_warps, num_stages=stages_for(mode, cfg.num_stages),
-        )  # fmt: skip
-        return out.reshape(*x.shape[:-1], n)
+    counts = split_counters(x.device, grid[0]) if split > 1 else qweight
     _dequant_matmul_kernel[grid](
         x2, qweight, qzeros, scales, g_arg, out, ws, counts,
         m, n, k, qweight.shape[0], qzeros.shape[1],
@@ -1257,6 +1194,7 @@ def dequant_matmul_triton(
         SPLIT_K=split > 1, DOT_DTYPE=dtype, IEEE_FP32=ieee,
         WEIGHTS_LEFT=cfg.weights_left and mode == GROUPS_PER_TILE and half,
         STAGES=stages_for(mode, cfg.num_stages), ASM=x.device.type == "cuda",
+        GEMV=cfg.gemv, EVEN=k % cfg.block_k == 0 and n % cfg.block_n == 0,
         num_warps=cfg.num_warps, num_stages=stages_for(mode, cfg.num_stages),
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)

@@ -36,6 +36,7 @@ from moequant.kernels.triton_matmul import (
     dot_dtype,
     dot_weights_left,
     group_mode,
+    k_split,
     last_to_arrive,
     pick_block_k,
     rows_dot,
@@ -610,7 +611,7 @@ def fused_moe_triton(
     )  # fmt: skip
 
     mode2, g2, gs2 = _groups(w2, cfg.block_k_down)
-    k_per_split, split = _k_split(inter, cfg.split_k, cfg.block_k_down)
+    k_per_split, split = k_split(inter, cfg.split_k, cfg.block_k_down)
     y = torch.zeros(slots, hidden, device=x.device, dtype=torch.float32)
     weights = topk_weights.reshape(-1)
     _moe_down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n), split)](
@@ -650,7 +651,7 @@ def _fused_moe_gemv(
 
     mode13, g13, gs13 = _groups(w13, cfg.block_k_gate_up)
     h = x.new_empty(slots, inter)
-    kps13, split13 = _k_split(hidden, cfg.split_k_gate_up, cfg.block_k_gate_up)
+    kps13, split13 = k_split(hidden, cfg.split_k_gate_up, cfg.block_k_gate_up)
     grid13 = (slots, triton.cdiv(inter, cfg.block_n), split13)
     ws13 = torch.empty(split13, slots, 2 * inter, device=x.device, dtype=torch.float32) if split13 > 1 else h
     counts13 = split_counters(x.device, slots * grid13[1]) if split13 > 1 else ids
@@ -670,7 +671,7 @@ def _fused_moe_gemv(
     )  # fmt: skip
 
     mode2, g2, gs2 = _groups(w2, cfg.block_k_down)
-    kps2, split2 = _k_split(inter, cfg.split_k, cfg.block_k_down)
+    kps2, split2 = k_split(inter, cfg.split_k, cfg.block_k_down)
     grid2 = (slots, triton.cdiv(hidden, cfg.block_n), split2)
     y = x.new_empty(t, hidden)
     parts = top_k * split2 > 1
@@ -691,9 +692,3 @@ def _fused_moe_gemv(
         num_warps=cfg.num_warps, num_stages=stages_for(mode2, cfg.num_stages),
     )  # fmt: skip
     return y
-
-
-def _k_split(k: int, split_k: int, block_k: int) -> tuple[int, int]:
-    """``(K per split, splits)`` for a requested split: whole ``block_k`` tiles per split."""
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    return k_per_split, triton.cdiv(k, k_per_split)
