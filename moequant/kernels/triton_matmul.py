@@ -274,15 +274,18 @@ def rows_dot(
     k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
     BITS: tl.constexpr, GROUP_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE_FP32: tl.constexpr,
-    WEIGHTS_LEFT: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
+    WEIGHTS_LEFT: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, up_off=0,
+    GATE_UP: tl.constexpr = False,
 ):  # fmt: skip
     """``sum_{k_lo <= k < k_hi} a[m, k] * W[n, k]`` as ``[BLOCK_M, BLOCK_N]`` float32, row ``m`` of
     ``a`` at ``row_ptrs[m]`` (``[BLOCK_M]`` pointers; rows outside ``row_mask`` read as zero) with
     stride ``stride_k``: :func:`dot_dequant` per K tile, or with ``WEIGHTS_LEFT`` (16-bit ``a``, one
     group per K tile) ``W a^T`` by :func:`dot_weights_left`, ``DOT_DTYPE`` float32 then meaning
-    that the interpreter widens the 16-bit operands."""
+    that the interpreter widens the 16-bit operands. With ``GATE_UP`` also the sums for the
+    columns ``offs_n + up_off`` from the same loads of ``a``, returned second."""
     if WEIGHTS_LEFT:
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        up_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             at = tl.load(
@@ -295,9 +298,17 @@ def rows_dot(
                 stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
                 BITS, BLOCK_K, DOT_DTYPE == tl.float32, ASM,
             )  # fmt: skip
+            if GATE_UP:
+                up_t += dot_weights_left(
+                    at, qw_ptr, qz_ptr, s_ptr, offs_n + up_off, mask_n, k0, k_words, n_words,
+                    stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+                    BITS, BLOCK_K, DOT_DTYPE == tl.float32, ASM,
+                )  # fmt: skip
         acc = tl.trans(acc_t)
+        up = tl.trans(up_t)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < k_hi
@@ -311,7 +322,17 @@ def rows_dot(
                 stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
                 BITS, GROUP_MODE, DOT_DTYPE, IEEE_FP32, BLOCK_K, BLOCK_N,
             )  # fmt: skip
-    return acc
+            if GATE_UP:
+                up += dot_dequant(
+                    a, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_k, offs_n + up_off, mask_k, mask_n, k0,
+                    k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
+                    group_size, BITS, GROUP_MODE, DOT_DTYPE, IEEE_FP32, BLOCK_K, BLOCK_N,
+                )  # fmt: skip
+    if GATE_UP:
+        out = (acc, up)
+    else:
+        out = acc
+    return out
 
 
 @triton.jit

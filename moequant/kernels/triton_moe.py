@@ -32,9 +32,7 @@ from moequant.kernels.triton_matmul import (
     check_tiles,
     decode_row,
     device_programs,
-    dot_dequant,
     dot_dtype,
-    dot_weights_left,
     group_mode,
     k_split,
     last_to_arrive,
@@ -134,9 +132,8 @@ def _moe_gate_up_kernel(
     STAGES: tl.constexpr,
     ASM: tl.constexpr,
 ):
-    """One block of ``BLOCK_M`` sorted slots of one expert: ``silu(gate) * up``. ``WEIGHTS_LEFT``
-    (16-bit activations, one group per K tile): tiles by :func:`dot_weights_left`, ``DOT_DTYPE``
-    then says whether the interpreter widens them (float32)."""
+    """One block of ``BLOCK_M`` sorted slots of one expert: ``silu(gate) * up``, gate and up from
+    one :func:`rows_dot` loop (``WEIGHTS_LEFT`` as there)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(npad_ptr):
@@ -151,71 +148,18 @@ def _moe_gate_up_kernel(
     qz_e = qz_ptr + e * stride_ze
     s_e = s_ptr + e * stride_se
     g_e = g_ptr + e * stride_ge
-    if WEIGHTS_LEFT:
-        gate_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        up_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for k0 in tl.range(0, H, BLOCK_K, num_stages=STAGES):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            xt = tl.load(
-                x_ptr + tok[None, :] * stride_xt + offs_k[:, None] * stride_xh,
-                mask=valid[None, :] & (offs_k < H)[:, None],
-                other=0.0,
-            )
-            gate_t += dot_weights_left(
-                xt, qw_e, qz_e, s_e, offs_n, mask_n, k0, k_words, n_words,
-                stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-                BITS, BLOCK_K, DOT_DTYPE == tl.float32, ASM,
-            )  # fmt: skip
-            up_t += dot_weights_left(
-                xt, qw_e, qz_e, s_e, offs_n + inter, mask_n, k0, k_words, n_words,
-                stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-                BITS, BLOCK_K, DOT_DTYPE == tl.float32, ASM,
-            )  # fmt: skip
-        acc_gate = tl.trans(gate_t)
-        acc_up = tl.trans(up_t)
-    else:
-        acc_gate, acc_up = _gate_up_dot(
-            x_ptr, tok, valid, qw_e, qz_e, s_e, g_e, offs_n, mask_n, H, inter, k_words, n_words,
-            stride_xt, stride_xh, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
-            group_size, BITS, GROUP_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, IEEE_FP32,
-        )  # fmt: skip
+    acc_gate, acc_up = rows_dot(
+        x_ptr + tok * stride_xt, valid, stride_xh, qw_e, qz_e, s_e, g_e, offs_n, mask_n, 0, H,
+        k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
+        BITS, GROUP_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, IEEE_FP32, WEIGHTS_LEFT, STAGES, ASM,
+        inter, True,
+    )  # fmt: skip
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
     tl.store(
         out_ptr + slot[:, None] * stride_os + offs_n[None, :] * stride_oi,
         h.to(out_ptr.dtype.element_ty),
         mask=valid[:, None] & mask_n[None, :],
     )
-
-
-@triton.jit
-def _gate_up_dot(
-    x_ptr, tok, valid, qw_e, qz_e, s_e, g_e, offs_n, mask_n, H, inter, k_words, n_words,
-    stride_xt, stride_xh, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
-    group_size, BITS: tl.constexpr, GROUP_MODE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE_FP32: tl.constexpr,
-):  # fmt: skip
-    """Gate and up sums ``[BLOCK_M, BLOCK_N]`` of the token rows ``tok`` with :func:`dot_dequant`."""
-    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < H
-        a = tl.load(
-            x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xh,
-            mask=valid[:, None] & mask_k[None, :],
-            other=0.0,
-        ).to(DOT_DTYPE)
-        acc_gate += dot_dequant(
-            a, qw_e, qz_e, s_e, g_e, offs_k, offs_n, mask_k, mask_n, k0, k_words, n_words,
-            stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-            BITS, GROUP_MODE, DOT_DTYPE, IEEE_FP32, BLOCK_K, BLOCK_N,
-        )  # fmt: skip
-        acc_up += dot_dequant(
-            a, qw_e, qz_e, s_e, g_e, offs_k, offs_n + inter, mask_k, mask_n, k0, k_words, n_words,
-            stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-            BITS, GROUP_MODE, DOT_DTYPE, IEEE_FP32, BLOCK_K, BLOCK_N,
-        )  # fmt: skip
-    return acc_gate, acc_up
 
 
 @triton.jit
