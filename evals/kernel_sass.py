@@ -159,7 +159,7 @@ def variants(kernels: set[str], bits_list: list[int]):
                 ("gate_up", tmoe._moe_gemv_gate_up_kernel),
                 ("down", tmoe._moe_gemv_down_kernel),
             ]:
-                for left, bn in [(False, 64), (True, 128)]:  # per loop: gate and up are two loops
+                for left, bn in [(False, 64), (True, 128)]:
                     yield (
                         f"moe {name}{' wleft' if left else ''} {bits}-bit n{bn} k128 w4",
                         fn,
@@ -176,7 +176,8 @@ def variants(kernels: set[str], bits_list: list[int]):
                         ),
                         4,
                         3,
-                        bn * 128,
+                        # gate and up: two loops in the GEMV form, one in the weights-left form
+                        bn * 128 * (2 if left and name == "gate_up" else 1),
                     )
         if "moe_dot" in kernels:
             for name, fn in [("gate_up", tmoe._moe_gate_up_kernel), ("down", tmoe._moe_down_kernel)]:

@@ -898,25 +898,37 @@ def decode_row(
     stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
     BITS: tl.constexpr, GROUP_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ASM: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr, WEIGHTS_LEFT: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, up_off=0, GATE_UP: tl.constexpr = False,
 ):  # fmt: skip
     """``sum_{k_lo <= k < k_hi} x[k] * W[n, k]`` for the columns ``offs_n`` (``[BLOCK_N]`` float32)
     of one activation row: :func:`gemv_row`, or with ``WEIGHTS_LEFT`` the weights-left dot
-    (:func:`rows_dot`) on a 16-row block holding the row once."""
+    (:func:`rows_dot`) on a 16-row block holding the row once. With ``GATE_UP`` also the sums for
+    the columns ``offs_n + up_off`` (below ``N + up_off``), returned second."""
     if WEIGHTS_LEFT:
         rows = tl.arange(0, 16)
-        acc = rows_dot(
+        part = rows_dot(
             x_row + rows * 0, rows == 0, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, offs_n < N,
             k_lo, k_hi, k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
             group_size, BITS, GROUP_MODE, 16, BLOCK_N, BLOCK_K, DOT_DTYPE, False, True, STAGES, ASM,
+            up_off, GATE_UP,
         )  # fmt: skip
-        out = tl.sum(acc, axis=0)
+        if GATE_UP:
+            out = (tl.sum(part[0], axis=0), tl.sum(part[1], axis=0))
+        else:
+            out = tl.sum(part, axis=0)
     else:
         out = gemv_row(
             x_row, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, N, k_lo, k_hi, k_words, n_words,
             stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
             BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES,
         )  # fmt: skip
+        if GATE_UP:
+            up = gemv_row(
+                x_row, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n + up_off, N + up_off, k_lo, k_hi,
+                k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
+                group_size, BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES,
+            )  # fmt: skip
+            out = (out, up)
     return out
 
 

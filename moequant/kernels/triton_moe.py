@@ -301,15 +301,10 @@ def _moe_gemv_gate_up_kernel(
     qz_e = qz_ptr + e * stride_ze
     s_e = s_ptr + e * stride_se
     g_e = g_ptr + e * stride_ge
-    gate = decode_row(
+    gate, up = decode_row(
         x_row, stride_xh, qw_e, qz_e, s_e, g_e, offs_n, inter, k_lo, k_hi, k_words, n_words,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES, WEIGHTS_LEFT, DOT_DTYPE,
-    )  # fmt: skip
-    up = decode_row(
-        x_row, stride_xh, qw_e, qz_e, s_e, g_e, offs_n + inter, 2 * inter, k_lo, k_hi, k_words, n_words,
-        stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES, WEIGHTS_LEFT, DOT_DTYPE,
+        BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES, WEIGHTS_LEFT, DOT_DTYPE, inter, True,
     )  # fmt: skip
     out_ptrs = out_ptr + slot * stride_os + offs_n * stride_oi
     if splits == 1:
