@@ -662,14 +662,16 @@ def _gemv_8bit_sum(w, x, c, ASM: tl.constexpr):
     return out
 
 
-# Codes of at most 7 bits become the float f = 0.5 + q / 256 (the bits of 0.5, 0x3F000000, with
-# the code at mantissa bits 16..22) with no subtraction; sum_j x_j (q_j - z) = 256 * (sum_j x_j f_j
-# - (0.5 + z / 256) * sum_j x_j), the second sum taken once per row of the tile, not per column.
+# A b-bit code (b <= 4) at the top of the mantissa of 0.5 (bits 23-b..22 under 0x3F000000) is the
+# float f = 0.5 + q u, u = 2^-(b+1), with no subtraction; sum_j x_j (q_j - z) = (sum_j x_j f_j -
+# (0.5 + z u) sum_j x_j) / u, the second sum taken once per row of the tile, not per column. As
+# 0.5 is only 2^b units, the subtraction cancels at most about one bit of the float32 sums.
 
 
 @triton.jit
 def _byte_as_half_plus(plane, half, i: tl.constexpr, ASM: tl.constexpr):
-    """Byte ``i`` (below 128) of each uint32 in ``plane [R, N]`` as the float32 ``0.5 + byte / 256``.
+    """Byte ``i`` (below 128) of each uint32 in ``plane [R, N]`` as the float32 ``0.5 + byte / 256``
+    (a b-bit code held at bits ``7-b..6`` of its byte: ``0.5 + q / 2^(b+1)``).
 
     ``half`` (``[N]`` uint32) holds 0x3F000000, computed at run time so that it stays in a
     register instead of being rematerialised per element. With ``ASM`` one ``prmt`` places the
@@ -692,7 +694,7 @@ def _byte_as_half_plus(plane, half, i: tl.constexpr, ASM: tl.constexpr):
 @triton.jit
 def _half_plus_plane_sum(acc, plane, x, half, ASM: tl.constexpr):
     """``acc + sum_i x[r, i] * (0.5 + byte_i(plane[r, n]) / 256)``: ``plane [R, N]`` uint32 with one
-    code per byte, ``x [R, 4]`` float32, ``acc [R, N]``."""
+    code per byte (below 128), ``x [R, 4]`` float32, ``acc [R, N]``."""
     x0, x1, x2, x3 = _split4(x)
     acc += x0[:, None] * _byte_as_half_plus(plane, half, 0, ASM)
     acc += x1[:, None] * _byte_as_half_plus(plane, half, 1, ASM)
@@ -703,38 +705,38 @@ def _half_plus_plane_sum(acc, plane, x, half, ASM: tl.constexpr):
 
 @triton.jit
 def _half_plus_words_sum(acc, w, x, half, BITS: tl.constexpr, ASM: tl.constexpr):
-    """``acc + sum_j x[r, j] * (0.5 + q_j(w[r, n]) / 256)`` for 2 or 4-bit words ``w [R, N]`` (uint32)
-    and ``x [R, 32 / BITS]`` float32; returns ``[R, N]``.
+    """``acc + sum_j x[r, j] * (0.5 + q_j(w[r, n]) / 2^(BITS+1))`` for 2 or 4-bit words ``w [R, N]``
+    (uint32) and ``x [R, 32 / BITS]`` float32; returns ``[R, N]``.
 
     Each word is split into ``8 / BITS`` byte planes (plane ``b`` holds value ``i * 8 / BITS + b``
-    in byte ``i``), so that each code is one byte of a plane.
+    at the top of byte ``i``, bits ``7-BITS..6``), so that each code is one byte of a plane.
     """
     rows: tl.constexpr = x.shape[0]
     if BITS == 4:
         x_even, x_odd = tl.split(tl.reshape(x, (rows, 4, 2)))
-        acc = _half_plus_plane_sum(acc, w & 0x0F0F0F0F, x_even, half, ASM)
-        acc = _half_plus_plane_sum(acc, (w >> 4) & 0x0F0F0F0F, x_odd, half, ASM)
+        acc = _half_plus_plane_sum(acc, (w << 3) & 0x78787878, x_even, half, ASM)
+        acc = _half_plus_plane_sum(acc, (w >> 1) & 0x78787878, x_odd, half, ASM)
     else:
         x_02, x_13 = tl.split(tl.reshape(x, (rows, 4, 2, 2)))
         x0, x2 = tl.split(x_02)
         x1, x3 = tl.split(x_13)
-        acc = _half_plus_plane_sum(acc, w & 0x03030303, x0, half, ASM)
-        acc = _half_plus_plane_sum(acc, (w >> 2) & 0x03030303, x1, half, ASM)
-        acc = _half_plus_plane_sum(acc, (w >> 4) & 0x03030303, x2, half, ASM)
-        acc = _half_plus_plane_sum(acc, (w >> 6) & 0x03030303, x3, half, ASM)
+        acc = _half_plus_plane_sum(acc, (w << 5) & 0x60606060, x0, half, ASM)
+        acc = _half_plus_plane_sum(acc, (w << 3) & 0x60606060, x1, half, ASM)
+        acc = _half_plus_plane_sum(acc, (w << 1) & 0x60606060, x2, half, ASM)
+        acc = _half_plus_plane_sum(acc, (w >> 1) & 0x60606060, x3, half, ASM)
     return acc
 
 
 @triton.jit
-def _code_at_16(lo, hi, shift: tl.constexpr):
+def _code_at_20(lo, hi, shift: tl.constexpr):
     """The stream bits ``[shift, shift + 3)`` of word ``lo`` (continuing into ``hi``) moved to bits
-    ``16..18``; other bits are left as they fall (``[R, N]`` uint32 words, ``shift`` in 0..31)."""
+    ``20..22``; other bits are left as they fall (``[R, N]`` uint32 words, ``shift`` in 0..31)."""
     if shift > 29:
-        v = (lo >> (shift - 16)) | (hi << (48 - shift))
-    elif shift >= 16:
-        v = lo >> (shift - 16)
+        v = (lo >> (shift - 20)) | (hi << (52 - shift))
+    elif shift >= 20:
+        v = lo >> (shift - 20)
     else:
-        v = lo << (16 - shift)
+        v = lo << (20 - shift)
     return v
 
 
@@ -742,26 +744,26 @@ def _code_at_16(lo, hi, shift: tl.constexpr):
 def _half_plus_3bit_sum(
     acc, w0, w1, w2, x_ptrs, x_mask, stride_xk, half, ASM: tl.constexpr, EVEN: tl.constexpr
 ):
-    """``acc + sum_j x[r, j] * (0.5 + q_j / 256)`` for 3-bit blocks of three words ``w0, w1, w2
+    """``acc + sum_j x[r, j] * (0.5 + q_j / 16)`` for 3-bit blocks of three words ``w0, w1, w2
     [R, N]`` (uint32; 32 codes each, value ``j`` at stream bits ``[3j, 3j + 3)``), with ``x[r, j]``
     read at ``x_ptrs + j * stride_xk`` (``x_ptrs [R]``, value 0 of each block; rows outside
     ``x_mask [R]`` read as zero unless ``EVEN``); returns the sum ``[R, N]`` and ``sum_j x[r, j]``
     ``[R]``.
 
-    One shift per code brings it to bit 16 (two for the codes split across words), and with
+    One shift per code brings it to bit 20, the top of the mantissa (two for the codes split across words), and with
     ``ASM`` mask and OR are one ``lop3``; the products chain into fused multiply-adds.
     """
     sx = tl.zeros(x_ptrs.shape, tl.float32)
     for j in tl.static_range(32):
         if 3 * j < 32:
-            v = _code_at_16(w0, w1, 3 * j % 32)
+            v = _code_at_20(w0, w1, 3 * j % 32)
         elif 3 * j < 64:
-            v = _code_at_16(w1, w2, 3 * j % 32)
+            v = _code_at_20(w1, w2, 3 * j % 32)
         else:
-            v = _code_at_16(w2, w2, 3 * j % 32)
+            v = _code_at_20(w2, w2, 3 * j % 32)
         if ASM:
             v = tl.inline_asm_elementwise(
-                "lop3.b32 $0, $1, 0x70000, $2, 0xEA;",
+                "lop3.b32 $0, $1, 0x700000, $2, 0xEA;",
                 "=r,r,r",
                 [v, tl.zeros(v.shape, tl.uint32) + half[None, :]],
                 dtype=tl.uint32,
@@ -769,7 +771,7 @@ def _half_plus_3bit_sum(
                 pack=1,
             )
         else:
-            v = (v & 0x70000) | half[None, :]
+            v = (v & 0x700000) | half[None, :]
         if EVEN:
             xj = tl.load(x_ptrs + j * stride_xk).to(tl.float32)
         else:
@@ -812,7 +814,7 @@ def gemv_row(
     of one activation row ``x_row``, in float32 registers without ``tl.dot``.
 
     With one group per tile, partial sums stay per packed row across the K loop and are reduced
-    over rows once at the end; 2, 3 and 4-bit codes are read as ``0.5 + q / 256`` (see
+    over rows once at the end; 2, 3 and 4-bit codes are read as ``0.5 + q / 2^(BITS+1)`` (see
     :func:`_byte_as_half_plus`), 8-bit ones as ``2^23 + q``. The K loop is software-pipelined: with
     ``STAGES > 1`` the loads of the next ``STAGES - 1`` tiles are in flight (asynchronous copies
     into shared memory on the GPU) while one tile is computed. ``EVEN``: every tile is whole
@@ -860,20 +862,22 @@ def gemv_row(
             if BITS == 8:
                 acc_rows += s[None, :] * _gemv_8bit_sum(w, x, z.to(tl.float32) + 8388608.0, ASM)
             else:
-                # The sums start from -(0.5 + z / 256) * sum_j x_j and the scale takes the 256.
+                # The sums start from -(0.5 + z u) * sum_j x_j and the scale takes the 1 / u.
                 zf = z.to(tl.float32) + 128.0
                 half = (zf.to(tl.uint32, bitcast=True) & 0xFF800000) - 0x04000000  # 2^7 -> 2^-1: 0x3F000000
+                inv_u: tl.constexpr = 2 << BITS
+                zf = zf * (1.0 / inv_u) + (0.5 - 128.0 / inv_u)
                 if BITS == 3:
                     part, sx = _half_plus_3bit_sum(
                         tl.zeros((rows, BLOCK_N), tl.float32),
                         w0, w1, w2, x_row + (k0 + r * per_word) * stride_xk, k0 + r * per_word < k_hi,
                         stride_xk, half, ASM, EVEN,
                     )  # fmt: skip
-                    part -= (zf * (1.0 / 256.0))[None, :] * sx[:, None]
+                    part -= zf[None, :] * sx[:, None]
                 else:
-                    part = -(zf * (1.0 / 256.0))[None, :] * tl.sum(x, axis=1)[:, None]
+                    part = -zf[None, :] * tl.sum(x, axis=1)[:, None]
                     part = _half_plus_words_sum(part, w, x, half, BITS, ASM)
-                acc_rows += (s * 256.0)[None, :] * part
+                acc_rows += (s * inv_u)[None, :] * part
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += rows * words * stride_qk
         acc = tl.sum(acc_rows, axis=0)

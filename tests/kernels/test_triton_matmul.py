@@ -18,11 +18,13 @@ def _x(m: int, k: int, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize(("k", "n", "group"), [(128, 64, 32), (64, 128, 64)])
 @pytest.mark.parametrize("m", [1, 3, 17])
-def test_matches_reference(triton_kernels, make_linear, bits, k, n, group, m):
+@pytest.mark.parametrize("sorted_groups", [True, False])
+def test_matches_reference(triton_kernels, make_linear, bits, k, n, group, m, sorted_groups):
+    """Default tiles; ``sorted_groups`` False reads the (here monotone) ``g_idx`` per input."""
     tm, _ = triton_kernels
     lin = make_linear(n, k, bits, group, seed=bits * 7 + m)
     x = _x(m, k, seed=m)
-    got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=group)
+    got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=group, sorted_groups=sorted_groups)
     want = dequant_matmul_ref(x, **lin, bits=bits)
     assert got.shape == (m, n) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -60,7 +62,7 @@ def test_half_precision_activations(triton_kernels, make_linear, bits, dtype, to
     tm, _ = triton_kernels
     lin = make_linear(64, 128, bits, 64, seed=bits)
     x = _x(3, 128, seed=5).to(dtype)
-    got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=64)
+    got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=64, sorted_groups=True)
     assert got.dtype == dtype
     want = dequant_matmul_ref(x.float(), **lin, bits=bits)
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
@@ -82,7 +84,7 @@ def test_one_row_keeps_float32_accuracy_far_from_zero(triton_kernels, make_linea
     lin["qzeros"] = pack_qzeros(zeros, bits)
     x = 1000.0 + _x(1, k, seed=3)
     cfg = tm.MatmulConfig(1, 32, 128, split_k=2, gemv=True)
-    got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=group, config=cfg)
+    got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=group, sorted_groups=True, config=cfg)
     w = dequantize_kn(**lin, bits=bits).double()
     err = (got.double() - x.double() @ w).abs().max()
     assert err <= 1e-6 * (x.double().abs() @ w.abs()).max()
@@ -101,9 +103,9 @@ def test_split_k_finishes_in_one_launch_and_resets_its_counters(
     lin = make_linear(48, 256, 4, 32, seed=4)
     x = _x(2, 256, seed=4)
     cfg = tm.MatmulConfig(1, 16, 32, split_k=5, gemv=True) if gemv else tm.MatmulConfig(16, 16, 32, split_k=5)
-    first = tm.dequant_matmul_triton(x, **lin, bits=4, group_size=32, config=cfg)
+    first = tm.dequant_matmul_triton(x, **lin, bits=4, group_size=32, sorted_groups=True, config=cfg)
     assert not shared.any()
-    second = tm.dequant_matmul_triton(x, **lin, bits=4, group_size=32, config=cfg)
+    second = tm.dequant_matmul_triton(x, **lin, bits=4, group_size=32, sorted_groups=True, config=cfg)
     assert not shared.any()
     assert torch.equal(first, second)
     torch.testing.assert_close(first, dequant_matmul_ref(x, **lin, bits=4), rtol=1e-4, atol=1e-4)
@@ -122,7 +124,7 @@ def test_weights_left_dot(triton_kernels, make_linear, bits, dtype, tol, m, n, b
     lin = make_linear(n, k, bits, group, seed=bits * 3 + m)
     x = _x(m, k, seed=m).to(dtype)
     cfg = tm.MatmulConfig(block_m, block_n, 64, split_k=split, weights_left=True)
-    got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=group, config=cfg)
+    got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=group, sorted_groups=True, config=cfg)
     assert got.dtype == dtype and got.shape == (m, n)
     want = dequant_matmul_ref(x.float(), **lin, bits=bits)
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
@@ -238,7 +240,7 @@ def test_gemv_kernel_half_precision(triton_kernels, make_linear, dtype, tol):
     lin = make_linear(64, 128, 3, 64, seed=1)
     x = _x(1, 128, seed=2).to(dtype)
     cfg = tm.MatmulConfig(block_m=1, block_n=32, block_k=64, gemv=True)
-    got = tm.dequant_matmul_triton(x, **lin, bits=3, group_size=64, config=cfg)
+    got = tm.dequant_matmul_triton(x, **lin, bits=3, group_size=64, sorted_groups=True, config=cfg)
     assert got.dtype == dtype
     want = dequant_matmul_ref(x.float(), **lin, bits=3)
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
@@ -255,14 +257,17 @@ def test_decode_takes_the_gemv_kernel(triton_kernels):
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("gemv", [True, False])
-def test_zero_point_of_two_to_the_bits(triton_kernels, make_linear, bits, gemv):
+@pytest.mark.parametrize("sorted_groups", [True, False])
+def test_zero_point_of_two_to_the_bits(triton_kernels, make_linear, bits, gemv, sorted_groups):
     # v1 checkpoints store z - 1; all-ones stored zeros read back as z = 2^bits.
     tm, _ = triton_kernels
     lin = make_linear(32, 128, bits, 64, seed=bits)
     lin["qzeros"].fill_(-1)
     cfg = tm.MatmulConfig(block_m=1 if gemv else 16, block_n=32, block_k=64, gemv=gemv)
     x = _x(1, 128, seed=1)
-    got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=64, config=cfg)
+    got = tm.dequant_matmul_triton(
+        x, **lin, bits=bits, group_size=64, sorted_groups=sorted_groups, config=cfg
+    )
     torch.testing.assert_close(got, dequant_matmul_ref(x, **lin, bits=bits), rtol=1e-4, atol=1e-4)
 
 
