@@ -442,44 +442,51 @@ def _half_pair(w, i: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, ASM:
 
 
 @triton.jit
-def _stream_bits_at(w0, w1, w2, bit: tl.constexpr, dst: tl.constexpr):
-    """A uint32 whose bits ``[dst, dst + 3)`` are the stream bits ``[bit, bit + 3)`` of the 3-bit
-    blocks ``w0, w1, w2 [N, R]`` (the other bits as they fall; ``dst`` 0 or 16)."""
-    if bit < 32:
-        lo = w0
-        hi = w1
-    elif bit < 64:
-        lo = w1
-        hi = w2
-    else:
-        lo = w2
-        hi = w2
-    if bit % 32 > 29:  # continues into the next word
-        v = (lo >> (bit % 32 - dst)) | (hi << (32 + dst - bit % 32))
-    elif bit % 32 >= dst:
-        v = lo >> (bit % 32 - dst)
-    else:
-        v = lo << (dst - bit % 32)
-    return v
-
-
-@triton.jit
 def _half_pair3(w0, w1, w2, i: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
     """Values ``i`` and ``i + 16`` of the 3-bit blocks ``w0, w1, w2 [N, R]`` as two 16-bit floats
-    ``c + q`` in one uint32 (as :func:`_half_pair`); with ``ASM`` two ``lop3``."""
-    lo = _stream_bits_at(w0, w1, w2, 3 * i, 0)
-    hi = _stream_bits_at(w0, w1, w2, 3 * i + 48, 16)
-    if ASM:
-        out = tl.inline_asm_elementwise(
-            f"{{ .reg .b32 t; lop3.b32 t, $1, 7, {MAGIC}, 0xEA; lop3.b32 $0, $2, 0x70000, t, 0xEA; }}",
-            "=r,r,r",
-            [lo, hi],
-            dtype=tl.uint32,
-            is_pure=True,
-            pack=1,
-        )
+    ``c + q`` in one uint32 (as :func:`_half_pair`).
+
+    In 14 of the 16 pairs both values lie 16 bits apart in one of three words built from halves of
+    the block (values 0-4 with 16-20, 6-9 with 22-25, 11-15 with 27-31; one ``lop3`` or funnel shift
+    each, shared by their pairs), so that a pair costs one shift and one ``lop3``; pairs 5 and 10
+    cross a word and take two shifts and two ``lop3``."""
+    if i == 5 or i == 10:
+        if i == 5:  # stream bits 15-17 and 63-65
+            lo = w0 >> 15
+            hi = (w1 >> 15) | (w2 << 17)
+        else:  # stream bits 30-32 and 78-80
+            lo = (w0 >> 30) | (w1 << 2)
+            hi = w2 << 2
+        if ASM:
+            out = tl.inline_asm_elementwise(
+                f"{{ .reg .b32 t; lop3.b32 t, $1, 7, {MAGIC}, 0xEA; lop3.b32 $0, $2, 0x70000, t, 0xEA; }}",
+                "=r,r,r",
+                [lo, hi],
+                dtype=tl.uint32,
+                is_pure=True,
+                pack=1,
+            )
+        else:
+            out = (lo & 7) | (hi & 0x70000) | MAGIC
     else:
-        out = (lo & 7) | (hi & 0x70000) | MAGIC
+        if i < 5:
+            v = (w0 & 0xFFFF) | (w1 & 0xFFFF0000)
+        elif i < 10:
+            v = (w0 >> 16) | (w2 << 16)
+        else:
+            v = (w1 & 0xFFFF) | (w2 & 0xFFFF0000)
+        v = v >> ((3 * i) % 16)
+        if ASM:
+            out = tl.inline_asm_elementwise(
+                f"lop3.b32 $0, $1, 0x70007, {MAGIC}, 0xEA;",
+                "=r,r",
+                [v],
+                dtype=tl.uint32,
+                is_pure=True,
+                pack=1,
+            )
+        else:
+            out = (v & 0x70007) | MAGIC
     return out
 
 
