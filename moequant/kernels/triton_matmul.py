@@ -41,6 +41,8 @@ from moequant.kernels.packed import check_bits, effective_group_size
 GROUPS_PER_TILE = 0  # sorted groups and the whole K tile inside one group: one scale row per tile
 GROUPS_BY_DIVISION = 1  # sorted groups, g = k // group_size per row
 GROUPS_FROM_G_IDX = 2  # any g_idx, read from memory
+# GROUPS_PER_TILE finds a tile's group by a float32 quotient (tile_group), exact below this K.
+TILE_GROUP_MAX_K = 1 << 19
 
 GEMV_MAX_ROWS = 1  # up to this many rows, the gemv kernel where the weights-left dot does not apply
 # From this many activation rows on, dequant_matmul_triton writes W^T once in the activation dtype
@@ -131,6 +133,17 @@ def _load_zeros(qz_row_ptr, offs_n, mask, n_words, stride_zn, BITS: tl.constexpr
 
 
 @triton.jit
+def tile_group(k0, group_size):
+    """``k0 // group_size`` for a K tile start ``k0`` when the group size is a multiple of the tile
+    depth, in three instructions where the integer division in the K loop takes a dozen.
+
+    ``(k0 + 0.5) / group_size`` lies at least ``0.5 / group_size`` from an integer, and float32
+    rounds it by far less while ``K`` is at most ``TILE_GROUP_MAX_K`` (``group_mode`` checks)."""
+    kf = tl.cast(k0, tl.float32) + 0.5
+    return tl.cast(kf * (1.0 / tl.cast(group_size, tl.float32)), tl.int32)
+
+
+@triton.jit
 def dequant_tile(
     qw_ptr,
     qz_ptr,
@@ -162,7 +175,7 @@ def dequant_tile(
     """
     q = _load_codes(qw_ptr, k0, offs_n, mask_n, k_words, stride_qk, stride_qn, BITS, BLOCK_K, BLOCK_N)
     if GROUP_MODE == 0:
-        g = k0 // group_size
+        g = tile_group(k0, group_size)
         z = _load_zeros(qz_ptr + g * stride_zg, offs_n, mask_n, n_words, stride_zn, BITS)[None, :]
         s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
     else:
@@ -213,7 +226,7 @@ def dot_dequant(
     """
     if GROUP_MODE == 0:
         q = _load_codes(qw_ptr, k0, offs_n, mask_n, k_words, stride_qk, stride_qn, BITS, BLOCK_K, BLOCK_N)
-        g = k0 // group_size
+        g = tile_group(k0, group_size)
         z = _load_zeros(qz_ptr + g * stride_zg, offs_n, mask_n, n_words, stride_zn, BITS).to(tl.float32)
         s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
         # q - z in [-255, 255] is exact in every dot dtype.
@@ -587,7 +600,7 @@ def dot_weights_left(
     words: tl.constexpr = 3 if BITS == 3 else 1  # words per block
     blocks: tl.constexpr = BLOCK_K // per_block
     x_dtype = xt.dtype
-    g = k0 // group_size
+    g = tile_group(k0, group_size)
     z = _load_zeros(qz_ptr + g * stride_zg, offs_n, mask_n, n_words, stride_zn, BITS).to(tl.float32)
     s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
     row = (k0 // per_block + tl.arange(0, blocks)) * words
@@ -839,7 +852,7 @@ def gemv_row(
         w_ptrs = qw_ptr + ((k_lo // per_word + r) * words)[:, None] * stride_qk + offs_n[None, :] * stride_qn
         acc_rows = tl.zeros((rows, BLOCK_N), dtype=tl.float32)
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
-            g = k0 // group_size
+            g = tile_group(k0, group_size)
             if BITS != 3:  # 3-bit sums read x value by value
                 if EVEN:
                     x = tl.load(x_ptrs).to(tl.float32)
@@ -1082,7 +1095,7 @@ def pick_config(
     (evals/results/kernels-*.json) chose the GEMV and the plain tiles; the weights-left tiles
     replace them on fewer instructions per weight (evals/kernel_sass.py), not yet timed on a GPU.
     """
-    tile_in_group = group_mode(sorted_groups, group_size, pick_block_k(group_size, 128)) == GROUPS_PER_TILE
+    tile_in_group = group_mode(sorted_groups, group_size, pick_block_k(group_size, 128), k) == GROUPS_PER_TILE
     if m <= GEMV_MAX_ROWS and not (half and bits in (2, 3, 4) and tile_in_group):
         bk = pick_block_k(group_size, 128)
         tiles = max(m, 1) * triton.cdiv(n, 128)
@@ -1139,11 +1152,13 @@ def dot_dtype(x_dtype: torch.dtype, device: torch.device) -> tuple[tl.dtype, boo
     raise MoequantError(f"activations of dtype {x_dtype} are not supported: use float16, bfloat16 or float32")
 
 
-def group_mode(sorted_groups: bool, group_size: int, block_k: int) -> int:
-    """The ``GROUP_MODE`` constant for a launch."""
+def group_mode(sorted_groups: bool, group_size: int, block_k: int, k: int) -> int:
+    """The ``GROUP_MODE`` constant for a launch over ``k`` inputs."""
     if not sorted_groups:
         return GROUPS_FROM_G_IDX
-    return GROUPS_PER_TILE if group_size % block_k == 0 else GROUPS_BY_DIVISION
+    if group_size % block_k == 0 and k <= TILE_GROUP_MAX_K:
+        return GROUPS_PER_TILE
+    return GROUPS_BY_DIVISION
 
 
 def stages_for(mode: int, num_stages: int) -> int:
@@ -1220,7 +1235,7 @@ def dequant_matmul_triton(
     cfg = config or pick_config(
         m, n, k, group_size, x.device, bits=bits, half=half, sorted_groups=sorted_groups
     )
-    mode = group_mode(sorted_groups, group_size, cfg.block_k)
+    mode = group_mode(sorted_groups, group_size, cfg.block_k, k)
     k_per_split, split = k_split(k, cfg.split_k, cfg.block_k)
     out = x.new_empty(m, n)
     g_arg = g_idx if g_idx is not None else qweight  # unread unless GROUP_MODE reads g_idx
@@ -1262,7 +1277,7 @@ def dequantize_triton(
     group_size = effective_group_size(group_size, k)
     sorted_groups = sorted_groups or g_idx is None
     block_n, block_k = 64, pick_block_k(group_size, 64)
-    mode = group_mode(sorted_groups, group_size, block_k)
+    mode = group_mode(sorted_groups, group_size, block_k, k)
     out = torch.empty(k, n, device=qweight.device, dtype=dtype)
     g_arg = g_idx if g_idx is not None else qweight
     _dequant_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](

@@ -490,7 +490,7 @@ def pick_moe_config(
 def _groups(w: PackedExperts, block_k: int) -> tuple[int, torch.Tensor, int]:
     """``(GROUP_MODE, g_idx, expert stride of g_idx)`` for a launch over ``w``."""
     stride = w.g_idx.stride(0) if w.g_idx.dim() == 2 else 0
-    return group_mode(w.has_sorted_groups(), w.group_size, block_k), w.g_idx, stride
+    return group_mode(w.has_sorted_groups(), w.group_size, block_k, w.in_features), w.g_idx, stride
 
 
 def fused_moe_triton(

@@ -209,9 +209,28 @@ def test_pick_block_k_keeps_a_tile_in_one_group(triton_kernels):
     assert tm.pick_block_k(16, 128) == 128  # tiles stay whole 32-value blocks deep
     assert tm.pick_block_k(128, 64) == 64
     assert tm.pick_block_k(48, 64) == 64  # not a power of two: rows look up their group
-    assert tm.group_mode(True, 48, 64) == tm.GROUPS_BY_DIVISION
-    assert tm.group_mode(True, 128, 64) == tm.GROUPS_PER_TILE
-    assert tm.group_mode(False, 128, 64) == tm.GROUPS_FROM_G_IDX
+    assert tm.group_mode(True, 48, 64, 4096) == tm.GROUPS_BY_DIVISION
+    assert tm.group_mode(True, 128, 64, 4096) == tm.GROUPS_PER_TILE
+    assert tm.group_mode(False, 128, 64, 4096) == tm.GROUPS_FROM_G_IDX
+    # Beyond the K where tile_group's float quotient is proven exact, rows divide instead.
+    assert tm.group_mode(True, 128, 64, tm.TILE_GROUP_MAX_K + 64) == tm.GROUPS_BY_DIVISION
+
+
+@pytest.mark.parametrize(
+    ("group_size", "block_k"), [(32, 32), (64, 32), (128, 128), (384, 128), (1312, 32), (4096, 64)]
+)
+def test_tile_group_is_the_integer_quotient_up_to_the_largest_k(triton_kernels, group_size, block_k):
+    """Every K tile start below ``TILE_GROUP_MAX_K`` (and one group over all of it) finds its group;
+    at 1312, 1 / group_size rounds down, so that without its half-tile margin the quotient would
+    fall short of an integer."""
+    tm, _ = triton_kernels
+    from tests.kernels.tile_group_probe import tile_group_kernel
+
+    for gs in (group_size, tm.TILE_GROUP_MAX_K):
+        k0 = torch.arange(0, tm.TILE_GROUP_MAX_K, block_k, dtype=torch.int32)
+        out = torch.empty_like(k0)
+        tile_group_kernel[(k0.numel() // 1024 + 1,)](k0, out, k0.numel(), gs, BLOCK=1024)
+        assert torch.equal(out, k0 // gs)
 
 
 @pytest.mark.parametrize("bits", BITS)
