@@ -127,6 +127,7 @@ def variants(kernels: set[str], bits_list: list[int]):
             "gemv": [(1, 128, 128, 4, 3), (1, 128, 128, 4, 1), (1, 64, 128, 4, 3), (1, 32, 128, 2, 3)],
             "dot": [(16, 64, 128, 4, 4), (64, 128, 64, 4, 3)],
             "wleft": [(16, 128, 128, 4, 3), (16, 128, 128, 4, 1), (32, 128, 128, 4, 3), (64, 128, 128, 4, 3)],
+            "wleft1": [(16, 128, 128, 4, 3), (16, 128, 128, 4, 1)],  # one activation row
         }
         for form, tiles in forms.items():
             if form not in kernels:
@@ -144,7 +145,8 @@ def variants(kernels: set[str], bits_list: list[int]):
                         SPLIT_K=True,
                         DOT_DTYPE=tl.bfloat16,
                         IEEE_FP32=False,
-                        WEIGHTS_LEFT=form == "wleft",
+                        WEIGHTS_LEFT=form.startswith("wleft"),
+                        ONE_ROW=form == "wleft1",
                         STAGES=stages,
                         ASM=True,
                         GEMV=form == "gemv",
@@ -209,7 +211,7 @@ def variants(kernels: set[str], bits_list: list[int]):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
-    ap.add_argument("--kernels", default="gemv,dot,wleft,moe_gemv,moe_dot")
+    ap.add_argument("--kernels", default="gemv,dot,wleft,wleft1,moe_gemv,moe_dot")
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
     args = ap.parse_args(argv)
     failures = 0

@@ -288,32 +288,45 @@ def rows_dot(
     BITS: tl.constexpr, GROUP_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE_FP32: tl.constexpr,
     WEIGHTS_LEFT: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, up_off=0,
-    GATE_UP: tl.constexpr = False,
+    GATE_UP: tl.constexpr = False, ONE_ROW: tl.constexpr = False,
 ):  # fmt: skip
     """``sum_{k_lo <= k < k_hi} a[m, k] * W[n, k]`` as ``[BLOCK_M, BLOCK_N]`` float32, row ``m`` of
     ``a`` at ``row_ptrs[m]`` (``[BLOCK_M]`` pointers; rows outside ``row_mask`` read as zero) with
     stride ``stride_k``: :func:`dot_dequant` per K tile, or with ``WEIGHTS_LEFT`` (16-bit ``a``, one
     group per K tile) ``W a^T`` by :func:`dot_weights_left`, ``DOT_DTYPE`` float32 then meaning
     that the interpreter widens the 16-bit operands. With ``GATE_UP`` also the sums for the
-    columns ``offs_n + up_off`` from the same loads of ``a``, returned second."""
+    columns ``offs_n + up_off`` from the same loads of ``a``, returned second. ``ONE_ROW`` (with
+    ``WEIGHTS_LEFT``): ``row_ptrs`` is the one row's pointer and the other rows are zero, so that
+    the row is loaded, put in pair order and summed as a vector, not as a tile."""
     if WEIGHTS_LEFT:
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         up_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            at = tl.load(
-                row_ptrs[None, :] + offs_k[:, None] * stride_k,
-                mask=row_mask[None, :] & (offs_k < k_hi)[:, None],
-                other=0.0,
-            )
+            if ONE_ROW:
+                xk = tl.load(row_ptrs + offs_k * stride_k, mask=offs_k < k_hi, other=0.0)
+                if BITS != 8:
+                    xk = pair_order(xk, BITS)
+                first = (tl.arange(0, BLOCK_M) == 0)[None, :]
+                at = tl.where(first, xk[:, None], tl.zeros((BLOCK_K, BLOCK_M), xk.dtype))
+                sx = tl.where(first, tl.sum(xk.to(tl.float32)), 0.0)
+            else:
+                at = tl.load(
+                    row_ptrs[None, :] + offs_k[:, None] * stride_k,
+                    mask=row_mask[None, :] & (offs_k < k_hi)[:, None],
+                    other=0.0,
+                )
+                if BITS != 8:
+                    at = pair_order(at, BITS)
+                sx = tl.sum(at.to(tl.float32), axis=0)[None, :]
             acc_t += dot_weights_left(
-                at, qw_ptr, qz_ptr, s_ptr, offs_n, mask_n, k0, k_words, n_words,
+                at, sx, qw_ptr, qz_ptr, s_ptr, offs_n, mask_n, k0, k_words, n_words,
                 stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
                 BITS, BLOCK_K, DOT_DTYPE == tl.float32, ASM,
             )  # fmt: skip
             if GATE_UP:
                 up_t += dot_weights_left(
-                    at, qw_ptr, qz_ptr, s_ptr, offs_n + up_off, mask_n, k0, k_words, n_words,
+                    at, sx, qw_ptr, qz_ptr, s_ptr, offs_n + up_off, mask_n, k0, k_words, n_words,
                     stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
                     BITS, BLOCK_K, DOT_DTYPE == tl.float32, ASM,
                 )  # fmt: skip
@@ -389,10 +402,12 @@ def _dequant_matmul_kernel(
     ASM: tl.constexpr,
     GEMV: tl.constexpr,
     EVEN: tl.constexpr,
+    ONE_ROW: tl.constexpr = False,
 ):
     """``y = x @ W^T`` by ``[BLOCK_M, BLOCK_N]`` tiles (grid ``[M blocks * N blocks, splits]``),
     each by :func:`rows_dot`, or with ``GEMV`` (``BLOCK_M = 1``, no dot) by :func:`gemv_row`.
-    ``EVEN``: every tile is whole (see :func:`gemv_row`)."""
+    ``EVEN``: every tile is whole (see :func:`gemv_row`). ``ONE_ROW``: ``M = 1`` on the
+    weights-left dot (see :func:`rows_dot`)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -410,6 +425,13 @@ def _dequant_matmul_kernel(
             k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
             BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES,
         )[None, :]  # fmt: skip
+    elif ONE_ROW:
+        acc = rows_dot(
+            x_ptr, mask_m, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n,
+            k_lo, k_hi, k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
+            group_size, BITS, GROUP_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, IEEE_FP32, True,
+            STAGES, ASM, 0, False, True,
+        )  # fmt: skip
     else:
         acc = rows_dot(
             x_ptr + offs_m * stride_xm, mask_m, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n,
@@ -553,18 +575,24 @@ def _paired_codes_nk(w0, w1, w2, BITS: tl.constexpr, MAGIC: tl.constexpr, ASM: t
 
 @triton.jit
 def pair_order(xt, BITS: tl.constexpr):
-    """Rows of ``xt [K, M]`` (``K`` a multiple of ``V``, 32 at 3 bits, else ``32 / BITS``) in the
-    order of :func:`_paired_codes_nk`: row ``r * V + 2i + h`` becomes input ``r * V + i + h * V / 2``."""
+    """Rows of ``xt [K, M]`` or ``[K]`` (``K`` a multiple of ``V``, 32 at 3 bits, else ``32 / BITS``)
+    in the order of :func:`_paired_codes_nk`: row ``r * V + 2i + h`` becomes input
+    ``r * V + i + h * V / 2``."""
     k: tl.constexpr = xt.shape[0]
-    m: tl.constexpr = xt.shape[1]
     v: tl.constexpr = 32 if BITS == 3 else 32 // BITS
-    t = tl.reshape(xt, (k // v, 2, v // 2, m))
-    return tl.reshape(tl.permute(t, (0, 2, 1, 3)), (k, m))
+    if len(xt.shape) == 1:
+        out = tl.reshape(tl.permute(tl.reshape(xt, (k // v, 2, v // 2)), (0, 2, 1)), (k,))
+    else:
+        m: tl.constexpr = xt.shape[1]
+        t = tl.reshape(xt, (k // v, 2, v // 2, m))
+        out = tl.reshape(tl.permute(t, (0, 2, 1, 3)), (k, m))
+    return out
 
 
 @triton.jit
 def dot_weights_left(
     xt,
+    sx,
     qw_ptr,
     qz_ptr,
     s_ptr,
@@ -586,13 +614,14 @@ def dot_weights_left(
     ASM: tl.constexpr,
 ):
     """``W tile [BLOCK_N, BLOCK_K] @ xt [BLOCK_K, M]`` in float32 for 16-bit ``xt`` (zero rows
-    where there is no input), the tile's ``BLOCK_K`` inputs from ``k0`` in one group.
+    where there is no input), the tile's ``BLOCK_K`` inputs from ``k0`` in one group; ``xt`` in
+    pair order (:func:`pair_order`) unless 8-bit, and ``sx [1, M]`` its float32 column sums.
 
     The weight tile is the dot's left operand, unpacked in the registers that loaded it. Codes
     below 128 (2, 3, 4 bits) become the 16-bit floats ``c + q`` by ORing in the bits of ``c``
     (128 in bfloat16, 1024 in float16), two codes at once, the dot's K order then being the pair
-    order of both operands (:func:`pair_order`). 8-bit codes are converted. The dot's float32
-    sums then lose ``(c + z) * sum_k x`` per column and take the group's scale. ``DOT_F32``: widen
+    order of both operands. 8-bit codes are converted. The dot's float32 sums then lose
+    ``(c + z) * sum_k x`` per column and take the group's scale. ``DOT_F32``: widen
     both operands to float32 first (the interpreter computes bfloat16 dots wrongly; the values
     are the same). ``ASM``: compiled for a GPU (``lop3``).
     """
@@ -620,7 +649,6 @@ def dot_weights_left(
         else:
             wq = _paired_codes_nk(w0, w1, w2, BITS, 0x64006400, ASM).to(x_dtype, bitcast=True)
             off = z + 1024.0
-        xt = pair_order(xt, BITS)
     else:
         wq = _bytes_nk(w0).to(tl.float32).to(x_dtype)
         off = z
@@ -628,8 +656,7 @@ def dot_weights_left(
         part = tl.dot(wq.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
     else:
         part = tl.dot(wq, xt)
-    sx = tl.sum(xt.to(tl.float32), axis=0)
-    return s[:, None] * (part - off[:, None] * sx[None, :])
+    return s[:, None] * (part - off[:, None] * sx)
 
 
 @triton.jit
@@ -931,10 +958,10 @@ def decode_row(
     if WEIGHTS_LEFT:
         rows = tl.arange(0, 16)
         part = rows_dot(
-            x_row + rows * 0, rows == 0, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, offs_n < N,
+            x_row, rows == 0, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, offs_n < N,
             k_lo, k_hi, k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
             group_size, BITS, GROUP_MODE, 16, BLOCK_N, BLOCK_K, DOT_DTYPE, False, True, STAGES, ASM,
-            up_off, GATE_UP,
+            up_off, GATE_UP, True,
         )  # fmt: skip
         if GATE_UP:
             out = (tl.sum(part[0], axis=0), tl.sum(part[1], axis=0))
@@ -1243,6 +1270,7 @@ def dequant_matmul_triton(
     # Split-K parts meet in a float32 workspace; the unused pointers are never read without it.
     ws = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if split > 1 else out
     counts = split_counters(x.device, grid[0]) if split > 1 else qweight
+    left = cfg.weights_left and mode == GROUPS_PER_TILE and half
     _dequant_matmul_kernel[grid](
         x2, qweight, qzeros, scales, g_arg, out, ws, counts,
         m, n, k, qweight.shape[0], qzeros.shape[1],
@@ -1251,9 +1279,8 @@ def dequant_matmul_triton(
         out.stride(0), out.stride(1), group_size, k_per_split, split,
         BITS=bits, GROUP_MODE=mode, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SPLIT_K=split > 1, DOT_DTYPE=dtype, IEEE_FP32=ieee,
-        WEIGHTS_LEFT=cfg.weights_left and mode == GROUPS_PER_TILE and half,
-        STAGES=stages_for(mode, cfg.num_stages), ASM=x.device.type == "cuda",
-        GEMV=cfg.gemv, EVEN=k % cfg.block_k == 0 and n % cfg.block_n == 0,
+        WEIGHTS_LEFT=left, STAGES=stages_for(mode, cfg.num_stages), ASM=x.device.type == "cuda",
+        GEMV=cfg.gemv, EVEN=k % cfg.block_k == 0 and n % cfg.block_n == 0, ONE_ROW=left and m == 1,
         num_warps=cfg.num_warps, num_stages=stages_for(mode, cfg.num_stages),
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)

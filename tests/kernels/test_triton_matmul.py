@@ -114,7 +114,8 @@ def test_split_k_finishes_in_one_launch_and_resets_its_counters(
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
 @pytest.mark.parametrize(
-    ("m", "n", "block_m", "block_n", "split"), [(3, 96, 16, 64, 1), (17, 96, 32, 32, 3), (5, 64, 16, 16, 2)]
+    ("m", "n", "block_m", "block_n", "split"),
+    [(1, 96, 16, 64, 1), (1, 64, 16, 32, 3), (3, 96, 16, 64, 1), (17, 96, 32, 32, 3), (5, 64, 16, 16, 2)],
 )
 def test_weights_left_dot(triton_kernels, make_linear, bits, dtype, tol, m, n, block_m, block_n, split):
     """The dot kernel with the weight tile on the left: codes read as 16-bit floats ``c + q``, the
