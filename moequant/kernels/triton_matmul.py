@@ -307,9 +307,10 @@ def rows_dot(
                 xk = tl.load(row_ptrs + offs_k * stride_k, mask=offs_k < k_hi, other=0.0)
                 if BITS != 8:
                     xk = pair_order(xk, BITS)
-                first = (tl.arange(0, BLOCK_M) == 0)[None, :]
-                at = tl.where(first, xk[:, None], tl.zeros((BLOCK_K, BLOCK_M), xk.dtype))
-                sx = tl.where(first, tl.sum(xk.to(tl.float32)), 0.0)
+                first = (tl.arange(0, BLOCK_M) == 0)[:, None]
+                # built as [BLOCK_M, BLOCK_K], each thread's inputs contiguous, then transposed
+                at = tl.trans(tl.where(first, xk[None, :], tl.zeros((BLOCK_M, BLOCK_K), xk.dtype)))
+                sx = tl.reshape(tl.where(first, tl.sum(xk.to(tl.float32)), 0.0), (1, BLOCK_M))
             else:
                 at = tl.load(
                     row_ptrs[None, :] + offs_k[:, None] * stride_k,
