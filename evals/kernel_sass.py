@@ -5,7 +5,7 @@ shared memory, and the instruction mix of its main K loop, with the loop's instr
 weight per thread (fewer is better: decode is bound by bytes only when this is small). Uses
 Triton's ahead-of-time compiler and the ``cuobjdump`` bundled with Triton.
 
-    python evals/kernel_sass.py [--arch 90] [--kernels gemv,dot,wleft,moe_gemv] [--bits 2 3 4 8]
+    python evals/kernel_sass.py [--arch 90] [--kernels gemv,dot,wleft,wleft1,moe_gemv,moe_dot] [--bits 2 3 4 8]
 """
 
 from __future__ import annotations

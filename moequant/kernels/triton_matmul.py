@@ -798,8 +798,9 @@ def _half_plus_3bit_sum(
     ``x_mask [R]`` read as zero unless ``EVEN``); returns the sum ``[R, N]`` and ``sum_j x[r, j]``
     ``[R]``.
 
-    One shift per code brings it to bit 20, the top of the mantissa (two for the codes split across words), and with
-    ``ASM`` mask and OR are one ``lop3``; the products chain into fused multiply-adds.
+    One shift per code brings it to bit 20, the top of the mantissa (two for the codes split
+    across words), and with ``ASM`` mask and OR are one ``lop3``; the products chain into fused
+    multiply-adds.
     """
     sx = tl.zeros(x_ptrs.shape, tl.float32)
     for j in tl.static_range(32):
