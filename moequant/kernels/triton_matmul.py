@@ -462,19 +462,23 @@ def _bytes_nk(w):
 
 
 @triton.jit
+def _mask_or(v, MASK: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
+    """``(v & MASK) | MAGIC`` for uint32 ``v``; with ``ASM`` one ``lop3``."""
+    if ASM:
+        out = tl.inline_asm_elementwise(
+            f"lop3.b32 $0, $1, {MASK}, {MAGIC}, 0xEA;", "=r,r", [v], dtype=tl.uint32, is_pure=True, pack=1
+        )
+    else:
+        out = (v & MASK) | MAGIC
+    return out
+
+
+@triton.jit
 def _half_pair(w, i: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
     """Values ``i`` and ``i + 16 / BITS`` of the 2 or 4-bit words ``w [N, R]`` (uint32) as two 16-bit
     floats ``c + q`` in one uint32 (the first in the low half), ``MAGIC`` holding ``c``'s bits twice;
-    with ``ASM`` mask and OR are one ``lop3``."""
-    mask: tl.constexpr = ((1 << BITS) - 1) * 0x10001
-    v = w >> (BITS * i)
-    if ASM:
-        out = tl.inline_asm_elementwise(
-            f"lop3.b32 $0, $1, {mask}, {MAGIC}, 0xEA;", "=r,r", [v], dtype=tl.uint32, is_pure=True, pack=1
-        )
-    else:
-        out = (v & mask) | MAGIC
-    return out
+    one shift and one ``lop3``."""
+    return _mask_or(w >> (BITS * i), ((1 << BITS) - 1) * 0x10001, MAGIC, ASM)
 
 
 @triton.jit
@@ -511,18 +515,7 @@ def _half_pair3(w0, w1, w2, i: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.conste
             v = (w0 >> 16) | (w2 << 16)
         else:
             v = (w1 & 0xFFFF) | (w2 & 0xFFFF0000)
-        v = v >> ((3 * i) % 16)
-        if ASM:
-            out = tl.inline_asm_elementwise(
-                f"lop3.b32 $0, $1, 0x70007, {MAGIC}, 0xEA;",
-                "=r,r",
-                [v],
-                dtype=tl.uint32,
-                is_pure=True,
-                pack=1,
-            )
-        else:
-            out = (v & 0x70007) | MAGIC
+        out = _mask_or(v >> ((3 * i) % 16), 0x70007, MAGIC, ASM)
     return out
 
 
