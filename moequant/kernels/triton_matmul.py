@@ -288,7 +288,7 @@ def rows_dot(
     BITS: tl.constexpr, GROUP_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE_FP32: tl.constexpr,
     WEIGHTS_LEFT: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, up_off=0,
-    GATE_UP: tl.constexpr = False, ONE_ROW: tl.constexpr = False,
+    GATE_UP: tl.constexpr = False, ONE_ROW: tl.constexpr = False, EVEN: tl.constexpr = False,
 ):  # fmt: skip
     """``sum_{k_lo <= k < k_hi} a[m, k] * W[n, k]`` as ``[BLOCK_M, BLOCK_N]`` float32, row ``m`` of
     ``a`` at ``row_ptrs[m]`` (``[BLOCK_M]`` pointers; rows outside ``row_mask`` read as zero) with
@@ -297,14 +297,18 @@ def rows_dot(
     that the interpreter widens the 16-bit operands. With ``GATE_UP`` also the sums for the
     columns ``offs_n + up_off`` from the same loads of ``a``, returned second. ``ONE_ROW`` (with
     ``WEIGHTS_LEFT``): ``row_ptrs`` is the one row's pointer and the other rows are zero, so that
-    the row is loaded, put in pair order and summed as a vector, not as a tile."""
+    the row is loaded, put in pair order and summed as a vector, not as a tile. ``EVEN`` (with
+    ``WEIGHTS_LEFT``): every K and column tile is whole, so that loads need no masks."""
     if WEIGHTS_LEFT:
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         up_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             if ONE_ROW:
-                xk = tl.load(row_ptrs + offs_k * stride_k, mask=offs_k < k_hi, other=0.0)
+                if EVEN:
+                    xk = tl.load(row_ptrs + offs_k * stride_k)
+                else:
+                    xk = tl.load(row_ptrs + offs_k * stride_k, mask=offs_k < k_hi, other=0.0)
                 if BITS != 8:
                     xk = pair_order(xk, BITS)
                 first = (tl.arange(0, BLOCK_M) == 0)[:, None]
@@ -323,13 +327,13 @@ def rows_dot(
             acc_t += dot_weights_left(
                 at, sx, qw_ptr, qz_ptr, s_ptr, offs_n, mask_n, k0, k_words, n_words,
                 stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-                BITS, BLOCK_K, DOT_DTYPE == tl.float32, ASM,
+                BITS, BLOCK_K, DOT_DTYPE == tl.float32, ASM, EVEN,
             )  # fmt: skip
             if GATE_UP:
                 up_t += dot_weights_left(
                     at, sx, qw_ptr, qz_ptr, s_ptr, offs_n + up_off, mask_n, k0, k_words, n_words,
                     stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
-                    BITS, BLOCK_K, DOT_DTYPE == tl.float32, ASM,
+                    BITS, BLOCK_K, DOT_DTYPE == tl.float32, ASM, EVEN,
                 )  # fmt: skip
         acc = tl.trans(acc_t)
         up = tl.trans(up_t)
@@ -431,14 +435,14 @@ def _dequant_matmul_kernel(
             x_ptr, mask_m, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n,
             k_lo, k_hi, k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
             group_size, BITS, GROUP_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, IEEE_FP32, True,
-            STAGES, ASM, 0, False, True,
+            STAGES, ASM, 0, False, True, EVEN,
         )  # fmt: skip
     else:
         acc = rows_dot(
             x_ptr + offs_m * stride_xm, mask_m, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n,
             k_lo, k_hi, k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
             group_size, BITS, GROUP_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, IEEE_FP32, WEIGHTS_LEFT,
-            STAGES, ASM,
+            STAGES, ASM, 0, False, False, EVEN,
         )  # fmt: skip
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     out_mask = mask_m[:, None] & mask_n[None, :]
@@ -606,6 +610,7 @@ def dot_weights_left(
     BLOCK_K: tl.constexpr,
     DOT_F32: tl.constexpr,
     ASM: tl.constexpr,
+    EVEN: tl.constexpr = False,
 ):
     """``W tile [BLOCK_N, BLOCK_K] @ xt [BLOCK_K, M]`` in float32 for 16-bit ``xt`` (zero rows
     where there is no input), the tile's ``BLOCK_K`` inputs from ``k0`` in one group; ``xt`` in
@@ -617,7 +622,7 @@ def dot_weights_left(
     order of both operands. 8-bit codes are converted. The dot's float32 sums then lose
     ``(c + z) * sum_k x`` per column and take the group's scale. ``DOT_F32``: widen
     both operands to float32 first (the interpreter computes bfloat16 dots wrongly; the values
-    are the same). ``ASM``: compiled for a GPU (``lop3``).
+    are the same). ``ASM``: compiled for a GPU (``lop3``). ``EVEN``: the tile is whole (no masks).
     """
     per_block: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # values per block of words
     words: tl.constexpr = 3 if BITS == 3 else 1  # words per block
@@ -625,15 +630,22 @@ def dot_weights_left(
     x_dtype = xt.dtype
     g = tile_group(k0, group_size)
     z = _load_zeros(qz_ptr + g * stride_zg, offs_n, mask_n, n_words, stride_zn, BITS).to(tl.float32)
-    s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
     row = (k0 // per_block + tl.arange(0, blocks)) * words
-    w_mask = mask_n[:, None] & (row < k_words)[None, :]
     w_ptrs = qw_ptr + row[None, :] * stride_qk + offs_n[:, None] * stride_qn
-    w0 = tl.load(w_ptrs, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
-    if BITS == 3:
-        w1 = tl.load(w_ptrs + stride_qk, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
-        w2 = tl.load(w_ptrs + 2 * stride_qk, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+    if EVEN:
+        s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn).to(tl.float32)
+        w0 = tl.load(w_ptrs).to(tl.uint32, bitcast=True)
+        if BITS == 3:
+            w1 = tl.load(w_ptrs + stride_qk).to(tl.uint32, bitcast=True)
+            w2 = tl.load(w_ptrs + 2 * stride_qk).to(tl.uint32, bitcast=True)
     else:
+        s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+        w_mask = mask_n[:, None] & (row < k_words)[None, :]
+        w0 = tl.load(w_ptrs, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+        if BITS == 3:
+            w1 = tl.load(w_ptrs + stride_qk, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+            w2 = tl.load(w_ptrs + 2 * stride_qk, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+    if BITS != 3:
         w1 = w0
         w2 = w0
     if BITS != 8:
@@ -956,7 +968,7 @@ def decode_row(
             x_row, rows == 0, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, offs_n < N,
             k_lo, k_hi, k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
             group_size, BITS, GROUP_MODE, 16, BLOCK_N, BLOCK_K, DOT_DTYPE, False, True, STAGES, ASM,
-            up_off, GATE_UP, True,
+            up_off, GATE_UP, True, EVEN,
         )  # fmt: skip
         if GATE_UP:
             out = (tl.sum(part[0], axis=0), tl.sum(part[1], axis=0))
