@@ -195,6 +195,7 @@ def variants(kernels: set[str], bits_list: list[int]):
                         WEIGHTS_LEFT=left,
                         STAGES=3,
                         ASM=True,
+                        EVEN=True,
                     )
                     if name == "down":
                         consts["ATOMIC_ADD"] = True

@@ -131,9 +131,10 @@ def _moe_gate_up_kernel(
     WEIGHTS_LEFT: tl.constexpr,
     STAGES: tl.constexpr,
     ASM: tl.constexpr,
+    EVEN: tl.constexpr = False,
 ):
     """One block of ``BLOCK_M`` sorted slots of one expert: ``silu(gate) * up``, gate and up from
-    one :func:`rows_dot` loop (``WEIGHTS_LEFT`` as there)."""
+    one :func:`rows_dot` loop (``WEIGHTS_LEFT`` and ``EVEN`` as there)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(npad_ptr):
@@ -152,7 +153,7 @@ def _moe_gate_up_kernel(
         x_ptr + tok * stride_xt, valid, stride_xh, qw_e, qz_e, s_e, g_e, offs_n, mask_n, 0, H,
         k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
         BITS, GROUP_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, IEEE_FP32, WEIGHTS_LEFT, STAGES, ASM,
-        inter, True,
+        inter, True, False, EVEN,
     )  # fmt: skip
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
     tl.store(
@@ -206,9 +207,11 @@ def _moe_down_kernel(
     WEIGHTS_LEFT: tl.constexpr,
     STAGES: tl.constexpr,
     ASM: tl.constexpr,
+    EVEN: tl.constexpr = False,
 ):
     """One block of ``BLOCK_M`` sorted slots of one expert, one split of K: the routing-weighted
-    down projection into float32 ``[T*k, H]`` (``WEIGHTS_LEFT`` as for the gate/up kernel)."""
+    down projection into float32 ``[T*k, H]`` (``WEIGHTS_LEFT`` and ``EVEN`` as for the gate/up
+    kernel)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -229,7 +232,7 @@ def _moe_down_kernel(
         h_ptr + slot * stride_hs, valid, stride_hi, qw_e, qz_e, s_e, g_e, offs_n, mask_n,
         k_lo, k_hi, k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
         group_size, BITS, GROUP_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, IEEE_FP32, WEIGHTS_LEFT, STAGES,
-        ASM,
+        ASM, 0, False, False, EVEN,
     )  # fmt: skip
     route_w = tl.load(weight_ptr + slot, mask=valid, other=0.0).to(tl.float32)
     acc = acc * route_w[:, None]
@@ -546,6 +549,7 @@ def fused_moe_triton(
         BLOCK_K=cfg.block_k_gate_up, DOT_DTYPE=dtype, IEEE_FP32=ieee,
         WEIGHTS_LEFT=cfg.weights_left and mode13 == GROUPS_PER_TILE and half,
         STAGES=stages_for(mode13, cfg.num_stages), ASM=x.device.type == "cuda",
+        EVEN=hidden % cfg.block_k_gate_up == 0 and inter % cfg.block_n == 0,
         num_warps=cfg.num_warps, num_stages=stages_for(mode13, cfg.num_stages),
     )  # fmt: skip
 
@@ -565,6 +569,7 @@ def fused_moe_triton(
         BLOCK_K=cfg.block_k_down, ATOMIC_ADD=split > 1, DOT_DTYPE=dtype, IEEE_FP32=ieee,
         WEIGHTS_LEFT=cfg.weights_left and mode2 == GROUPS_PER_TILE and half,
         STAGES=stages_for(mode2, cfg.num_stages), ASM=x.device.type == "cuda",
+        EVEN=inter % cfg.block_k_down == 0 and hidden % cfg.block_n == 0,
         num_warps=cfg.num_warps, num_stages=stages_for(mode2, cfg.num_stages),
     )  # fmt: skip
     return y.view(t, top_k, hidden).sum(dim=1).to(x.dtype)

@@ -173,6 +173,28 @@ def test_decode_kernels_with_the_weights_left(
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("decode", [False, True])
+def test_weights_left_with_partial_tiles(triton_kernels, make_experts, bits, decode):
+    """Both weights-left MoE forms where no projection fills whole column tiles (H = 96, I = 160,
+    64 columns a tile), so that their loads keep the masks that whole tiles drop."""
+    _, tmoe = triton_kernels
+    hidden, inter = 96, 160
+    w13 = make_experts(3, 2 * inter, hidden, bits, 32, seed=bits)
+    w2 = make_experts(3, hidden, inter, bits, 32, seed=50 + bits)
+    gen = torch.Generator().manual_seed(bits)
+    ids = torch.tensor([[0, 2], [1, 0], [2, 1]])
+    weights = torch.softmax(torch.randn(ids.shape, generator=gen), dim=-1)
+    x = torch.randn(3, hidden, generator=gen).to(torch.float16)
+    if decode:
+        cfg = tmoe.MoeConfig(1, 64, 32, 32, split_k=2, gemv=True, split_k_gate_up=2, weights_left=True)
+    else:
+        cfg = tmoe.MoeConfig(16, 64, 32, 32, split_k=2, weights_left=True)
+    got = tmoe.fused_moe_triton(x, ids, weights, w13, w2, config=cfg)
+    want = fused_moe_ref(x.float(), ids, weights, w13, w2)
+    torch.testing.assert_close(got.float(), want, rtol=3e-3, atol=3e-3)
+
+
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
 def test_decode_kernels_half_precision(triton_kernels, make_experts, dtype, tol):
     _, tmoe = triton_kernels
