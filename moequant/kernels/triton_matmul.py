@@ -430,19 +430,16 @@ def _dequant_matmul_kernel(
             k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
             BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES,
         )[None, :]  # fmt: skip
-    elif ONE_ROW:
-        acc = rows_dot(
-            x_ptr, mask_m, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n,
-            k_lo, k_hi, k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
-            group_size, BITS, GROUP_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, IEEE_FP32, True,
-            STAGES, ASM, 0, False, True, EVEN,
-        )  # fmt: skip
     else:
+        if ONE_ROW:
+            row_ptrs = x_ptr
+        else:
+            row_ptrs = x_ptr + offs_m * stride_xm
         acc = rows_dot(
-            x_ptr + offs_m * stride_xm, mask_m, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n,
+            row_ptrs, mask_m, stride_xk, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_n, mask_n,
             k_lo, k_hi, k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
             group_size, BITS, GROUP_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, IEEE_FP32, WEIGHTS_LEFT,
-            STAGES, ASM, 0, False, False, EVEN,
+            STAGES, ASM, 0, False, ONE_ROW, EVEN,
         )  # fmt: skip
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     out_mask = mask_m[:, None] & mask_n[None, :]
@@ -920,16 +917,16 @@ def gemv_row(
                 zf = z.to(tl.float32) + 128.0
                 half = (zf.to(tl.uint32, bitcast=True) & 0xFF800000) - 0x04000000  # 2^7 -> 2^-1: 0x3F000000
                 inv_u: tl.constexpr = 2 << BITS
-                zf = zf * (1.0 / inv_u) + (0.5 - 128.0 / inv_u)
+                off = zf * (1.0 / inv_u) + (0.5 - 128.0 / inv_u)  # 0.5 + z u
                 if BITS == 3:
                     part, sx = _half_plus_3bit_sum(
                         tl.zeros((rows, BLOCK_N), tl.float32),
                         w0, w1, w2, x_row + (k0 + r * per_word) * stride_xk, k0 + r * per_word < k_hi,
                         stride_xk, half, ASM, EVEN,
                     )  # fmt: skip
-                    part -= zf[None, :] * sx[:, None]
+                    part -= off[None, :] * sx[:, None]
                 else:
-                    part = -zf[None, :] * tl.sum(x, axis=1)[:, None]
+                    part = -off[None, :] * tl.sum(x, axis=1)[:, None]
                     part = _half_plus_words_sum(part, w, x, half, BITS, ASM)
                 acc_rows += (s * inv_u)[None, :] * part
             x_ptrs += BLOCK_K * stride_xk
@@ -1195,6 +1192,12 @@ def group_mode(sorted_groups: bool, group_size: int, block_k: int, k: int) -> in
     return GROUPS_BY_DIVISION
 
 
+def weights_left_applies(requested: bool, mode: int, x_dtype: torch.dtype) -> bool:
+    """Whether a launch asked for the weights-left dot can take it: 16-bit activations and a K
+    tile in one group (``mode`` ``GROUPS_PER_TILE``)."""
+    return requested and mode == GROUPS_PER_TILE and x_dtype in (torch.float16, torch.bfloat16)
+
+
 def stages_for(mode: int, num_stages: int) -> int:
     """Pipeline depth: per-row scale and zero lookups stage whole tiles, so they get at most 2."""
     return num_stages if mode == GROUPS_PER_TILE else min(num_stages, 2)
@@ -1277,7 +1280,7 @@ def dequant_matmul_triton(
     # Split-K parts meet in a float32 workspace; the unused pointers are never read without it.
     ws = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if split > 1 else out
     counts = split_counters(x.device, grid[0]) if split > 1 else qweight
-    left = cfg.weights_left and mode == GROUPS_PER_TILE and half
+    left = weights_left_applies(cfg.weights_left, mode, x.dtype)
     _dequant_matmul_kernel[grid](
         x2, qweight, qzeros, scales, g_arg, out, ws, counts,
         m, n, k, qweight.shape[0], qzeros.shape[1],

@@ -28,7 +28,6 @@ import triton.language as tl
 from moequant.kernels.packed import PackedExperts
 from moequant.kernels.reference import check_moe_shapes
 from moequant.kernels.triton_matmul import (
-    GROUPS_PER_TILE,
     check_tiles,
     decode_row,
     device_programs,
@@ -41,6 +40,7 @@ from moequant.kernels.triton_matmul import (
     split_counters,
     split_for,
     stages_for,
+    weights_left_applies,
 )
 
 
@@ -533,7 +533,6 @@ def fused_moe_triton(
         return _fused_moe_gemv(x, topk_ids, topk_weights, w13, w2, cfg)
     sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, w13.num_experts, cfg.block_m)
     num_blocks = expert_ids.numel()
-    half = x.dtype in (torch.float16, torch.bfloat16)
 
     mode13, g13, gs13 = _groups(w13, cfg.block_k_gate_up)
     h = x.new_empty(slots, inter)
@@ -547,7 +546,7 @@ def fused_moe_triton(
         gs13, h.stride(0), h.stride(1), w13.group_size,
         BITS=w13.bits, GROUP_MODE=mode13, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k_gate_up, DOT_DTYPE=dtype, IEEE_FP32=ieee,
-        WEIGHTS_LEFT=cfg.weights_left and mode13 == GROUPS_PER_TILE and half,
+        WEIGHTS_LEFT=weights_left_applies(cfg.weights_left, mode13, x.dtype),
         STAGES=stages_for(mode13, cfg.num_stages), ASM=x.device.type == "cuda",
         EVEN=hidden % cfg.block_k_gate_up == 0 and inter % cfg.block_n == 0,
         num_warps=cfg.num_warps, num_stages=stages_for(mode13, cfg.num_stages),
@@ -567,7 +566,7 @@ def fused_moe_triton(
         gs2, y.stride(0), y.stride(1), w2.group_size, k_per_split,
         BITS=w2.bits, GROUP_MODE=mode2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k_down, ATOMIC_ADD=split > 1, DOT_DTYPE=dtype, IEEE_FP32=ieee,
-        WEIGHTS_LEFT=cfg.weights_left and mode2 == GROUPS_PER_TILE and half,
+        WEIGHTS_LEFT=weights_left_applies(cfg.weights_left, mode2, x.dtype),
         STAGES=stages_for(mode2, cfg.num_stages), ASM=x.device.type == "cuda",
         EVEN=inter % cfg.block_k_down == 0 and hidden % cfg.block_n == 0,
         num_warps=cfg.num_warps, num_stages=stages_for(mode2, cfg.num_stages),
@@ -590,7 +589,6 @@ def _fused_moe_gemv(
     slots = t * top_k
     ids = topk_ids.reshape(-1)
     asm = x.device.type == "cuda"
-    half = x.dtype in (torch.float16, torch.bfloat16)
     dtype, _ = dot_dtype(x.dtype, x.device)
 
     mode13, g13, gs13 = _groups(w13, cfg.block_k_gate_up)
@@ -610,7 +608,7 @@ def _fused_moe_gemv(
         gs13, h.stride(0), h.stride(1), w13.group_size, kps13, split13,
         BITS=w13.bits, GROUP_MODE=mode13, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k_gate_up,
         ASM=asm, EVEN=even13, STAGES=stages_for(mode13, cfg.num_stages),
-        WEIGHTS_LEFT=cfg.weights_left and mode13 == GROUPS_PER_TILE and half, DOT_DTYPE=dtype,
+        WEIGHTS_LEFT=weights_left_applies(cfg.weights_left, mode13, x.dtype), DOT_DTYPE=dtype,
         num_warps=cfg.num_warps, num_stages=stages_for(mode13, cfg.num_stages),
     )  # fmt: skip
 
@@ -632,7 +630,7 @@ def _fused_moe_gemv(
         gs2, y.stride(0), y.stride(1), w2.group_size, kps2, split2,
         BITS=w2.bits, GROUP_MODE=mode2, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k_down,
         ASM=asm, EVEN=even2, STAGES=stages_for(mode2, cfg.num_stages),
-        WEIGHTS_LEFT=cfg.weights_left and mode2 == GROUPS_PER_TILE and half, DOT_DTYPE=dtype,
+        WEIGHTS_LEFT=weights_left_applies(cfg.weights_left, mode2, x.dtype), DOT_DTYPE=dtype,
         num_warps=cfg.num_warps, num_stages=stages_for(mode2, cfg.num_stages),
     )  # fmt: skip
     return y
