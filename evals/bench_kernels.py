@@ -269,22 +269,27 @@ def moe_candidates(slots: int, experts: int, hidden: int, inter: int, device: to
     out = []
     if slots <= 2 * experts:
         for bn, bk, warps in [(64, 128, 4), (128, 128, 4), (64, 64, 2), (32, 128, 2)]:
-            splits = {(1, 1)}  # (down, gate/up)
+
+            def decode_splits(target: int, bn: int = bn, bk: int = bk) -> tuple[int, int]:
+                """``(down, gate/up)`` splits to about ``target`` programs."""
+                return (
+                    split_for(inter, bk, slots * triton.cdiv(hidden, bn), target),
+                    split_for(hidden, bk, slots * triton.cdiv(inter, bn), target),
+                )
+
+            splits = {(1, 1)}
             for target in (programs, 2 * programs, 4 * programs):
-                down = split_for(inter, bk, slots * triton.cdiv(hidden, bn), target)
-                splits.add((down, 1))
-                splits.add((down, split_for(hidden, bk, slots * triton.cdiv(inter, bn), target)))
+                down, gate_up = decode_splits(target)
+                splits |= {(down, 1), (down, gate_up)}
             out += [
                 MoeConfig(1, bn, bk, bk, sp, warps, 3, gemv=True, split_k_gate_up=sp13)
                 for sp, sp13 in sorted(splits)
             ]
-            sp = split_for(inter, bk, slots * triton.cdiv(hidden, bn), 4 * programs)
-            sp13 = split_for(hidden, bk, slots * triton.cdiv(inter, bn), 4 * programs)
+            sp, sp13 = decode_splits(4 * programs)
             out.append(MoeConfig(1, bn, bk, bk, sp, warps, 1, gemv=True, split_k_gate_up=sp13))
             if warps == 4:  # each slot's row in a 16-row dot with the weights on the left
                 for target in (2 * programs, 4 * programs):
-                    sp = split_for(inter, bk, slots * triton.cdiv(hidden, bn), target)
-                    sp13 = split_for(hidden, bk, slots * triton.cdiv(inter, bn), target)
+                    sp, sp13 = decode_splits(target)
                     out.append(
                         MoeConfig(1, bn, bk, bk, sp, 4, 3, gemv=True, split_k_gate_up=sp13, weights_left=True)
                     )
