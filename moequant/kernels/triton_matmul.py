@@ -1198,6 +1198,12 @@ def weights_left_applies(requested: bool, mode: int, x_dtype: torch.dtype) -> bo
     return requested and mode == GROUPS_PER_TILE and x_dtype in (torch.float16, torch.bfloat16)
 
 
+def inline_asm(device: torch.device) -> bool:
+    """Whether kernels launched on ``device`` take their inline-PTX forms (``ASM``): only compiled
+    for CUDA; Triton's CPU interpreter runs the plain forms of the same arithmetic."""
+    return device.type == "cuda"
+
+
 def stages_for(mode: int, num_stages: int) -> int:
     """Pipeline depth: per-row scale and zero lookups stage whole tiles, so they get at most 2."""
     return num_stages if mode == GROUPS_PER_TILE else min(num_stages, 2)
@@ -1289,7 +1295,7 @@ def dequant_matmul_triton(
         out.stride(0), out.stride(1), group_size, k_per_split, split,
         BITS=bits, GROUP_MODE=mode, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SPLIT_K=split > 1, DOT_DTYPE=dtype, IEEE_FP32=ieee,
-        WEIGHTS_LEFT=left, STAGES=stages_for(mode, cfg.num_stages), ASM=x.device.type == "cuda",
+        WEIGHTS_LEFT=left, STAGES=stages_for(mode, cfg.num_stages), ASM=inline_asm(x.device),
         GEMV=cfg.gemv, EVEN=k % cfg.block_k == 0 and n % cfg.block_n == 0, ONE_ROW=left and m == 1,
         num_warps=cfg.num_warps, num_stages=stages_for(mode, cfg.num_stages),
     )  # fmt: skip

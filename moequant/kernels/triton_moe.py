@@ -33,6 +33,7 @@ from moequant.kernels.triton_matmul import (
     device_programs,
     dot_dtype,
     group_mode,
+    inline_asm,
     k_split,
     last_to_arrive,
     pick_block_k,
@@ -547,7 +548,7 @@ def fused_moe_triton(
         BITS=w13.bits, GROUP_MODE=mode13, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k_gate_up, DOT_DTYPE=dtype, IEEE_FP32=ieee,
         WEIGHTS_LEFT=weights_left_applies(cfg.weights_left, mode13, x.dtype),
-        STAGES=stages_for(mode13, cfg.num_stages), ASM=x.device.type == "cuda",
+        STAGES=stages_for(mode13, cfg.num_stages), ASM=inline_asm(x.device),
         EVEN=hidden % cfg.block_k_gate_up == 0 and inter % cfg.block_n == 0,
         num_warps=cfg.num_warps, num_stages=stages_for(mode13, cfg.num_stages),
     )  # fmt: skip
@@ -567,7 +568,7 @@ def fused_moe_triton(
         BITS=w2.bits, GROUP_MODE=mode2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k_down, ATOMIC_ADD=split > 1, DOT_DTYPE=dtype, IEEE_FP32=ieee,
         WEIGHTS_LEFT=weights_left_applies(cfg.weights_left, mode2, x.dtype),
-        STAGES=stages_for(mode2, cfg.num_stages), ASM=x.device.type == "cuda",
+        STAGES=stages_for(mode2, cfg.num_stages), ASM=inline_asm(x.device),
         EVEN=inter % cfg.block_k_down == 0 and hidden % cfg.block_n == 0,
         num_warps=cfg.num_warps, num_stages=stages_for(mode2, cfg.num_stages),
     )  # fmt: skip
@@ -588,7 +589,7 @@ def _fused_moe_gemv(
     inter = w2.in_features
     slots = t * top_k
     ids = topk_ids.reshape(-1)
-    asm = x.device.type == "cuda"
+    asm = inline_asm(x.device)
     dtype, _ = dot_dtype(x.dtype, x.device)
 
     mode13, g13, gs13 = _groups(w13, cfg.block_k_gate_up)

@@ -70,9 +70,9 @@ def test_half_precision_activations(triton_kernels, make_linear, bits, dtype, to
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_one_row_keeps_float32_accuracy_far_from_zero(triton_kernels, make_linear, bits):
-    """The one-row kernel reads codes as ``0.5 + q / 256`` and takes ``(0.5 + z / 256) * sum(x)``
-    off once per row: activations with a large common offset and zero points at both ends of
-    their range must not lose float32 accuracy to that cancellation."""
+    """The one-row kernel reads codes as ``0.5 + q / 2^(b+1)`` and takes the zero's share off
+    once per row (times ``sum(x)``): activations with a large common offset and zero points at
+    both ends of their range must not lose float32 accuracy to that cancellation."""
     from moequant.kernels.reference import dequantize_kn
     from moequant.quant.pack import pack_qzeros
 

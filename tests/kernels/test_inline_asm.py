@@ -1,0 +1,136 @@
+"""The kernels' inline-PTX forms (``ASM``, compiled CUDA only) run in the CPU interpreter through a
+small PTX interpreter (``tests/kernels/ptx.py``): every form must give the same bits as its plain
+form, and the reference's values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moequant.kernels.reference import dequant_matmul_ref, fused_moe_ref
+from tests.kernels import ptx
+
+BITS = (2, 3, 4, 8)
+
+
+def _u32(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
+
+
+def test_lop3_follows_its_truth_table():
+    a, b, c = _u32(4096, 1), _u32(4096, 2), _u32(4096, 3)
+    assert np.array_equal(ptx.lop3(a, b, c, 0xF0), a)
+    assert np.array_equal(ptx.lop3(a, b, c, 0xCC), b)
+    assert np.array_equal(ptx.lop3(a, b, c, 0xAA), c)
+    assert np.array_equal(ptx.lop3(a, b, c, 0xEA), (a & b) | c)
+    assert np.array_equal(ptx.lop3(a, b, c, 0x96), a ^ b ^ c)
+    assert np.array_equal(ptx.lop3(a, b, c, 0xE8), (a & b) | (a & c) | (b & c))
+
+
+def test_prmt_selects_and_sign_replicates_bytes():
+    a, b = np.uint32(0x80112233), np.uint32(0x44556677)
+    assert ptx.prmt(a, b, np.uint32(0x3210)) == a
+    assert ptx.prmt(a, b, np.uint32(0x7654)) == b
+    assert ptx.prmt(a, b, np.uint32(0x0123)) == 0x33221180
+    assert ptx.prmt(a, b, np.uint32(0x8B30)) == 0x00FF8033  # byte 3 of a is negative, byte 0 is not
+    assert ptx.prmt(a, b, np.uint32(0x7650)) == 0x44556633
+
+
+def test_run_reads_scopes_temporaries_and_refuses_the_unknown():
+    lo, hi = _u32(64, 4), _u32(64, 5)
+    (out,) = ptx.run(
+        "{ .reg .b32 t; lop3.b32 t, $1, 7, 0x43004300, 0xEA; lop3.b32 $0, $2, 0x70000, t, 0xEA; }", [lo, hi]
+    )
+    assert np.array_equal(out, (lo & 7) | (hi & 0x70000) | 0x43004300)
+    with pytest.raises(NotImplementedError):
+        ptx.run("add.u32 $0, $1, $2;", [lo, hi])
+    with pytest.raises(ValueError):
+        ptx.run("lop3.b32 $0, $1, t, 0, 0xEA;", [lo])
+
+
+@pytest.fixture
+def asm_kernels(triton_kernels, monkeypatch):
+    """``(tm, tmoe, run)``: ``run(fn)`` calls ``fn`` with the plain and then the inline-PTX
+    forms and returns both results."""
+    tm, tmoe = triton_kernels
+    ptx.install(monkeypatch)
+
+    def run(fn):
+        results = []
+        for on in (False, True):
+            monkeypatch.setattr(tm, "inline_asm", lambda device, on=on: on)
+            monkeypatch.setattr(tmoe, "inline_asm", lambda device, on=on: on)
+            results.append(fn())
+        return results
+
+    return tm, tmoe, run
+
+
+def _same_and_right(plain: torch.Tensor, asm: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    assert torch.equal(asm, plain), f"inline-PTX form differs by {(asm.float() - plain.float()).abs().max()}"
+    torch.testing.assert_close(asm.float(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize(("m", "dtype", "tol"), [(2, torch.float32, 1e-4), (1, torch.float16, 2e-3)])
+def test_gemv(asm_kernels, make_linear, bits, m, dtype, tol):
+    """The one-row kernel: codes under a float's top bytes (``prmt``) or mantissa (``lop3``)."""
+    tm, _, run = asm_kernels
+    k, n, group = 128, 64, 64
+    lin = make_linear(n, k, bits, group, seed=bits)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(bits)).to(dtype)
+    cfg = tm.MatmulConfig(block_m=1, block_n=32, block_k=64, split_k=2, gemv=True)
+    plain, asm = run(
+        lambda: tm.dequant_matmul_triton(
+            x, **lin, bits=bits, group_size=group, sorted_groups=True, config=cfg
+        )
+    )
+    _same_and_right(plain, asm, dequant_matmul_ref(x.float(), **lin, bits=bits), tol)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize(("m", "dtype", "tol"), [(1, torch.float16, 2e-3), (3, torch.bfloat16, 1.6e-2)])
+def test_weights_left(asm_kernels, make_linear, bits, m, dtype, tol):
+    """The weights-left dot, one row and a few rows: code pairs as 16-bit floats (``lop3``)."""
+    tm, _, run = asm_kernels
+    k, n, group = 128, 64, 64
+    lin = make_linear(n, k, bits, group, seed=10 + bits)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    cfg = tm.MatmulConfig(block_m=16, block_n=32, block_k=64, weights_left=True)
+    plain, asm = run(
+        lambda: tm.dequant_matmul_triton(
+            x, **lin, bits=bits, group_size=group, sorted_groups=True, config=cfg
+        )
+    )
+    _same_and_right(plain, asm, dequant_matmul_ref(x.float(), **lin, bits=bits), tol)
+
+
+def _moe_case(make_experts, bits):
+    hidden, inter = 64, 64
+    w13 = make_experts(3, 2 * inter, hidden, bits, 32, seed=bits)
+    w2 = make_experts(3, hidden, inter, bits, 32, seed=20 + bits)
+    gen = torch.Generator().manual_seed(bits)
+    ids = torch.tensor([[0, 2], [1, 0]])
+    weights = torch.softmax(torch.randn(ids.shape, generator=gen), dim=-1)
+    x = torch.randn(2, hidden, generator=gen)
+    return x, ids, weights, w13, w2
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("form", ["decode", "decode_weights_left", "blocks_weights_left"])
+def test_fused_moe(asm_kernels, make_experts, bits, form):
+    _, tmoe, run = asm_kernels
+    x, ids, weights, w13, w2 = _moe_case(make_experts, bits)
+    if form == "blocks_weights_left":
+        cfg = tmoe.MoeConfig(16, 32, 32, 32, weights_left=True)
+    else:
+        cfg = tmoe.MoeConfig(
+            1, 32, 32, 32, split_k=2, gemv=True, split_k_gate_up=2, weights_left=form == "decode_weights_left"
+        )
+    if form == "decode":
+        tol = 1e-4
+    else:
+        x, tol = x.to(torch.float16), 3e-3
+    plain, asm = run(lambda: tmoe.fused_moe_triton(x, ids, weights, w13, w2, config=cfg))
+    _same_and_right(plain, asm, fused_moe_ref(x.float(), ids, weights, w13, w2), tol)
