@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 
 _U32 = np.uint32
 _MASK32 = 0xFFFFFFFF
@@ -95,7 +96,6 @@ class _Call:
 def install(monkeypatch) -> None:
     """Make Triton's interpreter run ``tl.inline_asm_elementwise`` through :func:`run` (one element
     per instance, 32-bit operands and results)."""
-    import pytest
     from triton.runtime import interpreter
 
     builder = getattr(interpreter, "InterpreterBuilder", None)
@@ -110,8 +110,6 @@ def install(monkeypatch) -> None:
     def create_inline_asm(self, asm, constraints, values, types, is_pure, pack):
         if pack != 1:
             raise NotImplementedError("only pack=1 inline assembly is emulated")
-        many = isinstance(types, (list, tuple))
-        types = list(types) if many else [types]
         if any(v.data.dtype.itemsize != 4 for v in values):
             raise NotImplementedError("only 32-bit inline assembly operands are emulated")
         outs = run(asm, [v.data.view(_U32) for v in values], outputs=len(types))
@@ -123,6 +121,6 @@ def install(monkeypatch) -> None:
             handles.append(
                 interpreter.TensorHandle(np.ascontiguousarray(out).view(np_types[scalar.name]), scalar)
             )
-        return _Call(handles) if many else handles[0]
+        return _Call(handles)
 
     monkeypatch.setattr(builder, "create_inline_asm", create_inline_asm)
