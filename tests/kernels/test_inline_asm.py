@@ -73,12 +73,18 @@ def _same_and_right(plain: torch.Tensor, asm: torch.Tensor, want: torch.Tensor, 
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize(("m", "dtype", "tol"), [(2, torch.float32, 1e-4), (1, torch.float16, 2e-3)])
-def test_gemv(asm_kernels, make_linear, bits, m, dtype, tol):
-    """The one-row kernel: codes under a float's top bytes (``prmt``) or mantissa (``lop3``)."""
+@pytest.mark.parametrize(
+    ("m", "dtype", "tol", "top_zero"),
+    [(2, torch.float32, 1e-4, False), (1, torch.float16, 2e-3, False), (1, torch.float32, 1e-4, True)],
+)
+def test_gemv(asm_kernels, make_linear, bits, m, dtype, tol, top_zero):
+    """The one-row kernel: codes under a float's top bytes (``prmt``) or mantissa (``lop3``), the
+    zero point's float beside them; ``top_zero``: every zero point ``2^bits`` (stored all ones)."""
     tm, _, run = asm_kernels
     k, n, group = 128, 64, 64
     lin = make_linear(n, k, bits, group, seed=bits)
+    if top_zero:
+        lin["qzeros"].fill_(-1)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(bits)).to(dtype)
     cfg = tm.MatmulConfig(block_m=1, block_n=32, block_k=64, split_k=2, gemv=True)
     plain, asm = run(
