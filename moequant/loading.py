@@ -45,8 +45,14 @@ def module_spec(qcfg: dict | None, name: str) -> LinearSpec | None:
 
     The first ``dynamic`` pattern that ``re.match``-es the name wins: ``-:pattern`` keeps the
     module 16-bit, ``+:pattern`` (or no prefix) overrides ``bits``/``group_size`` of the defaults.
+    A ``modules_in_block_to_quantize`` list (groups of names inside a decoder layer, as optimum and
+    AutoGPTQ write it) keeps every layer module it does not name 16-bit.
     """
     if not qcfg:
+        return None
+    listed = _modules_in_block(qcfg)
+    inside = re.match(r"model\.layers\.\d+\.(.+)$", name)
+    if listed is not None and inside and inside.group(1) not in listed:
         return None
     spec = LinearSpec(int(qcfg.get("bits", 4)), int(qcfg.get("group_size", 128)))
     for pattern, override in (qcfg.get("dynamic") or {}).items():
@@ -61,6 +67,17 @@ def module_spec(qcfg: dict | None, name: str) -> LinearSpec | None:
     return spec
 
 
+def _modules_in_block(qcfg: dict) -> set[str] | None:
+    """The names in ``modules_in_block_to_quantize`` (a list of name lists, or of names)."""
+    listed = qcfg.get("modules_in_block_to_quantize")
+    if not listed:
+        return None
+    if not isinstance(listed, list) or not all(isinstance(g, (str, list)) for g in listed):
+        raise MoequantError("quantization_config.modules_in_block_to_quantize must be a list of lists of module "
+                            "names, e.g. [[\"self_attn.q_proj\"], [\"block_sparse_moe.experts.0.w1\"]]")
+    return {m for g in listed for m in ([g] if isinstance(g, str) else g)}
+
+
 def check_quantization_config(qcfg: dict) -> None:
     """Refuse quantisation configs this loader cannot run, with what to do instead."""
     method = str(qcfg.get("quant_method", "gptq")).lower()
@@ -72,6 +89,7 @@ def check_quantization_config(qcfg: dict) -> None:
             f"quantization_config.checkpoint_format is {fmt!r}; moequant reads the v1 'gptq' format "
             "(convert gptq_v2 checkpoints to v1 first)"
         )
+    _modules_in_block(qcfg)
     patterns = [p[2:] if p.startswith(("-:", "+:")) else p for p in (qcfg.get("dynamic") or {})]
     for pattern in patterns:
         try:

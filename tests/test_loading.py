@@ -225,6 +225,33 @@ def test_module_spec_follows_dynamic_rules():
     assert module_spec(qcfg, "model.layers.1.block_sparse_moe.experts.0.w1") == LinearSpec(8, 128)
     assert module_spec(qcfg, "model.layers.1.block_sparse_moe.experts.1.w1") == LinearSpec(3, 128)
     assert module_spec(None, "model.layers.1.self_attn.q_proj") is None
+    listed = {**qcfg, "modules_in_block_to_quantize": [["self_attn.q_proj"], ["block_sparse_moe.experts.1.w1"]]}
+    assert module_spec(listed, "model.layers.1.self_attn.q_proj") == LinearSpec(4, 32)
+    assert module_spec(listed, "model.layers.1.self_attn.k_proj") is None
+    assert module_spec(listed, "model.layers.1.block_sparse_moe.experts.0.w1") is None
+    assert module_spec(listed, "model.layers.1.block_sparse_moe.experts.1.w1") == LinearSpec(3, 128)
+
+
+def test_modules_in_block_to_quantize_keeps_the_others_16_bit(stacked, tmp_path):
+    """The optimum / AutoGPTQ way of leaving modules unquantised: q_proj is absent from the list
+    instead of excluded by a ``-:`` dynamic rule; the model loads the same."""
+    other = shutil.copytree(stacked[1], tmp_path / "listed")
+    config = json.loads((other / "config.json").read_text())
+    qcfg = config["quantization_config"]
+    qcfg["dynamic"] = {k: v for k, v in qcfg["dynamic"].items() if not k.startswith("-:")}
+    experts = [f"block_sparse_moe.experts.{e}.w{r}" for r in (1, 3, 2) for e in range(4)]
+    qcfg["modules_in_block_to_quantize"] = [["self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"], experts]
+    (other / "config.json").write_text(json.dumps(config))
+    model = load(other, device="cpu")
+    attn = model.model.layers[1].self_attn
+    assert not isinstance(attn.q_proj, QuantLinear) and isinstance(attn.k_proj, QuantLinear)
+    x = ids(seed=6)
+    close(logits(model, x), logits(load(stacked[1], device="cpu"), x), rel=0)
+
+    qcfg["modules_in_block_to_quantize"] = "self_attn.k_proj"
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MoequantError, match="modules_in_block_to_quantize must be a list"):
+        load(other, device="cpu")
 
 
 def test_triton_backend_needs_a_way_to_run(stacked, monkeypatch):
