@@ -1,11 +1,11 @@
-"""A small PTX interpreter for the kernels' inline assembly, so that Triton's CPU interpreter can run
-the ``ASM`` forms of the kernels that otherwise only a GPU executes.
+"""What Triton's CPU interpreter lacks to run the kernels as they are compiled for a GPU: a small
+PTX interpreter for their inline assembly (the ``ASM`` forms), and bfloat16 ``tl.dot``.
 
-It knows the instructions the kernels use, on 32-bit registers: ``lop3.b32`` (any truth table)
-and ``prmt.b32`` (default mode), ``.reg .b32`` temporaries and ``{ ... }`` scopes. Operands are
-``$n`` (outputs first, then inputs, as in the constraint string), temporaries and integer
-immediates. Anything else is an error, so an instruction a kernel starts to use cannot pass
-unread.
+The PTX interpreter knows the instructions the kernels use, on 32-bit registers: ``lop3.b32``
+(any truth table) and ``prmt.b32`` (default mode), ``.reg .b32`` temporaries and ``{ ... }``
+scopes. Operands are ``$n`` (outputs first, then inputs, as in the constraint string),
+temporaries and integer immediates. Anything else is an error, so an instruction a kernel starts
+to use cannot pass unread.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class _Call:
         return self._handles[i]
 
 
-def install(monkeypatch) -> None:
+def emulate_inline_asm(monkeypatch) -> None:
     """Make Triton's interpreter run ``tl.inline_asm_elementwise`` through :func:`run` (one element
     per instance, 32-bit operands and results)."""
     from triton.runtime import interpreter
@@ -124,3 +124,26 @@ def install(monkeypatch) -> None:
         return _Call(handles)
 
     monkeypatch.setattr(builder, "create_inline_asm", create_inline_asm)
+
+
+def widen_bf16_dots(monkeypatch) -> None:
+    """Make Triton's interpreter multiply bfloat16 ``tl.dot`` operands as the floats they are (it
+    holds them as uint16 bit patterns and multiplies those): each is widened to float32 exactly,
+    and products of 8-bit mantissas are exact in float32, as on tensor cores."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if builder is None or not hasattr(builder, "create_dot"):
+        pytest.skip("this Triton's interpreter has no dot hook to patch")
+    original = builder.create_dot
+
+    def widen(h):
+        if h.dtype != tl.bfloat16:
+            return h
+        return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, *args):
+        return original(self, widen(a), widen(b), d, *args)
+
+    monkeypatch.setattr(builder, "create_dot", create_dot)
