@@ -77,7 +77,7 @@ def _same_and_right(plain: torch.Tensor, asm: torch.Tensor, want: torch.Tensor, 
     ("m", "dtype", "tol", "top_zero"),
     [(2, torch.float32, 1e-4, False), (1, torch.float16, 2e-3, False), (1, torch.float32, 1e-4, True)],
 )
-def test_gemv(asm_kernels, make_linear, bits, m, dtype, tol, top_zero):
+def test_gemv_inline_ptx(asm_kernels, make_linear, bits, m, dtype, tol, top_zero):
     """The one-row kernel: codes under a float's top bytes (``prmt``) or mantissa (``lop3``), the
     zero point's float beside them; ``top_zero``: every zero point ``2^bits`` (stored all ones)."""
     tm, _, run = asm_kernels
@@ -97,7 +97,7 @@ def test_gemv(asm_kernels, make_linear, bits, m, dtype, tol, top_zero):
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize(("m", "dtype", "tol"), [(1, torch.float16, 2e-3), (3, torch.bfloat16, 1.6e-2)])
-def test_weights_left(asm_kernels, make_linear, bits, m, dtype, tol):
+def test_weights_left_inline_ptx(asm_kernels, make_linear, bits, m, dtype, tol):
     """The weights-left dot, one row and a few rows: code pairs as 16-bit floats (``lop3``)."""
     tm, _, run = asm_kernels
     k, n, group = 128, 64, 64
@@ -125,7 +125,7 @@ def _moe_case(make_experts, bits):
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("form", ["decode", "decode_weights_left", "blocks_weights_left"])
-def test_fused_moe(asm_kernels, make_experts, bits, form):
+def test_fused_moe_inline_ptx(asm_kernels, make_experts, bits, form):
     _, tmoe, run = asm_kernels
     x, ids, weights, w13, w2 = _moe_case(make_experts, bits)
     if form == "blocks_weights_left":
