@@ -93,18 +93,21 @@ class _Call:
         return self._handles[i]
 
 
-def emulate_inline_asm(monkeypatch) -> None:
-    """Make Triton's interpreter run ``tl.inline_asm_elementwise`` through :func:`run` (one element
-    per instance, 32-bit operands and results)."""
+def _interpreter_with(hook: str):
+    """``(triton.runtime.interpreter, its builder class)``; skips the test where that Triton's
+    interpreter lacks the builder method ``hook`` or ``TensorHandle``."""
     from triton.runtime import interpreter
 
     builder = getattr(interpreter, "InterpreterBuilder", None)
-    if (
-        builder is None
-        or not hasattr(builder, "create_inline_asm")
-        or not hasattr(interpreter, "TensorHandle")
-    ):
-        pytest.skip("this Triton's interpreter has no inline-assembly hook to emulate")
+    if builder is None or not hasattr(builder, hook) or not hasattr(interpreter, "TensorHandle"):
+        pytest.skip(f"this Triton's interpreter has no {hook} to patch")
+    return interpreter, builder
+
+
+def emulate_inline_asm(monkeypatch) -> None:
+    """Make Triton's interpreter run ``tl.inline_asm_elementwise`` through :func:`run` (one element
+    per instance, 32-bit operands and results)."""
+    interpreter, builder = _interpreter_with("create_inline_asm")
     np_types = {"fp32": np.float32, "int32": np.int32, "uint32": np.uint32}
 
     def create_inline_asm(self, asm, constraints, values, types, is_pure, pack):
@@ -131,11 +134,8 @@ def widen_bf16_dots(monkeypatch) -> None:
     holds them as uint16 bit patterns and multiplies those): each is widened to float32 exactly,
     and products of 8-bit mantissas are exact in float32, as on tensor cores."""
     import triton.language as tl
-    from triton.runtime import interpreter
 
-    builder = getattr(interpreter, "InterpreterBuilder", None)
-    if builder is None or not hasattr(builder, "create_dot"):
-        pytest.skip("this Triton's interpreter has no dot hook to patch")
+    interpreter, builder = _interpreter_with("create_dot")
     original = builder.create_dot
 
     def widen(h):

@@ -49,6 +49,30 @@ def test_run_reads_scopes_temporaries_and_refuses_the_unknown():
         gpu_forms.run("lop3.b32 $0, $1, t, 0, 0xEA;", [lo])
 
 
+def _launch_with(monkeypatch, modules, **rules) -> None:
+    """Replace launch rules (``inline_asm``, ``dot_dtype``) in every kernel module."""
+    for module in modules:
+        for name, rule in rules.items():
+            monkeypatch.setattr(module, name, rule)
+
+
+def _dense(tm, x, lin, bits, group, cfg):
+    """A call of the dense kernel on ``lin`` (sorted groups of ``group``) with ``cfg``."""
+    return lambda: tm.dequant_matmul_triton(
+        x, **lin, bits=bits, group_size=group, sorted_groups=True, config=cfg
+    )
+
+
+def _moe_config(tmoe, form: str):
+    """The MoE kernels' forms: ``decode`` (GEMV per slot), ``decode_weights_left``, ``blocks`` and
+    ``blocks_weights_left`` (16-slot sorted blocks)."""
+    if form.startswith("blocks"):
+        return tmoe.MoeConfig(16, 32, 32, 32, weights_left=form.endswith("weights_left"))
+    return tmoe.MoeConfig(
+        1, 32, 32, 32, split_k=2, gemv=True, split_k_gate_up=2, weights_left=form.endswith("weights_left")
+    )
+
+
 @pytest.fixture
 def asm_kernels(triton_kernels, monkeypatch):
     """``(tm, tmoe, run)``: ``run(fn)`` calls ``fn`` with the plain and then the inline-PTX
@@ -59,8 +83,7 @@ def asm_kernels(triton_kernels, monkeypatch):
     def run(fn):
         results = []
         for on in (False, True):
-            monkeypatch.setattr(tm, "inline_asm", lambda device, on=on: on)
-            monkeypatch.setattr(tmoe, "inline_asm", lambda device, on=on: on)
+            _launch_with(monkeypatch, (tm, tmoe), inline_asm=lambda device, on=on: on)
             results.append(fn())
         return results
 
@@ -87,11 +110,7 @@ def test_gemv_inline_ptx(asm_kernels, make_linear, bits, m, dtype, tol, top_zero
         lin["qzeros"].fill_(-1)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(bits)).to(dtype)
     cfg = tm.MatmulConfig(block_m=1, block_n=32, block_k=64, split_k=2, gemv=True)
-    plain, asm = run(
-        lambda: tm.dequant_matmul_triton(
-            x, **lin, bits=bits, group_size=group, sorted_groups=True, config=cfg
-        )
-    )
+    plain, asm = run(_dense(tm, x, lin, bits, group, cfg))
     _same_and_right(plain, asm, dequant_matmul_ref(x.float(), **lin, bits=bits), tol)
 
 
@@ -104,11 +123,7 @@ def test_weights_left_inline_ptx(asm_kernels, make_linear, bits, m, dtype, tol):
     lin = make_linear(n, k, bits, group, seed=10 + bits)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
     cfg = tm.MatmulConfig(block_m=16, block_n=32, block_k=64, weights_left=True)
-    plain, asm = run(
-        lambda: tm.dequant_matmul_triton(
-            x, **lin, bits=bits, group_size=group, sorted_groups=True, config=cfg
-        )
-    )
+    plain, asm = run(_dense(tm, x, lin, bits, group, cfg))
     _same_and_right(plain, asm, dequant_matmul_ref(x.float(), **lin, bits=bits), tol)
 
 
@@ -128,12 +143,7 @@ def _moe_case(make_experts, bits):
 def test_fused_moe_inline_ptx(asm_kernels, make_experts, bits, form):
     _, tmoe, run = asm_kernels
     x, ids, weights, w13, w2 = _moe_case(make_experts, bits)
-    if form == "blocks_weights_left":
-        cfg = tmoe.MoeConfig(16, 32, 32, 32, weights_left=True)
-    else:
-        cfg = tmoe.MoeConfig(
-            1, 32, 32, 32, split_k=2, gemv=True, split_k_gate_up=2, weights_left=form == "decode_weights_left"
-        )
+    cfg = _moe_config(tmoe, form)
     if form == "decode":
         tol = 1e-4
     else:
@@ -156,9 +166,7 @@ def gpu_kernels(triton_kernels, monkeypatch):
     def dot_dtype(x_dtype, device):
         return (tl.bfloat16, False) if x_dtype == torch.bfloat16 else plain_dot_dtype(x_dtype, device)
 
-    for module in (tm, tmoe):
-        monkeypatch.setattr(module, "inline_asm", lambda device: True)
-        monkeypatch.setattr(module, "dot_dtype", dot_dtype)
+    _launch_with(monkeypatch, (tm, tmoe), inline_asm=lambda device: True, dot_dtype=dot_dtype)
     return tm, tmoe
 
 
@@ -170,7 +178,7 @@ def test_bfloat16_dots(gpu_kernels, make_linear, bits, m, weights_left):
     lin = make_linear(n, k, bits, group, seed=30 + bits)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
     cfg = tm.MatmulConfig(block_m=16, block_n=32, block_k=64, split_k=2, weights_left=weights_left)
-    got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=group, sorted_groups=True, config=cfg)
+    got = _dense(tm, x, lin, bits, group, cfg)()
     assert got.dtype == torch.bfloat16
     want = dequant_matmul_ref(x.float(), **lin, bits=bits)
     torch.testing.assert_close(got.float(), want, rtol=1.6e-2, atol=1.6e-2)
@@ -181,10 +189,7 @@ def test_bfloat16_dots(gpu_kernels, make_linear, bits, m, weights_left):
 def test_fused_moe_bfloat16_dots(gpu_kernels, make_experts, bits, form):
     _, tmoe = gpu_kernels
     x, ids, weights, w13, w2 = _moe_case(make_experts, bits)
-    if form == "decode_weights_left":
-        cfg = tmoe.MoeConfig(1, 32, 32, 32, split_k=2, gemv=True, split_k_gate_up=2, weights_left=True)
-    else:
-        cfg = tmoe.MoeConfig(16, 32, 32, 32, weights_left=form == "blocks_weights_left")
+    cfg = _moe_config(tmoe, form)
     got = tmoe.fused_moe_triton(x.to(torch.bfloat16), ids, weights, w13, w2, config=cfg)
     assert got.dtype == torch.bfloat16
     want = fused_moe_ref(x.to(torch.bfloat16).float(), ids, weights, w13, w2)
