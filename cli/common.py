@@ -40,6 +40,12 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def print_engine_limits(notes: list[str]) -> None:
+    """The limits of other GPTQ engines a checkpoint runs into, one line each."""
+    for note in notes:
+        out.print(f"[yellow]other engines:[/] {escape(note)}", highlight=False)
+
+
 class RichProgress(Progress):
     """Renders library progress events as a rich bar with the stage and ETA."""
 

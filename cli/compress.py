@@ -9,7 +9,7 @@ from rich.table import Table
 
 from moequant.pipeline import CalibSettings
 from moequant.pipeline import compress as run_compress
-from moequant_cli.common import RichProgress, human_bytes, out, user_errors
+from moequant_cli.common import RichProgress, human_bytes, out, print_engine_limits, user_errors
 
 
 @user_errors
@@ -62,3 +62,4 @@ def render_summary(record: dict, path: Path) -> None:
         for s in starved:
             st.add_row(str(s["layer"]), str(s["expert"]), str(s["tokens"]), s["policy"])
         out.print(st)
+    print_engine_limits(record.get("engine_limits") or [])

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from moequant.inspection import describe
-from moequant_cli.common import human_bytes, out, user_errors
+from moequant_cli.common import human_bytes, out, print_engine_limits, user_errors
 
 
 @user_errors
@@ -38,3 +38,4 @@ def inspect(
         bits = ", ".join(f"{b}-bit x{n}" for b, n in g["bits"].items())
         table.add_row(name, str(g["modules"]), f"{g['parameters']:,}", bits, human_bytes(g["stored_bytes"]))
     out.print(table)
+    print_engine_limits(info.get("engine_limits") or [])

@@ -8,6 +8,8 @@ from pathlib import Path
 from moequant.arch.registry import adapter_for
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
 from moequant.checkpoint.weights import packed_bits as packed_code_bits
+from moequant.quant.pack import unpack_qzeros
+from moequant.serving import Stored, engine_limits
 from moequant.sizes import packed_bits
 
 _QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -21,10 +23,13 @@ def describe(path: str | Path, allow_pickle: bool = False) -> dict:
     c = adapter.config
     groups: dict[str, dict] = {}
     params = 0
+    stored: dict[str, Stored] = {}
     for layer in range(c.num_layers):
         for info in adapter.layer_linears(layer):
             params += info.numel
             _count(groups, info.kind, info.numel, *_module_bits(reader, info))
+            if reader.has(info.name + ".qweight"):
+                stored[info.name] = _stored(reader, info)
     for info in adapter.global_linears():
         if not reader.has(info.weight) and not reader.has(info.name + ".qweight"):
             continue
@@ -54,6 +59,8 @@ def describe(path: str | Path, allow_pickle: bool = False) -> dict:
         "bits_per_weight": round(8 * size / max(params, 1), 4),
         "groups": {k: {**v, "bits": dict(sorted(v["bits"].items()))} for k, v in groups.items()},
     }
+    if stored:
+        info["engine_limits"] = engine_limits(adapter, stored)
     if quant is not None:
         info["quantization_config"] = {k: quant[k] for k in ("quant_method", "checkpoint_format", "bits",
                                                              "group_size", "sym", "desc_act") if k in quant}
@@ -77,6 +84,14 @@ def _module_bits(reader: CheckpointReader, info) -> tuple[int, int]:
         width = _width(reader, info.weight)
         return width, width * info.numel
     return 0, 0
+
+
+def _stored(reader: CheckpointReader, info) -> Stored:
+    """``(bits, group size, symmetric)`` of a packed module, read from its tensors."""
+    bits = packed_code_bits(reader, info.name, info.in_features)
+    groups = reader.shape(info.name + ".scales")[0]
+    zeros = unpack_qzeros(reader.get(info.name + ".qzeros"), bits)
+    return bits, info.in_features // groups, bool((zeros == 2 ** (bits - 1)).all())
 
 
 def _width(reader: CheckpointReader, name: str) -> int:

@@ -24,7 +24,7 @@ from torch import nn
 
 from moequant.arch.mixtral import MixtralAdapter
 from moequant.arch.registry import adapter_for
-from moequant.checkpoint.reader import CheckpointReader, resolve_source
+from moequant.checkpoint.reader import QUANT_CONFIG_FILES, CheckpointReader, resolve_source
 from moequant.checkpoint.weights import PACKED_KEYS, tensor_getter
 from moequant.device import resolve_device
 from moequant.errors import MoequantError
@@ -316,6 +316,13 @@ def _build(path: str | os.PathLike, device: str | torch.device | None, dtype: st
     qcfg = raw.get("quantization_config") or None
     if qcfg is not None:
         check_quantization_config(qcfg)
+    else:
+        packed = next((n for n in reader.names if n.endswith(".qweight")), None)
+        if packed is not None:
+            raise MoequantError(
+                f"{source} holds packed weights ({packed}) but no quantisation config: add the bits, group_size "
+                f"and sym it was packed with as quantization_config in config.json (or as {QUANT_CONFIG_FILES[0]})"
+            )
     dev = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, raw, dev)
     if backend not in dispatch.BACKENDS:

@@ -31,7 +31,7 @@ from moequant.arch.mixtral import ExpertWeights, MixtralAdapter, load_expert_wei
 from moequant.arch.registry import adapter_for
 from moequant.calib import load_text, load_tokenizer, random_windows, tokenize
 from moequant.checkpoint.gptq_config import quantization_config
-from moequant.checkpoint.reader import CheckpointReader, resolve_source
+from moequant.checkpoint.reader import QUANT_CONFIG_FILES, CheckpointReader, resolve_source
 from moequant.checkpoint.writer import CheckpointWriter, check_output, partial_dir_for, write_json_atomic
 from moequant.device import resolve_device
 from moequant.errors import MoequantError
@@ -42,6 +42,7 @@ from moequant.quant.pack import check_packable, pack_result
 from moequant.quant.rtn import rtn
 from moequant.quant.types import QuantSpec
 from moequant.recipe import Recipe, load_recipe
+from moequant.serving import engine_limits
 from moequant.sizes import packed_bits
 
 RECORD_FILE = "moequant.json"
@@ -562,6 +563,8 @@ def _finish_record(run: _Run, source: Path, calib_info: dict | None, method: str
         },
         "groups": groups,
         "starved_experts": starved,
+        "engine_limits": engine_limits(a, {n: (s.bits, s.group_size, s.sym) for n, s in run.specs.items()
+                                           if s is not None}),
         "layers": [{k: v for k, v in r.items() if k not in ("time_s", "phases_s")} for r in run.layers],
         "modules": dict(sorted(run.modules.items(), key=lambda kv: _natural(kv[0]))),
         "timing": {"total_s": round(time.perf_counter() - started, 3), "device": str(run.device),
@@ -583,6 +586,7 @@ def _write_metadata(run: _Run, source: Path, record: dict) -> None:
         lm_head=run.specs.get("lm_head") is not None, others=[n for n in run.specs if n not in quant_specs],
     )
     run.writer.write_json("config.json", config)
+    run.writer.write_json(QUANT_CONFIG_FILES[0], config["quantization_config"])
     run.writer.write_json(RECORD_FILE, record)
     run.writer.write_text(RECIPE_FILE, run.recipe.to_yaml())
     for name in _COPY_FILES:

@@ -254,6 +254,43 @@ def test_modules_in_block_to_quantize_keeps_the_others_16_bit(stacked, tmp_path)
         load(other, device="cpu")
 
 
+def test_quantize_config_file_stands_in_for_the_config_entry(stacked, tmp_path):
+    """AutoGPTQ-era checkpoints keep their settings in quantize_config.json only; compress writes
+    it too, and a folder of packed weights with neither is refused with what to add."""
+    written = json.loads((stacked[1] / "quantize_config.json").read_text())
+    config = json.loads((stacked[1] / "config.json").read_text())
+    assert written == config["quantization_config"]
+
+    other = shutil.copytree(stacked[1], tmp_path / "file-only")
+    del config["quantization_config"]
+    (other / "config.json").write_text(json.dumps(config))
+    x = ids(seed=7)
+    close(logits(load(other, device="cpu"), x), logits(load(stacked[1], device="cpu"), x), rel=0)
+
+    (other / "quantize_config.json").unlink()
+    with pytest.raises(MoequantError, match=r"holds packed weights \(.*\.qweight\) but no quantisation config"):
+        load(other, device="cpu")
+    (other / "quantize_config.json").write_text("[1, 2")
+    with pytest.raises(MoequantError, match="quantize_config.json is not valid JSON"):
+        load(other, device="cpu")
+
+
+def test_engine_limits_from_the_recipe_and_from_the_tensors_agree(mixed):
+    """compress records the limits from its specs; inspect reads them back from the tensors."""
+    from moequant.inspection import describe
+
+    recorded = json.loads((mixed / "moequant.json").read_text())["engine_limits"]
+    assert [n.split(" ")[0] for n in recorded] == ["2-bit", "the", "asymmetric"]
+    assert all("layer 0" in n for n in recorded)
+    assert describe(mixed)["engine_limits"] == recorded
+
+
+def test_quantize_config_file_beside_plain_weights_is_ignored(tmp_path):
+    src = make_mixtral(tmp_path / "plain")
+    (src / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 128}))
+    assert "quantization_config" not in CheckpointReader(src).config
+
+
 def test_triton_backend_needs_a_way_to_run(stacked, monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")

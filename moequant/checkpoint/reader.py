@@ -16,6 +16,7 @@ SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_SINGLE = ("pytorch_model.bin", "model.pt", "model.bin")
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
 
@@ -138,10 +139,32 @@ class CheckpointReader:
             self.config: dict = json.loads(config_file.read_text())
         except json.JSONDecodeError as exc:
             raise MoequantError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        if not isinstance(self.config, dict):
+            raise MoequantError(f"{config_file} is not a JSON object")
         self._weight_map: dict[str, Path] = {}
         self._handles: dict[Path, SafetensorsFile] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         self._discover(allow_pickle)
+        if not self.config.get("quantization_config") and any(n.endswith(".qweight") for n in self._weight_map):
+            self._adopt_quant_config_file()
+
+    def _adopt_quant_config_file(self) -> None:
+        """Take the quantisation config of packed weights from ``quantize_config.json``.
+
+        AutoGPTQ-era checkpoints keep it only there, not in config.json; vLLM reads it there too.
+        """
+        for name in QUANT_CONFIG_FILES:
+            file = self.path / name
+            if not file.is_file():
+                continue
+            try:
+                qcfg = json.loads(file.read_text())
+            except json.JSONDecodeError as exc:
+                raise MoequantError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+            if not isinstance(qcfg, dict) or not qcfg:
+                raise MoequantError(f"{file} is not a JSON object of quantisation settings")
+            self.config["quantization_config"] = qcfg
+            return
 
     def _discover(self, allow_pickle: bool) -> None:
         index = self.path / SAFE_INDEX

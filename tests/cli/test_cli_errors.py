@@ -60,6 +60,7 @@ def test_inspect_and_recipes(tmp_path, tiny_mixtral):
     code, output = run("compress", str(tiny_mixtral), "-o", str(tmp_path / "o"), "--method", "rtn")
     assert code == 0, output
     assert "bits per weight" in output
+    assert "other engines: 3-bit experts (layers 0-1) run on moequant's kernels only" in " ".join(output.split())
     code, output = run("inspect", str(tmp_path / "o"), "--json")
     assert code == 0
     import json
@@ -67,6 +68,7 @@ def test_inspect_and_recipes(tmp_path, tiny_mixtral):
     info = json.loads(output)
     assert info["compressed"] and info["groups"]["expert"]["bits"] == {"3": 24}
     assert info["groups"]["attention"]["bits"] == {"4": 8}
+    assert [n.split(" (")[0] for n in info["engine_limits"]] == ["3-bit experts"]
     code, output = run("inspect", str(tiny_mixtral), "--json")
     assert not json.loads(output)["compressed"]
     code, output = run("recipes")
