@@ -196,6 +196,10 @@ def compress(
     calib_info: dict | None = None
     if state is None and calibrate:
         ids, calib_info = _calibration_ids(source, calib, adapter)
+        rows = reader.shape(adapter.embed_name)[0]
+        if ids.numel() and (int(ids.max()) >= rows or int(ids.min()) < 0):
+            raise MoequantError(f"the tokenizer beside the weights gives token ids up to {int(ids.max())}, past the "
+                                f"{rows} rows of {adapter.embed_name}; put the model's own tokenizer beside it")
         hidden = reader.get(adapter.embed_name, dtype=torch.float32, device=dev)[ids.to(dev)]
     writer = CheckpointWriter(out_path, fresh=state is None)
     run = _Run(reader, adapter, recipe_obj, specs, dev, writer, progress, calibrate,

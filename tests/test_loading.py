@@ -108,6 +108,15 @@ def test_original_checkpoint_loads_like_transformers(stacked):
     close(logits(model, x), logits(MixtralForCausalLM.from_pretrained(src), x), rel=1e-6)
 
 
+def test_original_checkpoint_with_fused_experts(stacked, tmp_path):
+    from transformers import MixtralForCausalLM
+
+    src, _ = stacked
+    MixtralForCausalLM.from_pretrained(src).save_pretrained(tmp_path / "fused", save_original_format=False)
+    x = ids(seed=1)
+    close(logits(load(tmp_path / "fused", device="cpu"), x), logits(load(src, device="cpu"), x), rel=0)
+
+
 def test_generate_matches_the_dequantised_model(stacked):
     _, out = stacked
     prompt = ids(batch=1, length=5, seed=2)

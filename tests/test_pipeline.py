@@ -279,3 +279,18 @@ def test_expert_batches_give_the_same_checkpoint(tmp_path, tiny_mixtral_tok):
     a, b = digest(whole.path), digest(batched.path)
     a.pop("moequant.json"), b.pop("moequant.json")
     assert a == b
+
+
+def test_fused_experts_compress_as_per_expert_ones(tmp_path, tiny_mixtral_tok):
+    """A checkpoint written with experts fused (transformers' ``save_original_format=False``) gives
+    the same output, byte for byte, under the per-expert names GPTQ readers expect."""
+    from transformers import MixtralForCausalLM
+
+    fused = tmp_path / "fused"
+    MixtralForCausalLM.from_pretrained(tiny_mixtral_tok).save_pretrained(fused, save_original_format=False)
+    for f in tiny_mixtral_tok.glob("tokenizer*"):
+        shutil.copy(f, fused)
+    want = compress(tiny_mixtral_tok, tmp_path / "a", recipe="mixtral-a4e3", calib=SMALL).path
+    got = compress(fused, tmp_path / "b", recipe="mixtral-a4e3", calib=SMALL).path
+    shards = [p.name for p in want.glob("*.safetensors")]
+    assert shards and {n: digest(got)[n] for n in shards} == {n: digest(want)[n] for n in shards}

@@ -35,6 +35,15 @@ class LinearInfo:
 
 
 @dataclass(frozen=True)
+class TensorView:
+    """A tensor read as a contiguous part of another: ``shape`` from element ``offset`` of ``source``."""
+
+    source: str
+    offset: int
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class MoEConfig:
     """The numbers of a sparse-MoE decoder, normalised from either config style."""
 

@@ -8,12 +8,13 @@ in the dtype of its inputs (float32 in the pipeline).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from moequant.arch.base import LinearInfo, MoEConfig
+from moequant.arch.base import LinearInfo, MoEConfig, TensorView
 from moequant.errors import MoequantError
 
 ATTN_ROLES = ("q", "k", "v", "o")
@@ -49,6 +50,12 @@ def parse_mixtral_config(raw: dict) -> MoEConfig:
         )
     except KeyError as exc:
         raise MoequantError(f"config.json lacks {exc.args[0]!r}, which a Mixtral config must have") from exc
+
+
+def _check_fused(name: str, shape: tuple[int, ...], want: tuple[int, ...]) -> None:
+    if tuple(shape) != want:
+        raise MoequantError(f"fused experts {name} have shape {list(shape)}; config.json implies {list(want)} "
+                            "([experts, rows, columns])")
 
 
 @dataclass
@@ -98,6 +105,42 @@ class MixtralAdapter:
 
     def router_name(self, layer: int) -> str:
         return f"model.layers.{layer}.block_sparse_moe.gate"
+
+    def fused_views(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, TensorView]:
+        """Per-expert weights over experts stored fused, as transformers writes them with
+        ``save_original_format=False``: ``mlp.experts.gate_up_proj [E, 2I, H]`` (each expert's w1
+        rows, then its w3 rows), ``mlp.experts.down_proj [E, H, I]``, and the router at ``mlp.gate``.
+
+        ``shapes`` maps the checkpoint's tensor names to their shapes; the result maps the per-expert
+        names that are missing to where they lie.
+        """
+        c = self.config
+        n, inter, hidden = c.num_experts, c.intermediate_size, c.hidden_size
+        views: dict[str, TensorView] = {}
+
+        def add(name: str, source: str, offset: int, shape: tuple[int, ...]) -> None:
+            if name not in shapes:
+                views[name] = TensorView(source, offset, shape)
+
+        for layer in range(c.num_layers):
+            base = f"model.layers.{layer}."
+            if base + "mlp.gate.weight" in shapes:
+                add(self.router_name(layer) + ".weight", base + "mlp.gate.weight", 0,
+                    tuple(shapes[base + "mlp.gate.weight"]))
+            for block in ("mlp", "block_sparse_moe"):
+                gate_up, down = base + block + ".experts.gate_up_proj", base + block + ".experts.down_proj"
+                if gate_up in shapes:
+                    _check_fused(gate_up, shapes[gate_up], (n, 2 * inter, hidden))
+                    for e in range(n):
+                        add(self.expert_name(layer, e, "w1") + ".weight", gate_up, 2 * e * inter * hidden,
+                            (inter, hidden))
+                        add(self.expert_name(layer, e, "w3") + ".weight", gate_up, (2 * e + 1) * inter * hidden,
+                            (inter, hidden))
+                if down in shapes:
+                    _check_fused(down, shapes[down], (n, hidden, inter))
+                    for e in range(n):
+                        add(self.expert_name(layer, e, "w2") + ".weight", down, e * hidden * inter, (hidden, inter))
+        return views
 
     def norm_names(self, layer: int) -> tuple[str, str]:
         p = self.layer_prefix(layer)

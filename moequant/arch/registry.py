@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from moequant.arch.base import TensorView
 from moequant.arch.mixtral import MixtralAdapter
 from moequant.errors import MoequantError
 
@@ -25,3 +26,12 @@ def adapter_for(config: dict) -> MixtralAdapter:
             f"models ({', '.join(sorted(ADAPTERS))})"
         )
     raise MoequantError(f"MoE model type {label!r} is not supported yet; supported: {', '.join(sorted(ADAPTERS))}")
+
+
+def fused_views(config: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorView]:
+    """Per-module names over fused on-disk tensors, for the adapter of ``config`` (none if unsupported)."""
+    try:
+        adapter = adapter_for(config)
+    except MoequantError:
+        return {}
+    return adapter.fused_views(shapes)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from moequant.arch.base import TensorView
+from moequant.arch.registry import fused_views
 from moequant.errors import MoequantError
 
 SAFE_SINGLE = "model.safetensors"
@@ -82,10 +84,7 @@ class SafetensorsFile:
                 shape = tuple(int(d) for d in info["shape"])
             except (KeyError, TypeError, ValueError) as exc:
                 raise MoequantError(f"shard {path.name} has a malformed entry for {name}; re-download it") from exc
-            numel = 1
-            for d in shape:
-                numel *= d
-            if stop - start != numel * _itemsize(dtype):
+            if stop - start != _numel(shape) * _itemsize(dtype):
                 raise MoequantError(f"shard {path.name} is corrupt: {name} does not fit its byte range")
             self.entries[name] = (dtype, shape, start, stop)
             end = max(end, stop)
@@ -98,8 +97,13 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self.entries)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, view: TensorView | None = None) -> torch.Tensor:
+        """Tensor ``name``, or the contiguous part of it that ``view`` names."""
         dtype, shape, start, stop = self.entries[name]
+        if view is not None:
+            size = _itemsize(dtype)
+            start, shape = start + view.offset * size, view.shape
+            stop = start + size * _numel(shape)
         buf = bytearray(stop - start)
         view = memoryview(buf)
         done = 0
@@ -118,6 +122,13 @@ class SafetensorsFile:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 class CheckpointReader:
@@ -144,7 +155,9 @@ class CheckpointReader:
         self._weight_map: dict[str, Path] = {}
         self._handles: dict[Path, SafetensorsFile] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
+        self._views: dict[str, TensorView] = {}
         self._discover(allow_pickle)
+        self.add_views(fused_views(self.config, {n: self.shape(n) for n in self._weight_map}))
         if not self.config.get("quantization_config") and any(n.endswith(".qweight") for n in self._weight_map):
             self._adopt_quant_config_file()
 
@@ -230,6 +243,19 @@ class CheckpointReader:
     def _keys(self, shard: Path) -> set[str]:
         return set(self._handles[shard].keys())
 
+    def add_views(self, views: dict[str, TensorView]) -> None:
+        """Present each view under its name, in place of the tensors the views lie in."""
+        for name, view in views.items():
+            if view.source not in self._weight_map or view.source in self._views:
+                raise MoequantError(f"view {name} lies in {view.source}, which the checkpoint does not hold")
+            if view.offset < 0 or view.offset + _numel(view.shape) > self.numel(view.source):
+                raise MoequantError(f"{name} would lie past the end of {view.source} {list(self.shape(view.source))}")
+        for name, view in views.items():
+            self._views[name] = view
+            self._weight_map[name] = self._weight_map[view.source]
+        for source in {v.source for v in views.values()}:
+            del self._weight_map[source]
+
     # -- queries -------------------------------------------------------------------------
     @property
     def names(self) -> list[str]:
@@ -246,30 +272,34 @@ class CheckpointReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         self._require(name)
+        if name in self._views:
+            return self._views[name].shape
         if self._pickled is not None:
             return tuple(self._pickled[name].shape)
         return self._handles[self._weight_map[name]].entries[name][1]
 
     def dtype(self, name: str) -> torch.dtype:
         self._require(name)
+        source = self._views[name].source if name in self._views else name
         if self._pickled is not None:
-            return self._pickled[name].dtype
-        return self._handles[self._weight_map[name]].entries[name][0]
+            return self._pickled[source].dtype
+        return self._handles[self._weight_map[name]].entries[source][0]
 
     def numel(self, name: str) -> int:
-        n = 1
-        for d in self.shape(name):
-            n *= d
-        return n
+        return _numel(self.shape(name))
 
     def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
             check_finite: bool = False) -> torch.Tensor:
         """Read one tensor (optionally cast, moved, and checked for NaN/Inf)."""
         self._require(name)
+        view = self._views.get(name)
+        source = view.source if view is not None else name
         if self._pickled is not None:
-            tensor = self._pickled[name]
+            tensor = self._pickled[source]
+            if view is not None:
+                tensor = tensor.reshape(-1)[view.offset:view.offset + _numel(view.shape)].reshape(view.shape)
         else:
-            tensor = self._handles[self._weight_map[name]].get(name)
+            tensor = self._handles[self._weight_map[name]].get(source, view)
         if device is not None:
             tensor = tensor.to(device)
         if dtype is not None:

@@ -86,3 +86,52 @@ def test_offline_hub_id_is_clear(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MoequantError, match="when offline, pass a local checkpoint folder"):
         resolve_source("mistralai/Mixtral-8x7B-v0.1-not-cached")
+
+
+def _fused_copy(source, path, **save):
+    """``source`` saved as transformers keeps it in memory: experts fused, router at ``mlp.gate``."""
+    from transformers import MixtralForCausalLM
+
+    MixtralForCausalLM.from_pretrained(source).save_pretrained(path, save_original_format=False, **save)
+    return path
+
+
+@pytest.mark.parametrize("shard", [None, "300KB"])
+def test_fused_experts_read_as_per_expert_weights(tmp_path, tiny_mixtral, shard):
+    fused = _fused_copy(tiny_mixtral, tmp_path / "fused", **({"max_shard_size": shard} if shard else {}))
+    raw = CheckpointReader(tmp_path / "fused")
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in raw.names
+    single = CheckpointReader(tiny_mixtral)
+    assert sorted(raw.names) == sorted(single.names)
+    for name in single.names:
+        assert raw.shape(name) == single.shape(name) and raw.dtype(name) == single.dtype(name), name
+        assert torch.equal(raw.get(name), single.get(name)), name
+    assert raw.numel("model.layers.1.block_sparse_moe.experts.3.w1.weight") == 256 * 128
+    assert len(raw.files()) == (1 if shard is None else len(list(fused.glob("*.safetensors"))))
+
+
+def test_fused_experts_from_pickled_weights(tmp_path, tiny_mixtral):
+    _fused_copy(tiny_mixtral, tmp_path / "fused")
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / "fused" / "model.safetensors")
+    (tmp_path / "fused" / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "fused" / "pytorch_model.bin")
+    pickled, single = CheckpointReader(tmp_path / "fused", allow_pickle=True), CheckpointReader(tiny_mixtral)
+    name = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    assert torch.equal(pickled.get(name), single.get(name))
+    assert torch.equal(pickled.get("model.layers.1.block_sparse_moe.gate.weight"),
+                       single.get("model.layers.1.block_sparse_moe.gate.weight"))
+
+
+def test_fused_experts_of_the_wrong_shape_are_named(tmp_path, tiny_mixtral):
+    from safetensors.torch import load_file
+
+    fused = _fused_copy(tiny_mixtral, tmp_path / "fused")
+    state = load_file(fused / "model.safetensors")
+    name = "model.layers.1.mlp.experts.down_proj"
+    state[name] = state[name].transpose(1, 2).contiguous()
+    save_file(state, fused / "model.safetensors")
+    with pytest.raises(MoequantError, match=r"fused experts model\.layers\.1\.mlp\.experts\.down_proj have shape "
+                                            r"\[4, 256, 128\]; config\.json implies \[4, 128, 256\]"):
+        CheckpointReader(fused)
