@@ -1,10 +1,12 @@
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+import moequant
 from moequant.checkpoint.reader import CheckpointReader
 from moequant.checkpoint.weights import tensor_getter
 from moequant.errors import MoequantError
@@ -294,3 +296,12 @@ def test_fused_experts_compress_as_per_expert_ones(tmp_path, tiny_mixtral_tok):
     got = compress(fused, tmp_path / "b", recipe="mixtral-a4e3", calib=SMALL).path
     shards = [p.name for p in want.glob("*.safetensors")]
     assert shards and {n: digest(got)[n] for n in shards} == {n: digest(want)[n] for n in shards}
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
+    src = make_mixtral(tmp_path / "m", num_hidden_layers=1)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(moequant.__file__).parent / "assets" / "tiny-mixtral" / f, src)
+    with pytest.raises(MoequantError, match=r"token ids up to \d+, past the 256 rows of model\.embed_tokens"):
+        compress(src, tmp_path / "out", recipe="mixtral-a4e3", calib=SMALL)
+    assert not (tmp_path / "out").exists()
