@@ -97,12 +97,12 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self.entries)
 
-    def get(self, name: str, view: TensorView | None = None) -> torch.Tensor:
-        """Tensor ``name``, or the contiguous part of it that ``view`` names."""
+    def get(self, name: str, part: TensorView | None = None) -> torch.Tensor:
+        """Tensor ``name``, or the contiguous part of it that ``part`` names."""
         dtype, shape, start, stop = self.entries[name]
-        if view is not None:
+        if part is not None:
             size = _itemsize(dtype)
-            start, shape = start + view.offset * size, view.shape
+            start, shape = start + part.offset * size, part.shape
             stop = start + size * _numel(shape)
         buf = bytearray(stop - start)
         view = memoryview(buf)
@@ -136,7 +136,9 @@ class CheckpointReader:
 
     Nothing is loaded at construction but the headers; :meth:`get` reads a single tensor.
     Pickled weights (``.bin``/``.pt``) are refused unless ``allow_pickle`` is set, in which case
-    they are loaded with ``torch.load(weights_only=True)``.
+    they are loaded with ``torch.load(weights_only=True)``. Tensors that the architecture stores
+    fused (a layer's experts in one tensor) are listed and read under their per-module names, each
+    read taking only its own bytes.
     """
 
     def __init__(self, path: str | os.PathLike, allow_pickle: bool = False) -> None:
