@@ -201,9 +201,9 @@ def matmul_candidates(m: int, n: int, k: int, device: torch.device) -> list:
             tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
             splits = {1, split_for(k, bk, tiles, programs), split_for(k, bk, tiles, 2 * programs)}
             out += [MatmulConfig(bm, bn, bk, sp, warps, 3, weights_left=True) for sp in sorted(splits)]
-            if bn == 128 and bk == 128:  # and without software pipelining
+            if bn == 128 and bk == 128:  # without software pipelining, and with more tiles in flight
                 sp = split_for(k, bk, tiles, 2 * programs)
-                out.append(MatmulConfig(bm, bn, bk, sp, warps, 1, weights_left=True))
+                out += [MatmulConfig(bm, bn, bk, sp, warps, stages, weights_left=True) for stages in (1, 5)]
     return out
 
 
@@ -289,10 +289,10 @@ def moe_candidates(slots: int, experts: int, hidden: int, inter: int, device: to
             sp, sp13 = decode_splits(4 * programs)
             out.append(MoeConfig(1, bn, bk, bk, sp, warps, 1, gemv=True, split_k_gate_up=sp13))
             if warps == 4:  # each slot's row in a 16-row dot with the weights on the left
-                for target in (2 * programs, 4 * programs):
+                for target, stages in [(2 * programs, 3), (4 * programs, 3), (4 * programs, 5)]:
                     sp, sp13 = decode_splits(target)
                     out.append(
-                        MoeConfig(1, bn, bk, bk, sp, 4, 3, gemv=True, split_k_gate_up=sp13, weights_left=True)
+                        MoeConfig(1, bn, bk, bk, sp, 4, stages, gemv=True, split_k_gate_up=sp13, weights_left=True)
                     )
     if slots >= 8:
         per_expert = slots / experts

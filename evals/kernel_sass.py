@@ -1,9 +1,11 @@
 """Compile moequant's Triton kernels for a GPU target without a GPU and report what the compiler made.
 
 For each kernel variant (bits, tile sizes, warps): registers per thread, local-memory spill bytes,
-shared memory, and the instruction mix of its main K loop, with the loop's instructions per
-weight per thread (fewer is better: decode is bound by bytes only when this is small). Uses
-Triton's ahead-of-time compiler and the ``cuobjdump`` bundled with Triton.
+shared memory, the programs one SM holds at once (by registers, shared memory and warps) and the
+packed codes they keep in flight (stages - 1 tiles each when pipelined, one tile otherwise), and the
+instruction mix of its main K loop, with the loop's instructions per weight per thread (fewer is
+better: decode is bound by bytes only when this is small). Uses Triton's ahead-of-time compiler and
+the ``cuobjdump`` bundled with Triton.
 
     python evals/kernel_sass.py [--arch 90] [--kernels gemv,dot,wleft,wleft1,moe_gemv,moe_dot] [--bits 2 3 4 8]
 """
@@ -51,6 +53,21 @@ UNIT_STRIDES = {
     "stride_oh",
 }
 UNALIGNED_INTS = {"M", "num_slots", "top_k", "stride_ge", "splits"}
+
+
+# Per-SM limits by compute capability: registers, shared memory (bytes), resident blocks, warps.
+SM_LIMITS = {80: (65536, 167936, 32, 64), 86: (65536, 102400, 16, 48), 89: (65536, 102400, 24, 48),
+             90: (65536, 233472, 32, 64)}
+SHARED_RESERVED_PER_BLOCK = 1024
+
+
+def resident_programs(regs: int, shared: int, warps: int, arch: int) -> int:
+    """Programs one SM holds at once, as registers (allocated in steps of 8 per thread), shared
+    memory, and the block and warp limits allow."""
+    max_regs, max_shared, max_blocks, max_warps = SM_LIMITS.get(arch, SM_LIMITS[90])
+    by_regs = max_regs // (-(-regs // 8) * 8 * 32 * warps)
+    by_shared = max_shared // (shared + SHARED_RESERVED_PER_BLOCK) if shared else max_blocks
+    return max(0, min(by_regs, by_shared, max_blocks, max_warps // warps))
 
 
 def _cuobjdump() -> str:
@@ -127,7 +144,7 @@ def variants(kernels: set[str], bits_list: list[int]):
             "gemv": [(1, 128, 128, 4, 3), (1, 128, 128, 4, 1), (1, 64, 128, 4, 3), (1, 32, 128, 2, 3)],
             "dot": [(16, 64, 128, 4, 4), (64, 128, 64, 4, 3)],
             "wleft": [(16, 128, 128, 4, 3), (16, 128, 128, 4, 1), (32, 128, 128, 4, 3), (64, 128, 128, 4, 3)],
-            "wleft1": [(16, 128, 128, 4, 3), (16, 128, 128, 4, 1)],  # one activation row
+            "wleft1": [(16, 128, 128, 4, 3), (16, 128, 128, 4, 1), (16, 128, 128, 4, 5)],  # one activation row
         }
         for form, tiles in forms.items():
             if form not in kernels:
@@ -162,8 +179,9 @@ def variants(kernels: set[str], bits_list: list[int]):
                 ("down", tmoe._moe_gemv_down_kernel),
             ]:
                 for left, bn in [(False, 64), (True, 128)]:
+                    stages = tm.pipeline_depth(bits, bn, 128) if left else 3  # as pick_moe_config sets them
                     yield (
-                        f"moe {name}{' wleft' if left else ''} {bits}-bit n{bn} k128 w4",
+                        f"moe {name}{' wleft' if left else ''} {bits}-bit n{bn} k128 w4 s{stages}",
                         fn,
                         dict(
                             BITS=bits,
@@ -172,12 +190,12 @@ def variants(kernels: set[str], bits_list: list[int]):
                             BLOCK_K=128,
                             ASM=True,
                             EVEN=True,
-                            STAGES=3,
+                            STAGES=stages,
                             WEIGHTS_LEFT=left,
                             DOT_DTYPE=tl.bfloat16,
                         ),
                         4,
-                        3,
+                        stages,
                         # gate and up: two loops in the GEMV form, one in the weights-left form
                         bn * 128 * (2 if left and name == "gate_up" else 1),
                     )
@@ -221,12 +239,15 @@ def main(argv: list[str] | None = None) -> int:
             r = compile_variant(fn, consts, warps, stages, args.arch)
         except Exception as exc:  # noqa: BLE001 - report every variant that does not compile
             failures += 1
-            print(f"{label:38s} FAILED: {str(exc).splitlines()[0][:200]}")
+            print(f"{label:40s} FAILED: {str(exc).splitlines()[0][:200]}")
             continue
         per_weight = r["loop"] * 32 * warps / weights
         top = " ".join(f"{op}:{n}" for op, n in r["ops"].most_common(6))
+        programs = resident_programs(r["regs"], r["shared"], warps, args.arch)
+        in_flight = programs * max(stages - 1, 1) * weights * consts["BITS"] / 8 / 1024
         print(
-            f"{label:38s} regs {r['regs']:3d} spill {r['local']:4d} B shared {r['shared']:6d} B  "
+            f"{label:40s} regs {r['regs']:3d} spill {r['local']:4d} B shared {r['shared']:6d} B  "
+            f"{programs:2d}/SM {in_flight:5.1f} KB codes in flight/SM  "
             f"loop {r['loop']:5d} instr = {per_weight:5.2f}/weight/thread  {top}",
             flush=True,
         )

@@ -1092,6 +1092,22 @@ def pick_block_k(group_size: int, default: int) -> int:
     return default
 
 
+IN_FLIGHT_BYTES = 16 * 1024
+
+
+def pipeline_depth(bits: int, block_n: int, block_k: int, most: int = 5) -> int:
+    """Software-pipeline stages (3 to ``most``) that keep about ``IN_FLIGHT_BYTES`` of packed codes
+    loading ahead of each program: ``stages - 1`` tiles of ``block_k x block_n`` codes.
+
+    Decode reads at full bandwidth only with bandwidth x latency bytes in flight, about 25 KB per
+    SM on an H200 (4.8 TB/s, ~0.7 us, 132 SMs); the one-row weights-left programs fit three to an
+    SM (evals/kernel_sass.py), so 16 KB each keeps twice that. 128 x 128 tiles: 3 stages at 4 and
+    8 bits, 4 at 3 bits, 5 at 2 bits.
+    """
+    tile = block_n * block_k * bits // 8
+    return min(most, max(3, 1 + -(-IN_FLIGHT_BYTES // tile)))
+
+
 def split_for(k: int, block_k: int, tiles: int, target_programs: int) -> int:
     """Split-K factor that brings ``tiles * split`` up to ``target_programs``, at most one split per K block."""
     k_blocks = triton.cdiv(k, block_k)
@@ -1120,7 +1136,8 @@ def pick_config(
     ``sorted_groups``: no ``g_idx`` to read.
 
     Up to 64 rows, dot tiles with the weights as the left operand (16, 32 or 64 rows, 128
-    columns, 128-deep), split-K to two programs per SM; for one row only where codes pair into
+    columns, 128-deep; 16-row tiles pipelined by :func:`pipeline_depth`), split-K to two programs
+    per SM; for one row only where codes pair into
     16-bit floats (2, 3 and 4 bits, 16-bit activations, a K tile in one group), else the GEMV
     kernel with split-K to four programs per SM; more rows, plain 64 x 128 dot tiles. The H200 sweeps
     (evals/results/kernels-*.json) chose the GEMV and the plain tiles; the weights-left tiles
@@ -1137,7 +1154,8 @@ def pick_config(
         bk = pick_block_k(group_size, 128)
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, 128)
         target = (2 if m <= GEMV_MAX_ROWS else 1) * device_programs(device)
-        return MatmulConfig(bm, 128, bk, split_for(k, bk, tiles, target), 4, 3, weights_left=True)
+        stages = pipeline_depth(bits, 128, bk) if bm == 16 else 3
+        return MatmulConfig(bm, 128, bk, split_for(k, bk, tiles, target), 4, stages, weights_left=True)
     return MatmulConfig(64, 128, pick_block_k(group_size, 64), 1, 4, 3)
 
 

@@ -37,6 +37,7 @@ from moequant.kernels.triton_matmul import (
     k_split,
     last_to_arrive,
     pick_block_k,
+    pipeline_depth,
     rows_dot,
     split_counters,
     split_for,
@@ -466,7 +467,7 @@ def pick_moe_config(
     or fewer each (re-reading an expert per slot beat 16-row tiles in the H200 sweeps; 2, 3 and
     4-bit codes with the weights on a dot's left and 128 columns, 8-bit ones on the GEMV loop
     with 32 columns for a single token, else 128; both projections split along K to
-    about four programs per SM), then 16 to 64-row blocks by tokens per expert with the weights
+    about four programs per SM; weights-left ones pipelined by ``pipeline_depth``), then 16 to 64-row blocks by tokens per expert with the weights
     on the dots' left (128 x 128 tiles). The weights-left forms take fewer instructions per
     weight than the GEMV loop and the plain tiles the sweeps chose; they are not yet timed on a
     GPU."""
@@ -479,8 +480,10 @@ def pick_moe_config(
         target = 4 * device_programs(device)
         split = split_for(inter, bk2, slots * triton.cdiv(hidden, bn), target)
         split13 = split_for(hidden, bk13, slots * triton.cdiv(inter, bn), target)
+        stages = pipeline_depth(bits, bn, min(bk13, bk2)) if paired else 3
         return MoeConfig(
-            1, bn, bk13, bk2, split, num_warps=warps, gemv=True, split_k_gate_up=split13, weights_left=paired
+            1, bn, bk13, bk2, split, num_warps=warps, num_stages=stages, gemv=True, split_k_gate_up=split13,
+            weights_left=paired,
         )
     block_m = 16 if per_expert <= 16 else (32 if per_expert <= 64 else 64)
     bk13 = pick_block_k(group_w13, 128)

@@ -150,9 +150,13 @@ def test_weights_left_falls_back_where_it_does_not_apply(triton_kernels, make_li
 def test_weights_left_is_the_default_up_to_64_rows(triton_kernels):
     tm, _ = triton_kernels
     cpu = torch.device("cpu")
-    for bits in (2, 3, 4):  # one row too, for codes paired into 16-bit floats
+    for bits, stages in [(2, 5), (3, 4), (4, 3)]:  # one row too, for codes paired into 16-bit floats
         one = tm.pick_config(1, 4096, 4096, 128, cpu, bits=bits)
         assert one.weights_left and one.block_m == 16 and not one.gemv
+        assert one.num_stages == stages  # 16 KB of codes or more in flight per program
+        assert (stages - 1) * 128 * 128 * bits // 8 >= tm.IN_FLIGHT_BYTES > (stages - 2) * 128 * 128 * bits // 8
+    assert tm.pick_config(64, 4096, 4096, 128, cpu, bits=2).num_stages == 3
+    assert tm.pipeline_depth(2, 128, 32) == 5 and tm.pipeline_depth(8, 128, 128) == 3
     for bits, half in [(8, True), (4, False)]:
         assert tm.pick_config(1, 4096, 4096, 128, cpu, bits=bits, half=half).gemv
     assert tm.pick_config(1, 4096, 4096, 128, cpu, sorted_groups=False).gemv  # g_idx read: the GEMV

@@ -231,6 +231,7 @@ def test_decode_kernels_only_for_few_tokens_per_expert(triton_kernels):
     assert tmoe.pick_moe_config(2, 8, 4096, 14336, 128, 128, cpu).gemv  # one token, top-2 of 8
     decode = {b: tmoe.pick_moe_config(2, 8, 4096, 14336, 128, 128, cpu, bits=b) for b in BITS}
     assert [decode[b].weights_left for b in BITS] == [True, True, True, False]
+    assert [decode[b].num_stages for b in BITS] == [5, 4, 3, 3]
     assert not tmoe.pick_moe_config(64, 8, 4096, 14336, 128, 128, cpu).gemv
     blocks = [tmoe.pick_moe_config(s, 8, 4096, 14336, 128, 128, cpu) for s in (64, 512, 1024)]
     assert [(c.block_m, c.weights_left) for c in blocks] == [(16, True), (32, True), (64, True)]
