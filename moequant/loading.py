@@ -84,10 +84,10 @@ def check_quantization_config(qcfg: dict) -> None:
     if method != "gptq":
         raise MoequantError(f"quantization_config.quant_method is {method!r}; moequant loads GPTQ checkpoints only")
     fmt = str(qcfg.get("checkpoint_format", "gptq")).lower()
-    if fmt != "gptq":
+    if fmt not in ("gptq", "gptq_v2"):
         raise MoequantError(
-            f"quantization_config.checkpoint_format is {fmt!r}; moequant reads the v1 'gptq' format "
-            "(convert gptq_v2 checkpoints to v1 first)"
+            f"quantization_config.checkpoint_format is {fmt!r}; moequant reads the 'gptq' (v1) and 'gptq_v2' "
+            "layouts"
         )
     _modules_in_block(qcfg)
     patterns = [p[2:] if p.startswith(("-:", "+:")) else p for p in (qcfg.get("dynamic") or {})]

@@ -284,6 +284,39 @@ def test_quantize_config_file_stands_in_for_the_config_entry(stacked, tmp_path):
         load(other, device="cpu")
 
 
+def _as_gptq_v2(folder, zero_at=None):
+    """Rewrite a v1 checkpoint as format gptq_v2 (qzeros hold the zero points themselves); with
+    ``zero_at``, that module's first zero point becomes 0, which v2 can hold and v1 cannot."""
+    from moequant.quant.pack import pack_rows, unpack_qzeros
+
+    for shard in folder.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name in [n for n in tensors if n.endswith(".qzeros")]:
+            bits = tensors[name].shape[-1] * 32 // tensors[name[: -len("qzeros")] + "scales"].shape[-1]
+            zeros = unpack_qzeros(tensors[name], bits)
+            if name == zero_at:
+                zeros[0, 0] = 0
+            tensors[name] = pack_rows(zeros.t(), bits).t().contiguous()
+        save_file(tensors, shard)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["checkpoint_format"] = "gptq_v2"
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_gptq_v2_checkpoints_load_as_v1(stacked, mixed, tmp_path):
+    """GPTQModel's v2 layout stores zero points without v1's offset of one: the same model."""
+    x = ids(seed=8)
+    for name, folder in (("stacked", stacked[1]), ("mixed", mixed)):
+        v2 = shutil.copytree(folder, tmp_path / name)
+        _as_gptq_v2(v2)
+        close(logits(load(v2, device="cpu"), x), logits(load(folder, device="cpu"), x), rel=0)
+    broken = shutil.copytree(stacked[1], tmp_path / "zero")
+    name = "model.layers.1.self_attn.k_proj.qzeros"
+    _as_gptq_v2(broken, zero_at=name)
+    with pytest.raises(MoequantError, match=re.escape(name) + r" holds zero points of 0 \(format gptq_v2\)"):
+        load(broken, device="cpu")
+
+
 def test_engine_limits_from_the_recipe_and_from_the_tensors_agree(mixed):
     """compress records the limits from its specs; inspect reads them back from the tensors."""
     from moequant.inspection import describe

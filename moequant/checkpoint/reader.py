@@ -162,6 +162,8 @@ class CheckpointReader:
         self.add_views(fused_views(self.config, {n: self.shape(n) for n in self._weight_map}))
         if not self.config.get("quantization_config") and any(n.endswith(".qweight") for n in self._weight_map):
             self._adopt_quant_config_file()
+        qcfg = self.config.get("quantization_config")
+        self._zeros_v2 = isinstance(qcfg, dict) and str(qcfg.get("checkpoint_format", "")).lower() == "gptq_v2"
 
     def _adopt_quant_config_file(self) -> None:
         """Take the quantisation config of packed weights from ``quantize_config.json``.
@@ -302,6 +304,8 @@ class CheckpointReader:
                 tensor = tensor.reshape(-1)[view.offset:view.offset + _numel(view.shape)].reshape(view.shape)
         else:
             tensor = self._handles[self._weight_map[name]].get(source, view)
+        if self._zeros_v2 and name.endswith(".qzeros"):
+            tensor = self._v2_zeros_as_v1(name, tensor)
         if device is not None:
             tensor = tensor.to(device)
         if dtype is not None:
@@ -310,6 +314,23 @@ class CheckpointReader:
             bad = "NaN" if torch.isnan(tensor).any() else "Inf"
             raise MoequantError(f"tensor {name} in {self._weight_map[name].name} contains {bad} values")
         return tensor
+
+    def _v2_zeros_as_v1(self, name: str, qzeros: torch.Tensor) -> torch.Tensor:
+        """``qzeros`` of format ``gptq_v2`` (zero points as they are) in the v1 layout (``z - 1``)."""
+        from moequant.quant.pack import pack_qzeros, unpack_qzeros
+
+        scales = name[: -len("qzeros")] + "scales"
+        columns = self.shape(scales)[-1] if self.has(scales) else 0
+        if not columns or qzeros.dim() != 2 or (qzeros.shape[-1] * 32) % columns:
+            raise MoequantError(f"cannot tell the bits of {name} {list(qzeros.shape)} from {scales}")
+        bits = qzeros.shape[-1] * 32 // columns
+        zeros = unpack_qzeros(qzeros.to(torch.int32), bits) - 1
+        if zeros.numel() and int(zeros.min()) < 1:
+            raise MoequantError(
+                f"{name} holds zero points of 0 (format gptq_v2), which the v1 layout moequant runs cannot "
+                "hold; quantise that module symmetrically or with zero points of 1 or more"
+            )
+        return pack_qzeros(zeros, bits)
 
     def _require(self, name: str) -> None:
         if name not in self._weight_map:
