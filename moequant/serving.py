@@ -4,8 +4,9 @@ moequant's own loader runs every combination of bits, group sizes and symmetry p
 widest public server of GPTQ MoE checkpoints, vLLM, fuses a layer's experts into one MoE kernel
 that takes 4- and 8-bit experts only, one setting for all of a layer's experts (w1 and w3 of
 each expert alike), symmetric ones on its Marlin path; and it fuses q, k and v into one matrix.
-A checkpoint outside those limits loads there with an error, or not as written: the notes below
-say so when the checkpoint is made and inspected, not when a server refuses it.
+A checkpoint beyond those limits fails to load there, or loads with settings other than those it
+was written with (per-expert ``dynamic`` rules do not match a fused layer's name); these notes
+say so when the checkpoint is made and inspected, before a server is tried.
 """
 
 from __future__ import annotations
@@ -38,13 +39,12 @@ def engine_limits(adapter: MixtralAdapter, stored: Mapping[str, Stored]) -> list
             uneven_experts.append(layer)
         if any(not s[2] for s in quantised):
             asym_experts.append(layer)
-        if not _one_setting(
-            [
-                (stored.get(i.name), i.in_features)
-                for i in infos
-                if i.kind == "attention" and i.role in ("q", "k", "v")
-            ]
-        ):
+        qkv = [
+            (stored.get(i.name), i.in_features)
+            for i in infos
+            if i.kind == "attention" and i.role in ("q", "k", "v")
+        ]
+        if not _one_setting(qkv):
             uneven_qkv.append(layer)
     notes = [
         f"{bits}-bit experts ({_layers(layers)}) run on moequant's kernels only: vLLM's MoE kernels take "
