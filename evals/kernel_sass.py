@@ -144,7 +144,8 @@ def variants(kernels: set[str], bits_list: list[int]):
             "gemv": [(1, 128, 128, 4, 3), (1, 128, 128, 4, 1), (1, 64, 128, 4, 3), (1, 32, 128, 2, 3)],
             "dot": [(16, 64, 128, 4, 4), (64, 128, 64, 4, 3)],
             "wleft": [(16, 128, 128, 4, 3), (16, 128, 128, 4, 1), (32, 128, 128, 4, 3), (64, 128, 128, 4, 3)],
-            "wleft1": [(16, 128, 128, 4, 3), (16, 128, 128, 4, 1), (16, 128, 128, 4, 5)],  # one activation row
+            # one activation row: unpipelined, 3 stages, pick_config's depth, 5 stages
+            "wleft1": [(16, 128, 128, 4, st) for st in sorted({1, 3, tm.pipeline_depth(bits, 128, 128), 5})],
         }
         for form, tiles in forms.items():
             if form not in kernels:
