@@ -110,10 +110,18 @@ def linear_specs(adapter: MixtralAdapter, qcfg: dict | None) -> dict[str, Linear
     for layer in range(adapter.config.num_layers):
         for info in adapter.layer_linears(layer):
             if info.kind in ("attention", "expert"):
-                specs[info.name] = module_spec(qcfg, info.name)
+                specs[info.name] = _one_group_if_wider(module_spec(qcfg, info.name), info.in_features)
     if not adapter.config.tie_word_embeddings:
-        specs["lm_head"] = module_spec(qcfg, "lm_head") if qcfg and qcfg.get("lm_head") else None
+        lm_head = module_spec(qcfg, "lm_head") if qcfg and qcfg.get("lm_head") else None
+        specs["lm_head"] = _one_group_if_wider(lm_head, adapter.config.hidden_size)
     return specs
+
+
+def _one_group_if_wider(spec: LinearSpec | None, in_features: int) -> LinearSpec | None:
+    """A group wider than the input is one group over it (``ceil(K / g)`` = 1 row of scales)."""
+    if spec is not None and spec.group_size > in_features:
+        return LinearSpec(spec.bits, -1)
+    return spec
 
 
 # -- the plan: which checkpoint tensor goes where ----------------------------------------------

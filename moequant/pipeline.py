@@ -18,7 +18,7 @@ import json
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -110,6 +110,8 @@ def plan(adapter: MixtralAdapter, recipe: Recipe, method: str | None = None) -> 
     infos = [i for layer in range(adapter.config.num_layers) for i in adapter.layer_linears(layer)]
     for info in infos + adapter.global_linears():
         spec = recipe.spec_for(info.name, method)
+        if spec is not None and spec.group_size > info.in_features:
+            spec = replace(spec, group_size=-1)  # a group wider than the input: one group
         if spec is not None:
             _check_spec(info, spec, recipe)
         specs[info.name] = spec
@@ -125,9 +127,11 @@ def _check_spec(info: LinearInfo, spec: QuantSpec, recipe: Recipe) -> None:
         raise MoequantError(f"{where} would quantise {info.name}; embeddings stay 16-bit in the GPTQ layout")
     g = spec.group_size
     if g != -1 and info.in_features % g:
+        divisor = next((d for d in (256, 128, 64, 32) if d < g and info.in_features % d == 0), None)
+        such = f" such as {divisor}" if divisor else ""
         raise MoequantError(
             f"{where}: group_size {g} does not divide the {info.in_features} input features of {info.name}; "
-            "use a divisor or -1"
+            f"use a divisor{such}, or -1"
         )
     try:
         check_packable(info.out_features, info.in_features, spec.bits, g)

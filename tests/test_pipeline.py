@@ -305,3 +305,27 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
     with pytest.raises(MoequantError, match=r"token ids up to \d+, past the 256 rows of model\.embed_tokens"):
         compress(src, tmp_path / "out", recipe="mixtral-a4e3", calib=SMALL)
     assert not (tmp_path / "out").exists()
+
+
+def test_narrow_models_compress_with_the_default_recipe(tmp_path):
+    """Hidden 64 and intermediate 96 with groups of 128: each such module is one group, written
+    as group_size -1 for readers; a config that says 128 for them (as other tools write it) loads
+    them as one group too, bit for bit the same."""
+    from moequant.loading import load
+
+    src = make_mixtral(tmp_path / "m", hidden_size=64, intermediate_size=96, num_hidden_layers=1)
+    out = compress(src, tmp_path / "out", recipe="mixtral-a4e3", method="rtn").path
+    reader = CheckpointReader(out)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.block_sparse_moe.experts.1.w2"):
+        assert reader.shape(name + ".scales")[0] == 1 and not reader.get(name + ".g_idx").any()
+    config = json.loads((out / "config.json").read_text())
+    assert {v.get("group_size") for v in config["quantization_config"]["dynamic"].values()} <= {-1, None}
+    x = torch.randint(0, 256, (1, 9))
+    want = load(out, device="cpu")(input_ids=x).logits
+
+    config["quantization_config"]["group_size"] = 128
+    config["quantization_config"]["dynamic"] = {
+        k: {**v, "group_size": 128} if v else v for k, v in config["quantization_config"]["dynamic"].items()
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    assert torch.equal(load(out, device="cpu")(input_ids=x).logits, want)

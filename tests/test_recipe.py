@@ -68,7 +68,9 @@ def test_plan_refuses_router_and_bad_group():
     with pytest.raises(MoequantError, match="would quantise the router"):
         plan(adapter, router)
     group = parse_recipe("name: g\nrules:\n  - match: '.*w2'\n    bits: 4\n    group_size: 4096\n")
-    with pytest.raises(MoequantError, match="group_size 4096 does not divide the 14336 input features"):
+    with pytest.raises(MoequantError, match="group_size 4096 does not divide the 14336 input features of "
+                                            r"model\.layers\.0\.block_sparse_moe\.experts\.0\.w2; use a divisor "
+                                            "such as 256, or -1"):
         plan(adapter, group)
     embed = parse_recipe("name: e\nrules:\n  - match: 'model.embed_tokens'\n    bits: 4\n")
     with pytest.raises(MoequantError, match="embeddings stay 16-bit"):
@@ -83,3 +85,11 @@ def test_size_estimates_follow_the_bits():
     # Mixtral-8x7B has 46.7B parameters; 4-bit g128 is about 4.2 bits per weight with 16-bit embeddings
     assert 46.5e9 < est["mixtral-a4e4"]["parameters"] < 46.8e9
     assert 4.1 < est["mixtral-a4e4"]["bits_per_weight"] < 4.4
+
+
+def test_a_group_wider_than_the_input_is_one_group():
+    adapter = MixtralAdapter({**MIXTRAL_8X7B, "hidden_size": 64, "intermediate_size": 256, "head_dim": 16})
+    specs = plan(adapter, load_recipe("mixtral-a4e3"))
+    assert specs["model.layers.0.self_attn.q_proj"].group_size == -1  # 64 inputs, groups of 128
+    assert specs["model.layers.0.block_sparse_moe.experts.0.w1"].group_size == -1
+    assert specs["model.layers.0.block_sparse_moe.experts.0.w2"].group_size == 128  # 256 inputs
