@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from moequant.arch.registry import adapter_for
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
 from moequant.checkpoint.weights import packed_bits as packed_code_bits
@@ -90,13 +92,14 @@ def _stored(reader: CheckpointReader, info) -> Stored:
     """``(bits, group size, symmetric)`` of a packed module, read from its tensors."""
     bits = packed_code_bits(reader, info.name, info.in_features)
     groups = reader.shape(info.name + ".scales")[0]
+    group = info.in_features
+    if groups > 1:  # the largest group: the last one is shorter where the size does not divide K
+        group = int(torch.bincount(reader.get(info.name + ".g_idx").long().clamp(0, groups - 1)).max())
     zeros = unpack_qzeros(reader.get(info.name + ".qzeros"), bits)
-    return bits, info.in_features // groups, bool((zeros == 2 ** (bits - 1)).all())
+    return bits, group, bool((zeros == 2 ** (bits - 1)).all())
 
 
 def _width(reader: CheckpointReader, name: str) -> int:
-    import torch
-
     return torch.finfo(reader.dtype(name)).bits if reader.dtype(name).is_floating_point else 16
 
 

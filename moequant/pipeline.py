@@ -126,13 +126,6 @@ def _check_spec(info: LinearInfo, spec: QuantSpec, recipe: Recipe) -> None:
     if info.kind == "embedding":
         raise MoequantError(f"{where} would quantise {info.name}; embeddings stay 16-bit in the GPTQ layout")
     g = spec.group_size
-    if g != -1 and info.in_features % g:
-        divisor = next((d for d in (256, 128, 64, 32) if d < g and info.in_features % d == 0), None)
-        such = f" such as {divisor}" if divisor else ""
-        raise MoequantError(
-            f"{where}: group_size {g} does not divide the {info.in_features} input features of {info.name}; "
-            f"use a divisor{such}, or -1"
-        )
     try:
         check_packable(info.out_features, info.in_features, spec.bits, g)
     except MoequantError as exc:

@@ -28,9 +28,11 @@ def engine_limits(adapter: MixtralAdapter, stored: Mapping[str, Stored]) -> list
     is stored; modules it lacks count as 16-bit. An empty list: nothing beyond those limits.
     """
     low_bits: dict[int, list[int]] = {}
-    uneven_experts, asym_experts, uneven_qkv = [], [], []
+    uneven_experts, asym_experts, uneven_qkv, partial_groups = [], [], [], []
     for layer in range(adapter.config.num_layers):
         infos = adapter.layer_linears(layer)
+        if any((s := stored.get(i.name)) is not None and s[1] != -1 and i.in_features % s[1] for i in infos):
+            partial_groups.append(layer)
         experts = [(stored.get(i.name), i.in_features) for i in infos if i.kind == "expert"]
         quantised = [s for s, _ in experts if s is not None]
         for bits in sorted({s[0] for s in quantised} - set(ENGINE_EXPERT_BITS)):
@@ -65,6 +67,11 @@ def engine_limits(adapter: MixtralAdapter, stored: Mapping[str, Stored]) -> list
         notes.append(
             f"q, k and v of {_layers(uneven_qkv)} differ in bits, group size or symmetry: vLLM fuses them "
             "into one matrix with one setting"
+        )
+    if partial_groups:
+        notes.append(
+            f"group sizes that do not divide a module's inputs ({_layers(partial_groups)}, the last group "
+            "shorter): vLLM needs groups that divide every input"
         )
     return notes
 

@@ -329,3 +329,27 @@ def test_narrow_models_compress_with_the_default_recipe(tmp_path):
     }
     (out / "config.json").write_text(json.dumps(config))
     assert torch.equal(load(out, device="cpu")(input_ids=x).logits, want)
+
+
+def test_groups_that_do_not_divide_the_input(tmp_path):
+    """Intermediate 192 in groups of 128: w2 gets a last group of 64 columns, as GPTQ readers
+    expect (ceil(K / g) rows of scales, g_idx = k // g); torch and Triton run it like its floats."""
+    from moequant.inspection import describe
+    from moequant.kernels import dispatch
+    from moequant.loading import dequantized_model, load
+
+    src = add_tokenizer(make_mixtral(tmp_path / "m", intermediate_size=192, num_hidden_layers=1))
+    result = compress(src, tmp_path / "out", recipe="mixtral-a4e3", calib=SMALL)
+    reader = CheckpointReader(result.path)
+    name = "model.layers.0.block_sparse_moe.experts.2.w2"
+    assert reader.shape(name + ".scales") == (2, 128)
+    assert torch.equal(reader.get(name + ".g_idx"), (torch.arange(192) // 128).to(torch.int32))
+    assert result.record["modules"][name]["group_size"] == 128
+    assert result.record["engine_limits"][-1].startswith("group sizes that do not divide a module's inputs (layer 0")
+    assert describe(result.path)["engine_limits"] == result.record["engine_limits"]
+    x = torch.randint(0, 256, (2, 7))
+    want = dequantized_model(result.path, device="cpu")(input_ids=x).logits
+    backends = ["torch"] + (["triton"] if dispatch.triton_available("cpu") else [])
+    for backend in backends:
+        got = load(result.path, device="cpu", backend=backend)(input_ids=x).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -62,16 +62,14 @@ def test_unknown_recipe_lists_builtins():
         load_recipe("mixtral-a1e1")
 
 
-def test_plan_refuses_router_and_bad_group():
+def test_plan_refuses_router_and_keeps_uneven_groups():
     adapter = MixtralAdapter(MIXTRAL_8X7B)
     router = parse_recipe("name: r\nrules:\n  - match: '.*block_sparse_moe\\..*'\n    bits: 4\n")
     with pytest.raises(MoequantError, match="would quantise the router"):
         plan(adapter, router)
     group = parse_recipe("name: g\nrules:\n  - match: '.*w2'\n    bits: 4\n    group_size: 4096\n")
-    with pytest.raises(MoequantError, match="group_size 4096 does not divide the 14336 input features of "
-                                            r"model\.layers\.0\.block_sparse_moe\.experts\.0\.w2; use a divisor "
-                                            "such as 256, or -1"):
-        plan(adapter, group)
+    # 14336 inputs: three groups of 4096 and a last one of 2048
+    assert plan(adapter, group)["model.layers.0.block_sparse_moe.experts.0.w2"].group_size == 4096
     embed = parse_recipe("name: e\nrules:\n  - match: 'model.embed_tokens'\n    bits: 4\n")
     with pytest.raises(MoequantError, match="embeddings stay 16-bit"):
         plan(adapter, embed)

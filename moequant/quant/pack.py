@@ -182,7 +182,8 @@ def check_packable(n: int, k: int, bits: int, group_size: int) -> None:
     """Raise :class:`MoequantError` if a ``[n, k]`` weight cannot be written in the GPTQ layout.
 
     Requires ``bits`` in {2, 3, 4, 8}, ``n`` and ``k`` multiples of 32, and ``group_size``
-    either -1 or a positive divisor of ``k``.
+    either -1 or positive (``ceil(k / group_size)`` groups, the last one shorter where it does not
+    divide ``k``).
     """
     _check_bits(bits)
     if k <= 0 or k % _WORD:
@@ -193,8 +194,8 @@ def check_packable(n: int, k: int, bits: int, group_size: int) -> None:
         raise MoequantError(
             f"out_features N={n} must be a positive multiple of {_WORD} for the GPTQ layout (qzeros packs along N)"
         )
-    if group_size != -1 and (group_size <= 0 or k % group_size):
-        raise MoequantError(f"group_size={group_size} must divide in_features K={k} (or be -1 for one group)")
+    if group_size != -1 and group_size <= 0:
+        raise MoequantError(f"group_size={group_size} must be positive (or -1 for one group)")
 
 
 def pack_result(result: QuantResult, bits: int) -> dict[str, torch.Tensor]:

@@ -44,7 +44,7 @@ def _manual_dequant(codes, scales, zeros, g):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("group_size", [32, 96, -1])
+@pytest.mark.parametrize("group_size", [32, 96, 128, -1])  # 128: a last group of 64 columns
 def test_result_layout_and_dequantisation(bits, sym, act_order, group_size):
     e, n, k = 2, 32, 192
     x = _correlated_inputs(e, 256, k, seed=bits)
@@ -166,13 +166,16 @@ def test_dead_columns_keep_their_weights(act_order):
 
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("sym", [True, False])
-def test_zero_hessian_gives_rtn(act_order, sym):
+@pytest.mark.parametrize("group_size", [32, 96])  # 96: a last group of 32 columns
+def test_zero_hessian_gives_rtn(act_order, sym, group_size):
     e, n, k = 3, 64, 128
     w = torch.randn(e, n, k, generator=torch.Generator().manual_seed(7))
     res = gptq_quantize(
-        w, torch.zeros(e, k, k), QuantSpec(bits=3, group_size=32, sym=sym, act_order=act_order)
+        w, torch.zeros(e, k, k), QuantSpec(bits=3, group_size=group_size, sym=sym, act_order=act_order)
     )
-    base = rtn(w, 3, 32, sym)
+    base = rtn(w, 3, group_size, sym)
+    assert base.scales.shape == (e, -(-k // group_size), n)
+    assert torch.equal(base.dequantize(), _manual_dequant(base.codes, base.scales, base.zeros, group_size))
     assert torch.equal(res.codes, base.codes)
     assert torch.equal(res.scales, base.scales)
     assert torch.equal(res.zeros, base.zeros)

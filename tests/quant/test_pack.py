@@ -317,6 +317,7 @@ def test_check_packable_accepts_mixtral_shapes():
         for bits in BITS:
             for gs in (32, 64, 128, -1):
                 check_packable(n, k, bits, gs)
+    check_packable(128, 192, 4, 128)  # two groups, the last of 64 columns
 
 
 @pytest.mark.parametrize(
@@ -325,8 +326,8 @@ def test_check_packable_accepts_mixtral_shapes():
         (100, 128, 4, 32, r"N=100 .*multiple of 32"),
         (128, 80, 4, -1, r"K=80 .*multiple of 32"),
         (128, 80, 3, -1, r"K=80 .*multiple of 32"),
-        (128, 128, 4, 48, r"group_size=48 must divide in_features K=128"),
-        (128, 128, 4, 0, r"group_size=0"),
+        (128, 128, 4, 0, r"group_size=0 must be positive"),
+        (128, 128, 4, -2, r"group_size=-2 must be positive"),
         (128, 128, 5, 32, r"bits=5"),
     ],
 )
