@@ -81,3 +81,13 @@ def test_one_group_is_one_group_whatever_its_width():
     mixed = {**from_tensors, _expert(0, 0, "w2"): (4, -1, True)}
     assert engine_limits(ADAPTER, _stored(override=mixed)) == []
     assert engine_limits(ADAPTER, _stored(override=from_recipe)) == []
+
+
+def test_groups_that_do_not_divide_an_input():
+    # w1/w3: 128 inputs in groups of 96 and 32; w2: 256 in 96, 96 and 64
+    uneven = {_expert(2, e, r): (4, 96, True) for e in range(4) for r in ("w1", "w2", "w3")}
+    assert engine_limits(ADAPTER, _stored(override=uneven)) == [
+        "group sizes that do not divide a module's inputs (layer 2, the last group shorter): vLLM needs "
+        "groups that divide every input"
+    ]
+    assert engine_limits(ADAPTER, _stored(attention=(4, -1, True))) == []
