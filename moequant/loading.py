@@ -194,19 +194,28 @@ def _expert_fills(adapter: MixtralAdapter, layer: int, layout: str,
 
 # -- building the model -----------------------------------------------------------------------
 def resolve_dtype(dtype: str | torch.dtype | None, config: dict, device: torch.device) -> torch.dtype:
-    """The compute dtype: ``dtype`` if given, else the checkpoint's on CUDA and float32 on CPU."""
-    if isinstance(dtype, torch.dtype):
+    """The compute dtype: ``dtype`` if given, else the checkpoint's on CUDA (float16 for a bfloat16
+    checkpoint on a GPU without bfloat16 arithmetic) and float32 on CPU."""
+    if isinstance(dtype, torch.dtype) or (dtype is not None and str(dtype) != "auto"):
+        if not isinstance(dtype, torch.dtype):
+            if str(dtype) not in _DTYPE_NAMES:
+                raise MoequantError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32")
+            dtype = _DTYPE_NAMES[str(dtype)]
         if not dtype.is_floating_point:
             raise MoequantError(f"dtype {dtype} is not a floating-point type; use bfloat16, float16 or float32")
+        if dtype == torch.bfloat16 and device.type == "cuda" and not _has_bf16(device):
+            raise MoequantError(f"{device} has no bfloat16 arithmetic (compute capability below 8.0); use float16")
         return dtype
-    if dtype is not None and str(dtype) != "auto":
-        if str(dtype) not in _DTYPE_NAMES:
-            raise MoequantError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32")
-        return _DTYPE_NAMES[str(dtype)]
     if device.type != "cuda":
         return torch.float32
     stored = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
-    return _DTYPE_NAMES.get(stored, torch.bfloat16)
+    chosen = _DTYPE_NAMES.get(stored, torch.bfloat16)
+    return torch.float16 if chosen == torch.bfloat16 and not _has_bf16(device) else chosen
+
+
+def _has_bf16(device: torch.device) -> bool:
+    """Whether the CUDA ``device`` does bfloat16 arithmetic natively (compute capability 8.0 and up)."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def _hf_config(raw: dict, keep_quant: bool):
@@ -434,8 +443,9 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None,
         path: checkpoint folder (``config.json``, safetensors shards) or hub id.
         device: ``cpu``, ``cuda[:N]``; None or ``auto``: CUDA when available, else CPU.
         dtype: compute dtype of activations and 16-bit weights. Default: the checkpoint's
-            ``dtype``/``torch_dtype`` (bf16/fp16) on CUDA, float32 on CPU. Packed scales stay
-            float16 whatever the dtype.
+            ``dtype``/``torch_dtype`` (bf16/fp16) on CUDA (fp16 for bf16 on GPUs before compute
+            capability 8.0, which lack bf16), float32 on CPU. Packed scales stay float16 whatever
+            the dtype.
         backend: kernels for packed weights: ``torch`` (any device), ``triton`` (CUDA, or CPU
             under ``TRITON_INTERPRET=1``) or ``auto`` (Triton on CUDA when available).
 

@@ -333,6 +333,24 @@ def test_quantize_config_file_beside_plain_weights_is_ignored(tmp_path):
     assert "quantization_config" not in CheckpointReader(src).config
 
 
+def test_dtype_on_gpus_without_bfloat16(monkeypatch):
+    """A bfloat16 checkpoint computes in float16 on a GPU below compute capability 8.0."""
+    from moequant.loading import resolve_dtype
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert resolve_dtype(None, {"dtype": "bfloat16"}, cuda) == torch.float16
+    assert resolve_dtype("auto", {"torch_dtype": "float32"}, cuda) == torch.float32
+    assert resolve_dtype(torch.float16, {}, cuda) == torch.float16
+    with pytest.raises(MoequantError, match=r"cuda:0 has no bfloat16 arithmetic .*; use float16"):
+        resolve_dtype("bfloat16", {}, cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve_dtype(None, {"dtype": "bfloat16"}, cuda) == torch.bfloat16
+    assert resolve_dtype(None, {"dtype": "bfloat16"}, torch.device("cpu")) == torch.float32
+    with pytest.raises(MoequantError, match="not a floating-point type"):
+        resolve_dtype(torch.int8, {}, cuda)
+
+
 def test_triton_backend_needs_a_way_to_run(stacked, monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
