@@ -1227,6 +1227,33 @@ def stages_for(mode: int, num_stages: int) -> int:
     return num_stages if mode == GROUPS_PER_TILE else min(num_stages, 2)
 
 
+_FITTING_STAGES: dict[tuple, int] = {}
+
+
+def launch_fitting(kernel, grid: tuple, args: tuple, stages: int, device: torch.device, **consts) -> None:
+    """``kernel[grid](*args, STAGES=s, num_stages=s, **consts)`` with ``s = stages``, or with fewer
+    stages where the GPU lacks the shared memory for that many (Triton's ``OutOfResources``, raised
+    before anything runs); the depth that fits is remembered per kernel, device and constants.
+    """
+    from triton.runtime.errors import OutOfResources
+
+    name = getattr(getattr(kernel, "fn", kernel), "__name__", repr(kernel))
+    key = (name, device.type, device.index, stages, tuple(sorted((k, str(v)) for k, v in consts.items())))
+    depth = _FITTING_STAGES.get(key, stages)
+    while True:
+        try:
+            kernel[grid](*args, STAGES=depth, num_stages=depth, **consts)
+            break
+        except OutOfResources as exc:
+            if depth <= 1:
+                raise MoequantError(
+                    f"the {name} kernel needs more shared memory than {device} has ({exc.required} bytes, limit "
+                    f"{exc.limit}) even without pipelining; load the model with backend='torch'"
+                ) from exc
+            depth -= 1
+    _FITTING_STAGES[key] = depth
+
+
 def check_packed_linear(
     qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bits: int, k: int
 ) -> tuple[int, int]:
@@ -1305,17 +1332,18 @@ def dequant_matmul_triton(
     ws = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if split > 1 else out
     counts = split_counters(x.device, grid[0]) if split > 1 else qweight
     left = weights_left_applies(cfg.weights_left, mode, x.dtype)
-    _dequant_matmul_kernel[grid](
+    launch_fitting(_dequant_matmul_kernel, grid, (
         x2, qweight, qzeros, scales, g_arg, out, ws, counts,
         m, n, k, qweight.shape[0], qzeros.shape[1],
         x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
         qzeros.stride(0), qzeros.stride(1), scales.stride(0), scales.stride(1),
-        out.stride(0), out.stride(1), group_size, k_per_split, split,
+        out.stride(0), out.stride(1), group_size, k_per_split, split),
+        stages_for(mode, cfg.num_stages), x.device,
         BITS=bits, GROUP_MODE=mode, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SPLIT_K=split > 1, DOT_DTYPE=dtype, IEEE_FP32=ieee,
-        WEIGHTS_LEFT=left, STAGES=stages_for(mode, cfg.num_stages), ASM=inline_asm(x.device),
+        WEIGHTS_LEFT=left, ASM=inline_asm(x.device),
         GEMV=cfg.gemv, EVEN=k % cfg.block_k == 0 and n % cfg.block_n == 0, ONE_ROW=left and m == 1,
-        num_warps=cfg.num_warps, num_stages=stages_for(mode, cfg.num_stages),
+        num_warps=cfg.num_warps,
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
 

@@ -36,6 +36,7 @@ from moequant.kernels.triton_matmul import (
     inline_asm,
     k_split,
     last_to_arrive,
+    launch_fitting,
     pick_block_k,
     pipeline_depth,
     rows_dot,
@@ -540,40 +541,42 @@ def fused_moe_triton(
 
     mode13, g13, gs13 = _groups(w13, cfg.block_k_gate_up)
     h = x.new_empty(slots, inter)
-    _moe_gate_up_kernel[(num_blocks, triton.cdiv(inter, cfg.block_n))](
+    launch_fitting(_moe_gate_up_kernel, (num_blocks, triton.cdiv(inter, cfg.block_n)), (
         x, w13.qweight, w13.qzeros, w13.scales, g13, h, sorted_ids, expert_ids, num_post_pad,
         slots, top_k, hidden, inter, w13.qweight.shape[1], w13.qzeros.shape[2],
         x.stride(0), x.stride(1),
         w13.qweight.stride(0), w13.qweight.stride(1), w13.qweight.stride(2),
         w13.qzeros.stride(0), w13.qzeros.stride(1), w13.qzeros.stride(2),
         w13.scales.stride(0), w13.scales.stride(1), w13.scales.stride(2),
-        gs13, h.stride(0), h.stride(1), w13.group_size,
+        gs13, h.stride(0), h.stride(1), w13.group_size),
+        stages_for(mode13, cfg.num_stages), x.device,
         BITS=w13.bits, GROUP_MODE=mode13, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k_gate_up, DOT_DTYPE=dtype, IEEE_FP32=ieee,
         WEIGHTS_LEFT=weights_left_applies(cfg.weights_left, mode13, x.dtype),
-        STAGES=stages_for(mode13, cfg.num_stages), ASM=inline_asm(x.device),
+        ASM=inline_asm(x.device),
         EVEN=hidden % cfg.block_k_gate_up == 0 and inter % cfg.block_n == 0,
-        num_warps=cfg.num_warps, num_stages=stages_for(mode13, cfg.num_stages),
+        num_warps=cfg.num_warps,
     )  # fmt: skip
 
     mode2, g2, gs2 = _groups(w2, cfg.block_k_down)
     k_per_split, split = k_split(inter, cfg.split_k, cfg.block_k_down)
     y = torch.zeros(slots, hidden, device=x.device, dtype=torch.float32)
     weights = topk_weights.reshape(-1)
-    _moe_down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n), split)](
+    launch_fitting(_moe_down_kernel, (num_blocks, triton.cdiv(hidden, cfg.block_n), split), (
         h, w2.qweight, w2.qzeros, w2.scales, g2, y, weights, sorted_ids, expert_ids, num_post_pad,
         slots, inter, hidden, w2.qweight.shape[1], w2.qzeros.shape[2],
         h.stride(0), h.stride(1),
         w2.qweight.stride(0), w2.qweight.stride(1), w2.qweight.stride(2),
         w2.qzeros.stride(0), w2.qzeros.stride(1), w2.qzeros.stride(2),
         w2.scales.stride(0), w2.scales.stride(1), w2.scales.stride(2),
-        gs2, y.stride(0), y.stride(1), w2.group_size, k_per_split,
+        gs2, y.stride(0), y.stride(1), w2.group_size, k_per_split),
+        stages_for(mode2, cfg.num_stages), x.device,
         BITS=w2.bits, GROUP_MODE=mode2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k_down, ATOMIC_ADD=split > 1, DOT_DTYPE=dtype, IEEE_FP32=ieee,
         WEIGHTS_LEFT=weights_left_applies(cfg.weights_left, mode2, x.dtype),
-        STAGES=stages_for(mode2, cfg.num_stages), ASM=inline_asm(x.device),
+        ASM=inline_asm(x.device),
         EVEN=inter % cfg.block_k_down == 0 and hidden % cfg.block_n == 0,
-        num_warps=cfg.num_warps, num_stages=stages_for(mode2, cfg.num_stages),
+        num_warps=cfg.num_warps,
     )  # fmt: skip
     return y.view(t, top_k, hidden).sum(dim=1).to(x.dtype)
 
@@ -602,18 +605,19 @@ def _fused_moe_gemv(
     ws13 = torch.empty(split13, slots, 2 * inter, device=x.device, dtype=torch.float32) if split13 > 1 else h
     counts13 = split_counters(x.device, slots * grid13[1]) if split13 > 1 else ids
     even13 = hidden % cfg.block_k_gate_up == 0 and inter % cfg.block_n == 0
-    _moe_gemv_gate_up_kernel[grid13](
+    launch_fitting(_moe_gemv_gate_up_kernel, grid13, (
         x, w13.qweight, w13.qzeros, w13.scales, g13, h, ids, ws13, counts13,
         top_k, hidden, inter, w13.qweight.shape[1], w13.qzeros.shape[2],
         x.stride(0), x.stride(1),
         w13.qweight.stride(0), w13.qweight.stride(1), w13.qweight.stride(2),
         w13.qzeros.stride(0), w13.qzeros.stride(1), w13.qzeros.stride(2),
         w13.scales.stride(0), w13.scales.stride(1), w13.scales.stride(2),
-        gs13, h.stride(0), h.stride(1), w13.group_size, kps13, split13,
+        gs13, h.stride(0), h.stride(1), w13.group_size, kps13, split13),
+        stages_for(mode13, cfg.num_stages), x.device,
         BITS=w13.bits, GROUP_MODE=mode13, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k_gate_up,
-        ASM=asm, EVEN=even13, STAGES=stages_for(mode13, cfg.num_stages),
+        ASM=asm, EVEN=even13,
         WEIGHTS_LEFT=weights_left_applies(cfg.weights_left, mode13, x.dtype), DOT_DTYPE=dtype,
-        num_warps=cfg.num_warps, num_stages=stages_for(mode13, cfg.num_stages),
+        num_warps=cfg.num_warps,
     )  # fmt: skip
 
     mode2, g2, gs2 = _groups(w2, cfg.block_k_down)
@@ -624,17 +628,18 @@ def _fused_moe_gemv(
     ws2 = torch.empty(split2, slots, hidden, device=x.device, dtype=torch.float32) if parts else y
     counts2 = split_counters(x.device, t * grid2[1]) if parts else ids
     even2 = inter % cfg.block_k_down == 0 and hidden % cfg.block_n == 0
-    _moe_gemv_down_kernel[grid2](
+    launch_fitting(_moe_gemv_down_kernel, grid2, (
         h, w2.qweight, w2.qzeros, w2.scales, g2, y, topk_weights.reshape(-1), ids, ws2, counts2,
         top_k, inter, hidden, w2.qweight.shape[1], w2.qzeros.shape[2],
         h.stride(0), h.stride(1),
         w2.qweight.stride(0), w2.qweight.stride(1), w2.qweight.stride(2),
         w2.qzeros.stride(0), w2.qzeros.stride(1), w2.qzeros.stride(2),
         w2.scales.stride(0), w2.scales.stride(1), w2.scales.stride(2),
-        gs2, y.stride(0), y.stride(1), w2.group_size, kps2, split2,
+        gs2, y.stride(0), y.stride(1), w2.group_size, kps2, split2),
+        stages_for(mode2, cfg.num_stages), x.device,
         BITS=w2.bits, GROUP_MODE=mode2, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k_down,
-        ASM=asm, EVEN=even2, STAGES=stages_for(mode2, cfg.num_stages),
+        ASM=asm, EVEN=even2,
         WEIGHTS_LEFT=weights_left_applies(cfg.weights_left, mode2, x.dtype), DOT_DTYPE=dtype,
-        num_warps=cfg.num_warps, num_stages=stages_for(mode2, cfg.num_stages),
+        num_warps=cfg.num_warps,
     )  # fmt: skip
     return y

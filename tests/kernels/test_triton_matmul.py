@@ -310,3 +310,44 @@ def test_many_rows_dequantise_once_then_multiply(triton_kernels, make_linear, bi
     x = _x(tm.DEQUANT_MIN_ROWS + 3, k, seed=bits)
     got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=group, sorted_groups=not shuffled)
     torch.testing.assert_close(got, dequant_matmul_ref(x, **lin, bits=bits), rtol=1e-4, atol=1e-4)
+
+
+class _SharedMemoryLimit:
+    """Stands in for a kernel on a GPU whose shared memory holds at most ``fits`` pipeline stages:
+    deeper launches raise Triton's ``OutOfResources`` (before running), others run the kernel."""
+
+    def __init__(self, kernel, fits: int):
+        self.fn, self.kernel, self.fits, self.tried = kernel.fn, kernel, fits, []
+
+    def __getitem__(self, grid):
+        from triton.runtime.errors import OutOfResources
+
+        def launch(*args, STAGES, num_stages, **consts):
+            self.tried.append(STAGES)
+            assert STAGES == num_stages
+            if STAGES > self.fits:
+                raise OutOfResources(1000 * STAGES, 1000 * self.fits, "shared memory")
+            return self.kernel[grid](*args, STAGES=STAGES, num_stages=num_stages, **consts)
+
+        return launch
+
+
+def test_launches_drop_stages_the_gpu_cannot_hold(triton_kernels, make_linear, monkeypatch):
+    tm, tmoe = triton_kernels
+    lin = make_linear(64, 128, 2, 32, seed=3)
+    x = torch.randn(1, 128, generator=torch.Generator().manual_seed(4)).to(torch.float16)
+    cfg = tm.MatmulConfig(16, 64, 32, 1, 4, 5, weights_left=True)
+    want = tm.dequant_matmul_triton(x, **lin, bits=2, group_size=32, sorted_groups=True, config=cfg)
+    limited = _SharedMemoryLimit(tm._dequant_matmul_kernel, fits=2)
+    monkeypatch.setattr(tm, "_dequant_matmul_kernel", limited)
+    monkeypatch.setattr(tm, "_FITTING_STAGES", {})
+    got = tm.dequant_matmul_triton(x, **lin, bits=2, group_size=32, sorted_groups=True, config=cfg)
+    assert limited.tried == [5, 4, 3, 2] and torch.equal(got, want)
+    tm.dequant_matmul_triton(x, **lin, bits=2, group_size=32, sorted_groups=True, config=cfg)
+    assert limited.tried[4:] == [2]  # the depth that fits is remembered
+
+    limited.fits = 0
+    monkeypatch.setattr(tm, "_FITTING_STAGES", {})
+    with pytest.raises(MoequantError, match=r"_dequant_matmul_kernel kernel needs more shared memory than cpu "
+                                            r"has \(1000 bytes, limit 0\) even without pipelining; .*backend='torch'"):
+        tm.dequant_matmul_triton(x, **lin, bits=2, group_size=32, sorted_groups=True, config=cfg)

@@ -239,3 +239,28 @@ def test_decode_kernels_only_for_few_tokens_per_expert(triton_kernels):
         tmoe.MoeConfig(block_m=16, block_n=64, block_k_gate_up=64, block_k_down=64, gemv=True)
     with pytest.raises(ValueError, match="split_k_gate_up is for the decode kernels"):
         tmoe.MoeConfig(16, 64, 64, 64, split_k_gate_up=2)
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_moe_launches_drop_stages_the_gpu_cannot_hold(triton_kernels, make_experts, monkeypatch, decode):
+    from tests.kernels.test_triton_matmul import _SharedMemoryLimit
+
+    tm, tmoe = triton_kernels
+    w13, w2 = _experts(make_experts, 2)
+    x, ids, weights = _routing("single_top1" if decode else "uneven_top2")
+    x = x.to(torch.float16)
+    if decode:
+        cfg = tmoe.MoeConfig(1, 64, 32, 64, 1, num_stages=4, gemv=True, weights_left=True)
+        names = ("_moe_gemv_gate_up_kernel", "_moe_gemv_down_kernel")
+    else:
+        cfg = tmoe.MoeConfig(16, 64, 32, 64, 1, num_stages=4, weights_left=True)
+        names = ("_moe_gate_up_kernel", "_moe_down_kernel")
+    want = tmoe.fused_moe_triton(x, ids, weights, w13, w2, config=cfg)
+    monkeypatch.setattr(tm, "_FITTING_STAGES", {})
+    limited = {}
+    for name in names:
+        limited[name] = _SharedMemoryLimit(getattr(tmoe, name), fits=1)
+        monkeypatch.setattr(tmoe, name, limited[name])
+    got = tmoe.fused_moe_triton(x, ids, weights, w13, w2, config=cfg)
+    assert torch.equal(got, want)
+    assert all(k.tried == [4, 3, 2, 1] for k in limited.values())
