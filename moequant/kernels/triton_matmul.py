@@ -1238,8 +1238,11 @@ def launch_fitting(kernel, grid: tuple, args: tuple, stages: int, device: torch.
     from triton.runtime.errors import OutOfResources
 
     name = getattr(getattr(kernel, "fn", kernel), "__name__", repr(kernel))
-    key = (name, device.type, device.index, stages, tuple(sorted((k, str(v)) for k, v in consts.items())))
-    depth = _FITTING_STAGES.get(key, stages)
+
+    def key() -> tuple:
+        return name, device.type, device.index, stages, tuple(sorted((k, str(v)) for k, v in consts.items()))
+
+    depth = _FITTING_STAGES.get(key(), stages) if _FITTING_STAGES else stages  # no key to build until a miss
     while True:
         try:
             kernel[grid](*args, STAGES=depth, num_stages=depth, **consts)
@@ -1251,7 +1254,8 @@ def launch_fitting(kernel, grid: tuple, args: tuple, stages: int, device: torch.
                     f"{exc.limit}) even without pipelining; load the model with backend='torch'"
                 ) from exc
             depth -= 1
-    _FITTING_STAGES[key] = depth
+    if depth != stages:
+        _FITTING_STAGES[key()] = depth
 
 
 def check_packed_linear(
