@@ -83,6 +83,15 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
+def check_token_ids(ids: torch.Tensor, rows: int, table: str) -> None:
+    """Refuse token ids outside the ``rows`` of the embedding ``table``: the tokenizer is not the model's."""
+    if ids.numel() and (int(ids.max()) >= rows or int(ids.min()) < 0):
+        raise MoequantError(
+            f"token ids up to {int(ids.max())}, past the {rows} rows of {table}: the tokenizer's vocabulary is not "
+            "the model's; use the model's own tokenizer"
+        )
+
+
 def random_windows(tokens: torch.Tensor, samples: int, seqlen: int, seed: int) -> torch.Tensor:
     """``samples`` windows of ``seqlen`` tokens at random offsets drawn with ``seed``: ``[S, L]``."""
     if samples < 1 or seqlen < 1:

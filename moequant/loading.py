@@ -29,6 +29,7 @@ from moequant.checkpoint.weights import PACKED_KEYS, tensor_getter
 from moequant.device import resolve_device
 from moequant.errors import MoequantError
 from moequant.kernels import dispatch
+from moequant.kernels.packed import stored_group_size
 from moequant.nn.quant_experts import LinearSpec, QuantExperts, stacked_specs
 from moequant.nn.quant_linear import QuantLinear, packed_shapes
 
@@ -118,10 +119,8 @@ def linear_specs(adapter: MixtralAdapter, qcfg: dict | None) -> dict[str, Linear
 
 
 def _one_group_if_wider(spec: LinearSpec | None, in_features: int) -> LinearSpec | None:
-    """A group wider than the input is one group over it (``ceil(K / g)`` = 1 row of scales)."""
-    if spec is not None and spec.group_size > in_features:
-        return LinearSpec(spec.bits, -1)
-    return spec
+    """``spec`` with a group wider than the input read as one group (:func:`stored_group_size`)."""
+    return None if spec is None else LinearSpec(spec.bits, stored_group_size(spec.group_size, in_features))
 
 
 # -- the plan: which checkpoint tensor goes where ----------------------------------------------

@@ -29,12 +29,13 @@ from moequant import __version__
 from moequant.arch.base import LinearInfo
 from moequant.arch.mixtral import ExpertWeights, MixtralAdapter, load_expert_weights, load_layer_weights
 from moequant.arch.registry import adapter_for
-from moequant.calib import load_text, load_tokenizer, random_windows, tokenize
+from moequant.calib import check_token_ids, load_text, load_tokenizer, random_windows, tokenize
 from moequant.checkpoint.gptq_config import quantization_config
 from moequant.checkpoint.reader import QUANT_CONFIG_FILES, CheckpointReader, resolve_source
 from moequant.checkpoint.writer import CheckpointWriter, check_output, partial_dir_for, write_json_atomic
 from moequant.device import resolve_device
 from moequant.errors import MoequantError
+from moequant.kernels.packed import stored_group_size
 from moequant.progress import Progress
 from moequant.quant.gptq import gptq_quantize, output_error
 from moequant.quant.hessian import HessianAccumulator
@@ -110,9 +111,8 @@ def plan(adapter: MixtralAdapter, recipe: Recipe, method: str | None = None) -> 
     infos = [i for layer in range(adapter.config.num_layers) for i in adapter.layer_linears(layer)]
     for info in infos + adapter.global_linears():
         spec = recipe.spec_for(info.name, method)
-        if spec is not None and spec.group_size > info.in_features:
-            spec = replace(spec, group_size=-1)  # a group wider than the input: one group
         if spec is not None:
+            spec = replace(spec, group_size=stored_group_size(spec.group_size, info.in_features))
             _check_spec(info, spec, recipe)
         specs[info.name] = spec
     return specs
@@ -125,9 +125,8 @@ def _check_spec(info: LinearInfo, spec: QuantSpec, recipe: Recipe) -> None:
         raise MoequantError(f"{where} would quantise the router {info.name}; routers stay 16-bit, narrow the match")
     if info.kind == "embedding":
         raise MoequantError(f"{where} would quantise {info.name}; embeddings stay 16-bit in the GPTQ layout")
-    g = spec.group_size
     try:
-        check_packable(info.out_features, info.in_features, spec.bits, g)
+        check_packable(info.out_features, info.in_features, spec.bits, spec.group_size)
     except MoequantError as exc:
         raise MoequantError(f"{where}: {info.name} cannot be packed: {exc}") from exc
 
@@ -193,10 +192,7 @@ def compress(
     calib_info: dict | None = None
     if state is None and calibrate:
         ids, calib_info = _calibration_ids(source, calib, adapter)
-        rows = reader.shape(adapter.embed_name)[0]
-        if ids.numel() and (int(ids.max()) >= rows or int(ids.min()) < 0):
-            raise MoequantError(f"the tokenizer beside the weights gives token ids up to {int(ids.max())}, past the "
-                                f"{rows} rows of {adapter.embed_name}; put the model's own tokenizer beside it")
+        check_token_ids(ids, reader.shape(adapter.embed_name)[0], adapter.embed_name)
         hidden = reader.get(adapter.embed_name, dtype=torch.float32, device=dev)[ids.to(dev)]
     writer = CheckpointWriter(out_path, fresh=state is None)
     run = _Run(reader, adapter, recipe_obj, specs, dev, writer, progress, calibrate,

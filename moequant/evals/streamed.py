@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from moequant.arch.mixtral import ExpertWeights, MixtralAdapter
 from moequant.arch.registry import adapter_for
+from moequant.calib import check_token_ids
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
 from moequant.checkpoint.weights import tensor_getter
 from moequant.errors import MoequantError
@@ -151,9 +152,7 @@ def evaluate_windows(
     b = _Model(baseline) if baseline is not None else None
     if b is not None:
         check_pair(m.adapter, b.adapter)
-    vocab = m.adapter.config.vocab_size
-    if int(windows.max()) >= vocab or int(windows.min()) < 0:
-        raise MoequantError(f"token ids fall outside the model's vocabulary of {vocab}; use the model's tokenizer")
+    check_token_ids(windows, m.adapter.config.vocab_size, m.adapter.embed_name)
     batch = batch or default_batch(m.adapter, windows.shape[1], windows.shape[0])
     sides = [m] if b is None else [m, b]
     run = _streamed if engine == "streamed" else _in_memory

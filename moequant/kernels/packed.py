@@ -37,6 +37,12 @@ def effective_group_size(group_size: int, in_features: int) -> int:
     return group_size
 
 
+def stored_group_size(group_size: int, in_features: int) -> int:
+    """``group_size`` as a weight of ``in_features`` inputs stores it: -1 (one group) where the
+    group is wider than the input, since ``ceil(K / g)`` is then one row of scales."""
+    return -1 if group_size > in_features else group_size
+
+
 def monotone_g_idx(
     in_features: int, group_size: int, device: torch.device | str | None = None
 ) -> torch.Tensor:
