@@ -128,7 +128,10 @@ def _check_spec(info: LinearInfo, spec: QuantSpec, recipe: Recipe) -> None:
     try:
         check_packable(info.out_features, info.in_features, spec.bits, spec.group_size)
     except MoequantError as exc:
-        raise MoequantError(f"{where}: {info.name} cannot be packed: {exc}") from exc
+        raise MoequantError(
+            f"{where}: {info.name} cannot be packed: {exc}; keep such modules 16-bit with a rule "
+            "'bits: 16' placed before this one"
+        ) from exc
 
 
 def compress(

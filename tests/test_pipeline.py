@@ -353,3 +353,27 @@ def test_groups_that_do_not_divide_the_input(tmp_path):
     for backend in backends:
         got = load(result.path, device="cpu", backend=backend)(input_ids=x).logits
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_modules_the_layout_cannot_hold_are_refused_with_the_fix(tmp_path):
+    """Intermediate 200 (not a multiple of 32): the expert rule is refused by name, before anything
+    is written, with the way out; following it (a 16-bit rule first) compresses and loads."""
+    from moequant.loading import dequantized_model, load
+
+    src = make_mixtral(tmp_path / "m", intermediate_size=200, num_hidden_layers=1)
+    with pytest.raises(MoequantError, match=r"rule 2 .*experts\.0\.w1 cannot be packed: out_features N=200 .*"
+                                            r"rule 'bits: 16' placed before this one"):
+        compress(src, tmp_path / "out", recipe="mixtral-a4e3", method="rtn")
+    assert not (tmp_path / "out").exists()
+    recipe = tmp_path / "keep-experts.yaml"
+    recipe.write_text("name: keep-experts\nmethod: rtn\ngroup_size: 64\nrules:\n"
+                      "  - match: '.*\\.block_sparse_moe\\.experts\\.\\d+\\.w[123]'\n    bits: 16\n"
+                      "  - match: '.*\\.self_attn\\.(q|k|v|o)_proj'\n    bits: 4\n")
+    result = compress(src, tmp_path / "out", recipe=str(recipe))
+    modules = result.record["modules"]
+    assert modules["model.layers.0.block_sparse_moe.experts.3.w2"]["bits"] == 16
+    assert modules["model.layers.0.self_attn.q_proj"]["bits"] == 4
+    x = torch.randint(0, 256, (1, 9))
+    want = dequantized_model(result.path, device="cpu")(input_ids=x).logits
+    torch.testing.assert_close(load(result.path, device="cpu", backend="torch")(input_ids=x).logits, want,
+                               rtol=1e-5, atol=1e-5)
