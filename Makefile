@@ -23,11 +23,14 @@ env: $(BIN)/.moequant-installed
 demo: env
 	$(BIN)/moequant demo
 
+# Tests run in up to four processes (pytest-xdist); PYTEST_ARGS adds to or overrides that.
+PYTEST_ARGS ?= -n auto --maxprocesses 4
+
 test: env
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-all: env
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BIN)/python -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
 lint: env
 	$(BIN)/ruff check .
