@@ -65,6 +65,15 @@ def _source(folder, case) -> None:
         shutil.copy(f"{BUNDLED}/{name}", folder)
 
 
+def _logits(out, tmp_path, ids: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(moequant.load's logits, the independently read float model's)`` for ``ids [B, T]``."""
+    reference = MixtralForCausalLM.from_pretrained(write_float_checkpoint(out, tmp_path / "float"),
+                                                   dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = load(out, device="cpu", dtype=torch.float32, backend=backend)(input_ids=ids).logits
+        return got, reference(input_ids=ids).logits
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_compressed_model_matches_an_independent_reading(tmp_path, name):
     case = CASES[name]
@@ -81,12 +90,9 @@ def test_compressed_model_matches_an_independent_reading(tmp_path, name):
     experts = case["model"]["num_local_experts"]
     assert sum(".experts." in n for n in plain) == 3 * experts * layers
     assert all(plain[n].dtype == torch.float32 for n in plain)
-    reference = MixtralForCausalLM.from_pretrained(write_float_checkpoint(result.path, tmp_path / "float"),
-                                                   dtype=torch.float32).eval()
     ids = torch.randint(0, 2048, (2, 40), generator=torch.Generator().manual_seed(0))
+    got, want = _logits(result.path, tmp_path, ids, "torch")
     with torch.no_grad():
-        want = reference(input_ids=ids).logits
-        got = load(result.path, device="cpu", dtype=torch.float32, backend="torch")(input_ids=ids).logits
         original = MixtralForCausalLM.from_pretrained(src, dtype=torch.float32).eval()(input_ids=ids).logits
     assert (got - want).norm() / want.norm() < 1e-5
     # A compression of this model (0.18-0.21 here), not of another (about 1.4 between unrelated ones).
@@ -101,10 +107,6 @@ def test_triton_kernels_on_an_unusual_shape(tmp_path):
     src = tmp_path / "src"
     _source(src, case)
     result = compress(src, tmp_path / "out", recipe=case["recipe"], method="rtn")
-    reference = MixtralForCausalLM.from_pretrained(write_float_checkpoint(result.path, tmp_path / "float"),
-                                                   dtype=torch.float32).eval()
     ids = torch.randint(0, 2048, (1, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = reference(input_ids=ids).logits
-        got = load(result.path, device="cpu", dtype=torch.float32, backend="triton")(input_ids=ids).logits
+    got, want = _logits(result.path, tmp_path, ids, "triton")
     assert (got - want).norm() / want.norm() < 1e-5
