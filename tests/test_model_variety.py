@@ -56,7 +56,8 @@ CASES = {
 }
 
 
-def _source(folder, case) -> None:
+def make_source(folder, case: dict) -> None:
+    """Write ``case``'s random model and the bundled tokenizer to ``folder``."""
     torch.manual_seed(len(folder.name))
     config = MixtralConfig(**{"vocab_size": 2048, "num_hidden_layers": 2, "max_position_embeddings": 128,
                               **case["model"]})
@@ -65,20 +66,22 @@ def _source(folder, case) -> None:
         shutil.copy(f"{BUNDLED}/{name}", folder)
 
 
-def _logits(out, tmp_path, ids: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(moequant.load's logits, the independently read float model's)`` for ``ids [B, T]``."""
+def independent_logits(out, tmp_path, ids: torch.Tensor, backend: str,
+                       dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(moequant.load's logits in dtype, the independently read float32 model's)`` for ``ids
+    [B, T]``, both on ``ids``' device."""
     reference = MixtralForCausalLM.from_pretrained(write_float_checkpoint(out, tmp_path / "float"),
-                                                   dtype=torch.float32).eval()
+                                                   dtype=torch.float32).eval().to(ids.device)
     with torch.no_grad():
-        got = load(out, device="cpu", dtype=torch.float32, backend=backend)(input_ids=ids).logits
-        return got, reference(input_ids=ids).logits
+        got = load(out, device=ids.device, dtype=dtype, backend=backend)(input_ids=ids).logits
+        return got.float(), reference(input_ids=ids).logits
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_compressed_model_matches_an_independent_reading(tmp_path, name):
     case = CASES[name]
     src = tmp_path / "src"
-    _source(src, case)
+    make_source(src, case)
     recipe = case["recipe"]
     if "\n" in recipe:
         (tmp_path / "recipe.yaml").write_text(recipe.format(method=case["method"]))
@@ -91,7 +94,7 @@ def test_compressed_model_matches_an_independent_reading(tmp_path, name):
     assert sum(".experts." in n for n in plain) == 3 * experts * layers
     assert all(plain[n].dtype == torch.float32 for n in plain)
     ids = torch.randint(0, 2048, (2, 40), generator=torch.Generator().manual_seed(0))
-    got, want = _logits(result.path, tmp_path, ids, "torch")
+    got, want = independent_logits(result.path, tmp_path, ids, "torch")
     with torch.no_grad():
         original = MixtralForCausalLM.from_pretrained(src, dtype=torch.float32).eval()(input_ids=ids).logits
     assert (got - want).norm() / want.norm() < 1e-5
@@ -105,8 +108,8 @@ def test_triton_kernels_on_an_unusual_shape(tmp_path):
     case = {**CASES["six-experts-top3-mqa-window-tied-fused-sharded"]}
     case["model"] = {**case["model"], "num_hidden_layers": 1}
     src = tmp_path / "src"
-    _source(src, case)
+    make_source(src, case)
     result = compress(src, tmp_path / "out", recipe=case["recipe"], method="rtn")
     ids = torch.randint(0, 2048, (1, 9), generator=torch.Generator().manual_seed(1))
-    got, want = _logits(result.path, tmp_path, ids, "triton")
+    got, want = independent_logits(result.path, tmp_path, ids, "triton")
     assert (got - want).norm() / want.norm() < 1e-5
