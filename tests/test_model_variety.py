@@ -14,12 +14,11 @@ import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
+from moequant.builtin_data import BUNDLED_MODEL_DIR
 from moequant.kernels import dispatch
 from moequant.loading import load
 from moequant.pipeline import CalibSettings, compress
 from tests.gptq_reader import read_as_float, write_float_checkpoint
-
-BUNDLED = "moequant/assets/tiny-mixtral"
 
 MIXED = """name: mixed
 method: {method}
@@ -63,7 +62,7 @@ def make_source(folder, case: dict) -> None:
                               **case["model"]})
     MixtralForCausalLM(config).to(case["dtype"]).save_pretrained(folder, **case["save"])
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(f"{BUNDLED}/{name}", folder)
+        shutil.copy(BUNDLED_MODEL_DIR / name, folder)
 
 
 def independent_logits(out, tmp_path, ids: torch.Tensor, backend: str,
