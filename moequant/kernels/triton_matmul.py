@@ -135,7 +135,7 @@ def _load_zeros(qz_row_ptr, offs_n, mask, n_words, stride_zn, BITS: tl.constexpr
 @triton.jit
 def tile_group(k0, group_size):
     """``k0 // group_size`` for a K tile start ``k0`` when the group size is a multiple of the tile
-    depth, in three instructions where the integer division in the K loop takes a dozen.
+    depth or spans all of K, in three instructions where the integer division in the K loop takes a dozen.
 
     ``(k0 + 0.5) / group_size`` lies at least ``0.5 / group_size`` from an integer, and float32
     rounds it by far less while ``K`` is at most ``TILE_GROUP_MAX_K`` (``group_mode`` checks)."""
@@ -1202,10 +1202,11 @@ def dot_dtype(x_dtype: torch.dtype, device: torch.device) -> tuple[tl.dtype, boo
 
 
 def group_mode(sorted_groups: bool, group_size: int, block_k: int, k: int) -> int:
-    """The ``GROUP_MODE`` constant for a launch over ``k`` inputs."""
+    """The ``GROUP_MODE`` constant for a launch over ``k`` inputs: one scale row per K tile where no
+    tile crosses a group boundary (tiles dividing the group size, or one group over all of K)."""
     if not sorted_groups:
         return GROUPS_FROM_G_IDX
-    if group_size % block_k == 0 and k <= TILE_GROUP_MAX_K:
+    if (group_size % block_k == 0 or group_size >= k) and k <= TILE_GROUP_MAX_K:
         return GROUPS_PER_TILE
     return GROUPS_BY_DIVISION
 

@@ -56,6 +56,21 @@ def test_tilings_and_group_lookups(triton_kernels, make_linear, bits, variant):
     torch.testing.assert_close(got, dequant_matmul_ref(x, **lin, bits=bits), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize(("m", "dtype", "tol"), [(1, torch.float16, 2e-3), (5, torch.float32, 1e-4)])
+def test_one_group_over_inputs_the_tile_does_not_divide(triton_kernels, make_linear, bits, m, dtype, tol):
+    """K = 160 in one group (group_size -1): 128-deep tiles, the last one partial, take the group's
+    single scale row per tile (one row with 16-bit activations: the weights-left dot)."""
+    tm, _ = triton_kernels
+    k, n = 160, 64
+    assert tm.group_mode(True, k, tm.pick_block_k(k, 128), k) == tm.GROUPS_PER_TILE
+    lin = make_linear(n, k, bits, -1, seed=bits + m)
+    x = _x(m, k, seed=m).to(dtype)
+    got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=-1, sorted_groups=True)
+    want = dequant_matmul_ref(x.float(), **lin, bits=bits)
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
 def test_half_precision_activations(triton_kernels, make_linear, bits, dtype, tol):
@@ -216,6 +231,9 @@ def test_pick_block_k_keeps_a_tile_in_one_group(triton_kernels):
     assert tm.pick_block_k(48, 64) == 64  # not a power of two: rows look up their group
     assert tm.group_mode(True, 48, 64, 4096) == tm.GROUPS_BY_DIVISION
     assert tm.group_mode(True, 128, 64, 4096) == tm.GROUPS_PER_TILE
+    # One group over K = 2880 (45 x 64): tiles of 128 cross no group boundary.
+    assert tm.group_mode(True, 2880, 128, 2880) == tm.GROUPS_PER_TILE
+    assert tm.group_mode(True, 2880, 128, 5760) == tm.GROUPS_BY_DIVISION
     assert tm.group_mode(False, 128, 64, 4096) == tm.GROUPS_FROM_G_IDX
     # Beyond the K where tile_group's float quotient is proven exact, rows divide instead.
     assert tm.group_mode(True, 128, 64, tm.TILE_GROUP_MAX_K + 64) == tm.GROUPS_BY_DIVISION
