@@ -135,7 +135,8 @@ def _load_zeros(qz_row_ptr, offs_n, mask, n_words, stride_zn, BITS: tl.constexpr
 @triton.jit
 def tile_group(k0, group_size):
     """``k0 // group_size`` for a K tile start ``k0`` when the group size is a multiple of the tile
-    depth or spans all of K, in three instructions where the integer division in the K loop takes a dozen.
+    depth or spans all of K, in three instructions where the integer division in the K loop takes
+    a dozen.
 
     ``(k0 + 0.5) / group_size`` lies at least ``0.5 / group_size`` from an integer, and float32
     rounds it by far less while ``K`` is at most ``TILE_GROUP_MAX_K`` (``group_mode`` checks)."""
