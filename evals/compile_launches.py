@@ -6,7 +6,7 @@ instead of run; each distinct launch (kernel, constants, pipeline depth, argumen
 compiled ahead of time for ``sm_<arch>``. It prints compile failures, and launches whose shared
 memory passes the arch's limit with the depth ``launch_fitting`` falls back to (or that none fits).
 
-    python evals/compile_launches.py [--arch 90 80 86] [--bits 2 3 4 8] [--limit N]
+    python evals/compile_launches.py [--arch 90 80 86] [--bits 2 3 4 8] [--kernel NAME] [--limit N]
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per blo
 DENSE = [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096), (2880, 2880), (1408, 2048), (2048, 1408)]
 MOE = [(4096, 14336), (2048, 1408), (2880, 2880)]  # (hidden, intermediate), 8 experts, top-2
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32"}
+POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
+           torch.int64: "*i64"}
 CONST = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}
 
 
@@ -144,9 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(SHARED_LIMIT))
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
+    ap.add_argument("--kernel", default="", help="compile only launches of kernels whose name contains this")
     ap.add_argument("--limit", type=int, default=0, help="compile only the first N launches (0: all)")
     args = ap.parse_args(argv)
     launches = sorted(record_launches(args.bits).items(), key=lambda kv: repr(kv[0]))
+    launches = [item for item in launches if args.kernel in item[0][0]]
     if args.limit:
         launches = launches[: args.limit]
     print(f"{len(launches)} distinct launches", flush=True)
