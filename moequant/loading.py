@@ -195,11 +195,11 @@ def _expert_fills(adapter: MixtralAdapter, layer: int, layout: str,
 def resolve_dtype(dtype: str | torch.dtype | None, config: dict, device: torch.device) -> torch.dtype:
     """The compute dtype: ``dtype`` if given, else the checkpoint's on CUDA (float16 for a bfloat16
     checkpoint on a GPU without bfloat16 arithmetic) and float32 on CPU."""
-    if isinstance(dtype, torch.dtype) or (dtype is not None and str(dtype) != "auto"):
-        if not isinstance(dtype, torch.dtype):
-            if str(dtype) not in _DTYPE_NAMES:
-                raise MoequantError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32")
-            dtype = _DTYPE_NAMES[str(dtype)]
+    if dtype is not None and not isinstance(dtype, torch.dtype) and str(dtype) != "auto":
+        if str(dtype) not in _DTYPE_NAMES:
+            raise MoequantError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32")
+        dtype = _DTYPE_NAMES[str(dtype)]
+    if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
             raise MoequantError(f"dtype {dtype} is not a floating-point type; use bfloat16, float16 or float32")
         if dtype == torch.bfloat16 and device.type == "cuda" and not _has_bf16(device):
