@@ -9,6 +9,7 @@ per-expert files, sharded or single-file, symmetric or not, one width or several
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +66,17 @@ def make_source(folder, case: dict) -> None:
         shutil.copy(BUNDLED_MODEL_DIR / name, folder)
 
 
+def compress_case(tmp_path, case: dict, method: str) -> Path:
+    """Write ``case``'s model to ``tmp_path/src`` and compress it by ``method`` into ``tmp_path/out``."""
+    make_source(tmp_path / "src", case)
+    recipe = case["recipe"]
+    if "\n" in recipe:  # a recipe text rather than a built-in name
+        (tmp_path / "recipe.yaml").write_text(recipe.format(method=method))
+        recipe = str(tmp_path / "recipe.yaml")
+    return compress(tmp_path / "src", tmp_path / "out", recipe=recipe, method=method,
+                    calib=CalibSettings(samples=4, seqlen=64)).path
+
+
 def independent_logits(out, tmp_path, ids: torch.Tensor, backend: str,
                        dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """``(moequant.load's logits in dtype, the independently read float32 model's)`` for ``ids
@@ -79,23 +91,16 @@ def independent_logits(out, tmp_path, ids: torch.Tensor, backend: str,
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_compressed_model_matches_an_independent_reading(tmp_path, name):
     case = CASES[name]
-    src = tmp_path / "src"
-    make_source(src, case)
-    recipe = case["recipe"]
-    if "\n" in recipe:
-        (tmp_path / "recipe.yaml").write_text(recipe.format(method=case["method"]))
-        recipe = str(tmp_path / "recipe.yaml")
-    result = compress(src, tmp_path / "out", recipe=recipe, method=case["method"],
-                      calib=CalibSettings(samples=4, seqlen=64))
-    config, plain = read_as_float(result.path)
+    out = compress_case(tmp_path, case, case["method"])
+    config, plain = read_as_float(out)
     layers = config["num_hidden_layers"]
     experts = case["model"]["num_local_experts"]
     assert sum(".experts." in n for n in plain) == 3 * experts * layers
     assert all(plain[n].dtype == torch.float32 for n in plain)
     ids = torch.randint(0, 2048, (2, 40), generator=torch.Generator().manual_seed(0))
-    got, want = independent_logits(result.path, tmp_path, ids, "torch")
+    got, want = independent_logits(out, tmp_path, ids, "torch")
     with torch.no_grad():
-        original = MixtralForCausalLM.from_pretrained(src, dtype=torch.float32).eval()(input_ids=ids).logits
+        original = MixtralForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32).eval()(input_ids=ids).logits
     assert (got - want).norm() / want.norm() < 1e-5
     # A compression of this model (0.18-0.21 here), not of another (about 1.4 between unrelated ones).
     assert (got - original).norm() / original.norm() < 0.35
@@ -106,9 +111,7 @@ def test_triton_kernels_on_an_unusual_shape(tmp_path):
     """Six experts top-3, MQA, one layer, 2-bit experts: the Triton path equals the independent reading."""
     case = {**CASES["six-experts-top3-mqa-window-tied-fused-sharded"]}
     case["model"] = {**case["model"], "num_hidden_layers": 1}
-    src = tmp_path / "src"
-    make_source(src, case)
-    result = compress(src, tmp_path / "out", recipe=case["recipe"], method="rtn")
+    out = compress_case(tmp_path, case, "rtn")
     ids = torch.randint(0, 2048, (1, 9), generator=torch.Generator().manual_seed(1))
-    got, want = independent_logits(result.path, tmp_path, ids, "triton")
+    got, want = independent_logits(out, tmp_path, ids, "triton")
     assert (got - want).norm() / want.norm() < 1e-5

@@ -229,16 +229,9 @@ def test_loaded_model_matches_torch_backend(tmp_path):
 def test_unusual_shapes_match_an_independent_reading(tmp_path, name, dtype):
     """Compiled kernels on shapes unlike Mixtral's (6 experts top-3 with MQA and 2-bit experts;
     12 experts top-4 with 8/4/3/2-bit asymmetric widths) against tests/gptq_reader.py's reading."""
-    from moequant.pipeline import compress
-    from tests.test_model_variety import CASES, independent_logits, make_source
+    from tests.test_model_variety import CASES, compress_case, independent_logits
 
-    case = CASES[name]
-    make_source(tmp_path / "src", case)
-    recipe = case["recipe"]
-    if "\n" in recipe:
-        (tmp_path / "recipe.yaml").write_text(recipe.format(method="rtn"))
-        recipe = str(tmp_path / "recipe.yaml")
-    out = compress(tmp_path / "src", tmp_path / "out", recipe=recipe, method="rtn").path
+    out = compress_case(tmp_path, CASES[name], "rtn")
     ids = torch.randint(0, 2048, (3, 17), generator=torch.Generator().manual_seed(2)).cuda()
     got, want = independent_logits(out, tmp_path, ids, "triton", dtype)
     assert float((got - want).norm() / want.norm()) < (5e-3 if dtype == torch.float32 else 3e-2)
