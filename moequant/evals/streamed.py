@@ -42,6 +42,7 @@ from moequant.checkpoint.weights import tensor_getter
 from moequant.errors import MoequantError
 from moequant.evals.agreement import kl_divergence, top1_equal, topk_sets_equal
 from moequant.evals.perplexity import next_token_nll
+from moequant.numeric import check_int
 from moequant.progress import Progress
 
 ENGINES = ("streamed", "memory")
@@ -113,6 +114,11 @@ def check_pair(model: MixtralAdapter, base: MixtralAdapter) -> None:
             )
 
 
+def check_batch(batch: int) -> int:
+    """``batch`` (windows per forward chunk) if it is 0 (automatic) or positive."""
+    return check_int(batch, "--batch", 0, meaning="windows per forward chunk; 0: automatic")
+
+
 def default_batch(adapter: MixtralAdapter, seqlen: int, windows: int) -> int:
     """Windows per forward chunk, so a chunk's activations stay around 64M floats."""
     c = adapter.config
@@ -145,6 +151,7 @@ def evaluate_windows(
         raise MoequantError(f"unknown engine {engine!r}; use {' or '.join(ENGINES)}")
     if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
         raise MoequantError("evaluation needs at least one window of at least 2 tokens")
+    check_batch(batch)
     progress = progress or Progress()
     device = torch.device(device)
     started = time.perf_counter()
