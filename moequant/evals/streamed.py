@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from moequant.arch.mixtral import ExpertWeights, MixtralAdapter
 from moequant.arch.registry import adapter_for
 from moequant.calib import check_token_ids
+from moequant.checkpoint.gptq_config import quantization_config_of
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
 from moequant.checkpoint.weights import tensor_getter
 from moequant.errors import MoequantError
@@ -96,7 +97,7 @@ class _Model:
         reader = CheckpointReader(self.path)
         self.config = reader.config
         self.adapter: MixtralAdapter = adapter_for(reader.config)
-        self.quantised = bool(reader.config.get("quantization_config"))
+        self.quantised = quantization_config_of(reader.config) is not None
 
     def getter(self, dtype: torch.dtype, device: torch.device) -> tuple[CheckpointReader, Callable]:
         reader = CheckpointReader(self.path)
