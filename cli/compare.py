@@ -28,6 +28,20 @@ def _short(value) -> str:
     return text[:12] if len(text) == 64 else text
 
 
+def chart_path(path: Path) -> Path:
+    """``path`` for a PNG chart, its folder created (as ``eval --output`` creates the report's)."""
+    path = path.expanduser()
+    if path.suffix.lower() != ".png":
+        raise MoequantError(f"--plot {path} should end in .png (the chart is a PNG image)")
+    if path.is_dir():
+        raise MoequantError(f"--plot {path} is a folder; give a file name ending in .png")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MoequantError(f"cannot create the folder of --plot {path} ({exc.strerror or exc})") from exc
+    return path
+
+
 def plot_size_perplexity(reports: list[dict], path: Path) -> bool:
     """Perplexity against size in bytes, one point per report (and per distinct baseline)."""
     try:
@@ -53,8 +67,12 @@ def plot_size_perplexity(reports: list[dict], path: Path) -> bool:
     ax.set_ylabel("perplexity")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as exc:
+        raise MoequantError(f"cannot write the chart {path} ({exc.strerror or exc})") from exc
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -78,6 +96,7 @@ def compare(
                                 "--dataset/--seqlen/--max-windows or pass --force")
         console.print(f"[yellow]warning:[/] reports were scored on different data: {escape('; '.join(differ))}",
                       highlight=False)
+    chart = chart_path(plot) if plot is not None else None
     first = loaded[0]
     table = Table(title=f"{Path(first['dataset']).name}, {first['windows']} x {first['seqlen']} tokens; "
                         "ppl = perplexity, Δ ppl vs its baseline", box=box.SIMPLE_HEAD, pad_edge=False,
@@ -97,9 +116,9 @@ def compare(
                       "-" if change is None else f"{change:+.2f}%", _num(kl.get("mean"), ".5f"),
                       _num(r.get("top1_agreement"), ".4f"), _num(r.get("router_agreement"), ".4f"))
     out.print(table)
-    if plot is not None:
-        if plot_size_perplexity(loaded, plot):
-            console.print(f"chart: {plot}", markup=False, highlight=False)
+    if chart is not None:
+        if plot_size_perplexity(loaded, chart):
+            console.print(f"chart: {chart}", markup=False, highlight=False)
         else:
             console.print("no chart: matplotlib is not installed (pip install 'moequant[plot]')", markup=False)
 

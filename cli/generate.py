@@ -28,11 +28,11 @@ def generate(
     from moequant.errors import MoequantError
     from moequant.kernels.dispatch import resolve_backend
     from moequant.loading import load
+    from moequant.numeric import SEED_MAX, check_float, check_int
 
-    if max_new_tokens < 1:
-        raise MoequantError("--max-new-tokens must be at least 1")
-    if temperature < 0:
-        raise MoequantError("--temperature must be 0 (greedy) or positive")
+    check_int(max_new_tokens, "--max-new-tokens", 1)
+    check_float(temperature, "--temperature", 0.0, meaning="0: greedy decoding")
+    check_int(seed, "--seed", 0, SEED_MAX)
     dev = resolve_device(device)
     model = load(path, device=dev, dtype=dtype, backend=backend)
     tokenizer = _tokenizer(model.config._name_or_path)

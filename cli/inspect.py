@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
+from moequant.errors import MoequantError
 from moequant.inspection import describe
-from moequant_cli.common import human_bytes, out, print_engine_limits, user_errors
+from moequant_cli.common import console, human_bytes, out, print_engine_limits, user_errors
+
+MAX_SHOWN = 20
 
 
 @user_errors
@@ -21,7 +25,21 @@ def inspect(
     info = describe(path, allow_pickle=allow_pickle)
     if as_json:
         print(json.dumps(info, indent=2))
-        return
+    else:
+        render(info)
+    problems = info["problems"]
+    for line in problems[1:MAX_SHOWN]:
+        console.print(f"[yellow]problem:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    if len(problems) > MAX_SHOWN:
+        console.print(f"[yellow]problem:[/] {len(problems) - MAX_SHOWN} more (all under 'problems' in --json)",
+                      highlight=False)
+    if not info["loadable"]:
+        more = f" ({len(problems) - 1} more problems above)" if len(problems) > 1 else ""
+        raise MoequantError(f"{info['path']} does not load as it is: {problems[0]}{more}")
+
+
+def render(info: dict) -> None:
+    """The description as a headline and a table of module groups."""
     state = f"compressed ({info.get('recipe') or 'gptq'})" if info["compressed"] else "original"
     out.print(f"[bold]{info['path']}[/]: {info['architecture']}, {state}", highlight=False)
     out.print(

@@ -7,8 +7,11 @@ from pathlib import Path
 import torch
 
 from moequant.errors import MoequantError
+from moequant.numeric import check_int
+from moequant.progress import Progress
 
 BUILTIN = "builtin"
+LARGE_TEXT = 1_000_000  # characters; tokenising more shows progress
 ONLINE = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text"),
     "c4": ("allenai/c4", "en", "text"),
@@ -77,9 +80,21 @@ def load_tokenizer(model_dir: Path):
         ) from exc
 
 
-def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """The whole text as one ``int64 [N]`` token sequence, without special tokens."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+def tokenize(tokenizer, text: str, progress: Progress | None = None) -> torch.Tensor:
+    """The whole text as one ``int64 [N]`` token sequence, without special tokens.
+
+    The text is tokenised in one call (cutting it could change the tokens at the cuts); for texts
+    over :data:`LARGE_TEXT` characters ``progress`` shows a step that runs while it does.
+    """
+    large = progress is not None and len(text) > LARGE_TEXT
+    if large:
+        progress.begin(1, f"tokenising {len(text) / 1e6:.1f}M characters of text")
+    try:
+        ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    finally:
+        if large:
+            progress.advance(0)
+            progress.end()
     return torch.tensor(ids, dtype=torch.int64)
 
 
@@ -93,13 +108,23 @@ def check_token_ids(ids: torch.Tensor, rows: int, table: str) -> None:
 
 
 def random_windows(tokens: torch.Tensor, samples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``samples`` windows of ``seqlen`` tokens at random offsets drawn with ``seed``: ``[S, L]``."""
-    if samples < 1 or seqlen < 1:
-        raise MoequantError("--samples and --seqlen must be at least 1")
+    """``samples`` windows of ``seqlen`` tokens at random offsets drawn with ``seed``: ``[S, L]``.
+
+    Offsets are drawn with replacement from the ``N - seqlen + 1`` that ``tokens [N]`` holds; asking
+    for more windows than that is refused, since it could only repeat windows.
+    """
+    check_int(samples, "--samples", 1, meaning="calibration windows")
+    check_int(seqlen, "--seqlen", 1, meaning="tokens per calibration window")
     n = tokens.numel()
     if n < seqlen:
         raise MoequantError(
             f"calibration text has {n} tokens, fewer than one window of {seqlen}; lower --seqlen or give a longer text"
+        )
+    distinct = n - seqlen + 1
+    if samples > distinct:
+        raise MoequantError(
+            f"calibration text has {n} tokens: at most {distinct} distinct windows of {seqlen} tokens, fewer than "
+            f"--samples {samples}; pass --samples {distinct} or less, a shorter --seqlen, or a longer text"
         )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, n - seqlen + 1, (samples,), generator=gen)

@@ -8,13 +8,18 @@ from pathlib import Path
 import torch
 
 from moequant.arch.registry import adapter_for
+from moequant.checkpoint.gptq_config import quantization_config_of
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
+from moequant.checkpoint.weights import PACKED_KEYS
 from moequant.checkpoint.weights import packed_bits as packed_code_bits
+from moequant.errors import MoequantError
+from moequant.loading import check_loadable, linear_specs
 from moequant.quant.pack import unpack_qzeros
 from moequant.serving import Stored, engine_limits
 from moequant.sizes import packed_bits
 
 _QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+RECORD_FILE = "moequant.json"
 
 
 def describe(path: str | Path, allow_pickle: bool = False) -> dict:
@@ -23,17 +28,21 @@ def describe(path: str | Path, allow_pickle: bool = False) -> dict:
     reader = CheckpointReader(source, allow_pickle=allow_pickle)
     adapter = adapter_for(reader.config)
     c = adapter.config
+    quant = quantization_config_of(reader.config)
+    by_module = _problems_by_module(reader, adapter, quant)
     groups: dict[str, dict] = {}
     params = 0
     stored: dict[str, Stored] = {}
     for layer in range(c.num_layers):
         for info in adapter.layer_linears(layer):
             params += info.numel
+            if by_module.get(info.name):
+                continue
             _count(groups, info.kind, info.numel, *_module_bits(reader, info))
             if reader.has(info.name + ".qweight"):
                 stored[info.name] = _stored(reader, info)
     for info in adapter.global_linears():
-        if not reader.has(info.weight) and not reader.has(info.name + ".qweight"):
+        if by_module.get(info.name) or (not reader.has(info.weight) and not reader.has(info.name + ".qweight")):
             continue
         params += info.numel
         _count(groups, info.kind, info.numel, *_module_bits(reader, info))
@@ -43,7 +52,6 @@ def describe(path: str | Path, allow_pickle: bool = False) -> dict:
         if name not in linear_names and not name.endswith(tuple("." + s for s in _QUANT_SUFFIXES)):
             params += reader.numel(name)
     size = reader.total_bytes()
-    quant = reader.config.get("quantization_config")
     info = {
         "path": str(source),
         "architecture": (reader.config.get("architectures") or [c.model_type])[0],
@@ -66,13 +74,90 @@ def describe(path: str | Path, allow_pickle: bool = False) -> dict:
     if quant is not None:
         info["quantization_config"] = {k: quant[k] for k in ("quant_method", "checkpoint_format", "bits",
                                                              "group_size", "sym", "desc_act") if k in quant}
-    record = source / "moequant.json"
-    if record.is_file():
-        rec = json.loads(record.read_text())
-        info["recipe"] = rec.get("recipe", {}).get("name")
-        info["moequant_version"] = rec.get("moequant_version")
-        info["starved_experts"] = len(rec.get("starved_experts", []))
+    rec = read_record(source / RECORD_FILE)
+    if rec is not None:
+        info["recipe"] = rec["recipe"]["name"]
+        info["moequant_version"] = rec["moequant_version"]
+        info["starved_experts"] = len(rec["starved_experts"])
+    info["problems"] = [p for lines in by_module.values() for p in lines]
+    if not info["problems"]:
+        try:
+            check_loadable(reader)
+        except MoequantError as exc:
+            info["problems"].append(f"moequant.load refuses it: {exc}")
+    info["loadable"] = not info["problems"]
     return info
+
+
+def read_record(path: Path) -> dict | None:
+    """The fields of a ``moequant.json`` that ``inspect`` shows, checked; ``None`` if there is none.
+
+    Returns ``{"recipe": {"name": str | None}, "moequant_version": str | None, "starved_experts": list}``.
+    """
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MoequantError(f"{path} is not valid JSON ({_first_line(exc)}); restore it or delete it") from exc
+    if not isinstance(rec, dict):
+        raise MoequantError(f"{path} must hold a JSON object, got {type(rec).__name__}; restore it or delete it")
+    recipe = rec.get("recipe") or {}
+    fields = {"recipe": (recipe, dict), "recipe.name": (recipe.get("name") if isinstance(recipe, dict) else None,
+                                                         str),
+              "moequant_version": (rec.get("moequant_version"), str),
+              "starved_experts": (rec.get("starved_experts", []), list)}
+    for field, (value, kind) in fields.items():
+        if value is not None and not isinstance(value, kind):
+            raise MoequantError(f"{path}: {field} must be a {_JSON_KIND[kind]}, got {type(value).__name__}; "
+                                "restore the file or delete it")
+    return {"recipe": {"name": recipe.get("name")}, "moequant_version": rec.get("moequant_version"),
+            "starved_experts": rec.get("starved_experts") or []}
+
+
+_JSON_KIND = {dict: "JSON object", str: "string", list: "list"}
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _problems_by_module(reader: CheckpointReader, adapter, qcfg: dict | None) -> dict[str, list[str]]:
+    """Per attention, expert and ``lm_head`` module, where ``quantization_config`` and its tensors disagree.
+
+    Tensors missing, packed where the config keeps 16-bit (or the reverse), code bits (``qweight
+    [K*b/32, N]``) or a group count (``scales [ceil(K/g), N]``) other than the config's.
+    """
+    specs = linear_specs(adapter, qcfg)
+    inputs = {i.name: i.in_features for layer in range(adapter.config.num_layers) for i in adapter.layer_linears(layer)}
+    inputs["lm_head"] = adapter.config.hidden_size
+    return {name: _module_problems(reader, name, inputs[name], spec) for name, spec in specs.items()}
+
+
+def _module_problems(reader: CheckpointReader, name: str, k: int, spec) -> list[str]:
+    """How module ``name`` (``k`` inputs) as stored differs from ``spec`` (``None``: 16-bit)."""
+    present = [key for key in PACKED_KEYS if reader.has(f"{name}.{key}")]
+    plain = reader.has(name + ".weight")
+    said = "16-bit" if spec is None else f"{spec.bits}-bit"
+    if not present:
+        if plain:
+            return [] if spec is None else [f"{name} is stored 16-bit, quantization_config says {said}"]
+        return [f"{name} has no tensors (quantization_config says {said})"]
+    if spec is None:
+        return [f"{name} is stored packed, quantization_config says 16-bit"]
+    if len(present) < len(PACKED_KEYS):
+        return [f"{name} lacks {', '.join(f'{name}.{key}' for key in PACKED_KEYS if key not in present)}"]
+    rows = reader.shape(name + ".qweight")[0]
+    problems = []
+    if rows * 32 != k * spec.bits:
+        problems.append(f"{name}.qweight has {rows} rows, {rows * 32 / k:g}-bit codes for {k} inputs; "
+                        f"quantization_config says {said}")
+    groups, want = reader.shape(name + ".scales")[0], -(-k // spec.group_size)
+    if groups != want:
+        problems.append(f"{name}.scales has {groups} groups, quantization_config's group_size {spec.group_size} "
+                        f"gives {want} for {k} inputs")
+    return problems
 
 
 def _module_bits(reader: CheckpointReader, info) -> tuple[int, int]:

@@ -24,6 +24,7 @@ from torch import nn
 
 from moequant.arch.mixtral import MixtralAdapter
 from moequant.arch.registry import adapter_for
+from moequant.checkpoint.gptq_config import modules_in_block, quantization_config_of
 from moequant.checkpoint.reader import QUANT_CONFIG_FILES, CheckpointReader, resolve_source
 from moequant.checkpoint.weights import PACKED_KEYS, tensor_getter
 from moequant.device import resolve_device
@@ -51,7 +52,7 @@ def module_spec(qcfg: dict | None, name: str) -> LinearSpec | None:
     """
     if not qcfg:
         return None
-    listed = _modules_in_block(qcfg)
+    listed = modules_in_block(qcfg)
     inside = re.match(r"model\.layers\.\d+\.(.+)$", name)
     if listed is not None and inside and inside.group(1) not in listed:
         return None
@@ -66,39 +67,6 @@ def module_spec(qcfg: dict | None, name: str) -> LinearSpec | None:
         override = override or {}
         return LinearSpec(int(override.get("bits", spec.bits)), int(override.get("group_size", spec.group_size)))
     return spec
-
-
-def _modules_in_block(qcfg: dict) -> set[str] | None:
-    """The names in ``modules_in_block_to_quantize`` (a list of name lists, or of names)."""
-    listed = qcfg.get("modules_in_block_to_quantize")
-    if not listed:
-        return None
-    if not isinstance(listed, list) or not all(isinstance(g, (str, list)) for g in listed):
-        raise MoequantError("quantization_config.modules_in_block_to_quantize must be a list of lists of module "
-                            "names, e.g. [[\"self_attn.q_proj\"], [\"block_sparse_moe.experts.0.w1\"]]")
-    return {m for g in listed for m in ([g] if isinstance(g, str) else g)}
-
-
-def check_quantization_config(qcfg: dict) -> None:
-    """Refuse quantisation configs this loader cannot run, with what to do instead."""
-    method = str(qcfg.get("quant_method", "gptq")).lower()
-    if method != "gptq":
-        raise MoequantError(f"quantization_config.quant_method is {method!r}; moequant loads GPTQ checkpoints only")
-    fmt = str(qcfg.get("checkpoint_format", "gptq")).lower()
-    if fmt not in ("gptq", "gptq_v2"):
-        raise MoequantError(
-            f"quantization_config.checkpoint_format is {fmt!r}; moequant reads the 'gptq' (v1) and 'gptq_v2' "
-            "layouts"
-        )
-    _modules_in_block(qcfg)
-    patterns = [p[2:] if p.startswith(("-:", "+:")) else p for p in (qcfg.get("dynamic") or {})]
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise MoequantError(
-                f"quantization_config.dynamic pattern {pattern!r} is not a valid regular expression ({exc})"
-            ) from exc
 
 
 def linear_specs(adapter: MixtralAdapter, qcfg: dict | None) -> dict[str, LinearSpec | None]:
@@ -328,46 +296,16 @@ def _build(path: str | os.PathLike, device: str | torch.device | None, dtype: st
     source = resolve_source(path)
     reader = CheckpointReader(source)
     raw = reader.config
-    adapter = adapter_for(raw)
-    qcfg = raw.get("quantization_config") or None
-    if qcfg is not None:
-        check_quantization_config(qcfg)
-    else:
-        packed = next((n for n in reader.names if n.endswith(".qweight")), None)
-        if packed is not None:
-            raise MoequantError(
-                f"{source} holds packed weights ({packed}) but no quantisation config: add the bits, group_size "
-                f"and sym it was packed with as quantization_config in config.json (or as {QUANT_CONFIG_FILES[0]})"
-            )
     dev = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, raw, dev)
     if backend not in dispatch.BACKENDS:
         raise MoequantError(f"unknown kernel backend {backend!r}: use one of {', '.join(dispatch.BACKENDS)}")
     if backend == "triton":
         dispatch.resolve_backend(backend, dev)
-
-    specs = linear_specs(adapter, None if dequantize else qcfg)
-    for name, spec in specs.items():
-        if spec is not None:
-            info_shape = _shape_of(adapter, name)
-            try:
-                packed_shapes(*info_shape, spec.bits, spec.group_size)
-            except MoequantError as exc:
-                raise MoequantError(f"quantization_config gives {name} bits={spec.bits}, "
-                                    f"group_size={spec.group_size}, which cannot hold it: {exc}") from exc
-    layouts, fills = _plan(reader, adapter, specs)
-    model = _skeleton(raw, adapter, specs, layouts, backend, keep_quant=not dequantize)
-    targets = _targets(model)
-    covered = {f.target for f in fills}
-    tied = adapter.config.tie_word_embeddings
-    uncovered = [n for n in model.state_dict() if n not in covered and not (tied and n == "lm_head.weight")]
-    if uncovered:
-        raise MoequantError(f"no checkpoint tensor fills {', '.join(uncovered[:3])}; this model layout is not "
-                            "supported")
+    adapter, model, fills = _prepare(reader, backend, dequantize)
     if dequantize:
         get = tensor_getter(reader, dtype=torch.float32)
     else:
-        _check_fills(reader, fills, targets)
 
         def get(name: str) -> torch.Tensor:
             return reader.get(name)
@@ -385,17 +323,77 @@ def _build(path: str | os.PathLike, device: str | torch.device | None, dtype: st
             if f.disk.endswith(".g_idx"):
                 _check_g_idx(f.disk, tensor, targets[f.target.replace("g_idx", "scales")])
             slot.copy_(tensor)
+            _check_finite(reader, f.disk, tensor, slot)
             used.add(f.disk)
             if dequantize and not reader.has(f.disk):
                 used.update(f"{f.disk[: -len('.weight')]}.{k}" for k in PACKED_KEYS)
         _reset_rotary(model, dev)
-        if tied:
+        if adapter.config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-    _warn_unused(reader, used, tied)
+    _warn_unused(reader, used, adapter.config.tie_word_embeddings)
     _load_generation_config(model, source)
     model.config._name_or_path = str(source)
     model.config.dtype = compute_dtype
     return model.eval()
+
+
+def _prepare(reader: CheckpointReader, backend: str, dequantize: bool
+             ) -> tuple[MixtralAdapter, nn.Module, list[_Fill]]:
+    """The model on the meta device and the tensors that fill it, after every check that needs no weights."""
+    raw = reader.config
+    adapter = adapter_for(raw)
+    qcfg = quantization_config_of(raw)
+    if qcfg is None:
+        packed = next((n for n in reader.names if n.endswith(".qweight")), None)
+        if packed is not None:
+            raise MoequantError(
+                f"{reader.path} holds packed weights ({packed}) but no quantisation config: add the bits, "
+                f"group_size and sym it was packed with as quantization_config in config.json (or as "
+                f"{QUANT_CONFIG_FILES[0]})"
+            )
+    specs = linear_specs(adapter, None if dequantize else qcfg)
+    for name, spec in specs.items():
+        if spec is not None:
+            try:
+                packed_shapes(*_shape_of(adapter, name), spec.bits, spec.group_size)
+            except MoequantError as exc:
+                raise MoequantError(f"quantization_config gives {name} bits={spec.bits}, "
+                                    f"group_size={spec.group_size}, which cannot hold it: {exc}") from exc
+    layouts, fills = _plan(reader, adapter, specs)
+    model = _skeleton(raw, adapter, specs, layouts, backend, keep_quant=not dequantize)
+    covered = {f.target for f in fills}
+    tied = adapter.config.tie_word_embeddings
+    uncovered = [n for n in model.state_dict() if n not in covered and not (tied and n == "lm_head.weight")]
+    if uncovered:
+        raise MoequantError(f"no checkpoint tensor fills {', '.join(uncovered[:3])}; this model layout is not "
+                            "supported")
+    if not dequantize:
+        _check_fills(reader, fills, _targets(model))
+    return adapter, model, fills
+
+
+def check_loadable(reader: CheckpointReader) -> None:
+    """Raise the :class:`MoequantError` that :func:`load` would raise for this checkpoint, reading no weights
+    but the packed ``scales`` (checked for NaN and Inf)."""
+    _, _, fills = _prepare(reader, "torch", dequantize=False)
+    for f in fills:
+        if f.disk.endswith(".scales"):
+            reader.get(f.disk, check_finite=True)
+
+
+def _check_finite(reader: CheckpointReader, name: str, stored: torch.Tensor, slot: torch.Tensor) -> None:
+    """Refuse a tensor whose values are NaN or Inf as stored, or turn infinite in the model's dtype."""
+    if not slot.is_floating_point() or bool(torch.isfinite(slot).all()):
+        return
+    if not reader.has(name):  # a packed module read dequantised: its scales are its float part
+        name = name[: -len(".weight")] + ".scales"
+        stored = reader.get(name)
+    if stored.is_floating_point() and not bool(torch.isfinite(stored).all()):
+        bad = "NaN" if bool(torch.isnan(stored).any()) else "Inf"
+        raise MoequantError(f"tensor {name} in {reader.shard_of(name).name} contains {bad} values; the checkpoint "
+                            "is corrupt, re-create it")
+    raise MoequantError(f"tensor {name} holds values beyond the range of {slot.dtype}; load it with "
+                        "dtype=float32 or bfloat16")
 
 
 def _shape_of(adapter: MixtralAdapter, name: str) -> tuple[int, int]:

@@ -36,6 +36,7 @@ from moequant.checkpoint.writer import CheckpointWriter, check_output, partial_d
 from moequant.device import resolve_device
 from moequant.errors import MoequantError
 from moequant.kernels.packed import stored_group_size
+from moequant.numeric import SEED_MAX, check_int
 from moequant.progress import Progress
 from moequant.quant.gptq import gptq_quantize, output_error
 from moequant.quant.hessian import HessianAccumulator
@@ -62,6 +63,13 @@ class CalibSettings:
     samples: int = 128
     seqlen: int = 2048
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source:
+            raise MoequantError(f"--calib must name a dataset or a text file; got {self.source!r}")
+        check_int(self.samples, "--samples", 1, meaning="calibration windows")
+        check_int(self.seqlen, "--seqlen", 1, meaning="tokens per calibration window")
+        check_int(self.seed, "--seed", 0, SEED_MAX)
 
 
 @dataclass
@@ -168,6 +176,9 @@ def compress(
     calib = calib or CalibSettings()
     if method is not None and method not in ("gptq", "rtn"):
         raise MoequantError(f"unknown method {method!r}; use gptq or rtn")
+    check_int(expert_batch, "--expert-batch", 0, meaning="experts solved together; 0: all of a layer")
+    if stop_after_layers is not None:
+        check_int(stop_after_layers, "stop_after_layers", 1)
     started = time.perf_counter()
     source = resolve_source(model)
     out_path = Path(out).expanduser().resolve()
@@ -194,7 +205,7 @@ def compress(
     hidden: torch.Tensor | None = None
     calib_info: dict | None = None
     if state is None and calibrate:
-        ids, calib_info = _calibration_ids(source, calib, adapter)
+        ids, calib_info = _calibration_ids(source, calib, adapter, progress)
         check_token_ids(ids, reader.shape(adapter.embed_name)[0], adapter.embed_name)
         hidden = reader.get(adapter.embed_name, dtype=torch.float32, device=dev)[ids.to(dev)]
     writer = CheckpointWriter(out_path, fresh=state is None)
@@ -242,7 +253,8 @@ def compress(
 
 
 # -- calibration ---------------------------------------------------------------------------
-def _calibration_ids(source: Path, calib: CalibSettings, adapter: MixtralAdapter) -> tuple[torch.Tensor, dict]:
+def _calibration_ids(source: Path, calib: CalibSettings, adapter: MixtralAdapter,
+                     progress: Progress) -> tuple[torch.Tensor, dict]:
     seqlen = min(calib.seqlen, adapter.config.max_position_embeddings)
     if calib.source == RANDOM_CALIB:
         gen = torch.Generator().manual_seed(calib.seed)
@@ -252,7 +264,7 @@ def _calibration_ids(source: Path, calib: CalibSettings, adapter: MixtralAdapter
             tokenizer = load_tokenizer(source)
         except MoequantError as exc:
             raise MoequantError(f"{exc} (or compress without calibration: --method rtn)") from exc
-        tokens = tokenize(tokenizer, load_text(calib.source, "calib"))
+        tokens = tokenize(tokenizer, load_text(calib.source, "calib"), progress)
         ids = random_windows(tokens, calib.samples, seqlen, calib.seed)
     info = {"dataset": calib.source, "samples": calib.samples, "seqlen": seqlen, "seed": calib.seed,
             "tokens": int(ids.numel())}

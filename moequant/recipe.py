@@ -54,7 +54,7 @@ class Rule(BaseModel):
     def _compiles(cls, value: str) -> str:
         try:
             re.compile(value)
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:
             raise ValueError(f"not a valid regular expression ({exc})") from exc
         return value
 
@@ -135,7 +135,7 @@ def load_recipe(ref: str | Path) -> Recipe:
     ref_text = str(ref)
     path = Path(ref_text).expanduser()
     if path.is_file():
-        return parse_recipe(path.read_text(), source=str(path))
+        return parse_recipe(_read_text(path), source=str(path))
     if ref_text in builtin_names():
         text = resources.files("moequant.recipes").joinpath(f"{ref_text}.yaml").read_text()
         return parse_recipe(text, source=f"built-in recipe {ref_text}")
@@ -144,19 +144,48 @@ def load_recipe(ref: str | Path) -> Recipe:
     raise MoequantError(f"unknown recipe {ref_text!r}; built-in recipes: {', '.join(builtin_names())}, or a YAML path")
 
 
+def _read_text(path: Path) -> str:
+    """A recipe file's text, refusing files that cannot be read or are not UTF-8 text."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise MoequantError(f"cannot read recipe file {path} ({exc.strerror or exc})") from exc
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MoequantError(f"recipe file {path} is not UTF-8 text (byte {exc.start}); pass a YAML recipe") from exc
+
+
 def parse_recipe(text: str, source: str = "recipe") -> Recipe:
+    """The :class:`Recipe` that the YAML ``text`` describes; any fault is one line naming ``source``."""
+    if not isinstance(text, str):
+        raise MoequantError(f"{source}: a recipe is YAML text, got {type(text).__name__}")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise MoequantError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        raise MoequantError(f"{source}: not valid YAML ({_first_line(exc)})") from exc
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # from YAML's value constructors
+        raise MoequantError(f"{source}: YAML that holds an unreadable value ({_first_line(exc)})") from exc
     if not isinstance(data, dict):
-        raise MoequantError(f"{source}: expected a mapping with name, rules and settings")
+        raise MoequantError(f"{source}: expected a mapping with name, rules and settings, got "
+                            f"{type(data).__name__}")
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
-        raise MoequantError(f"{source}: {where}: {_describe(err)}") from exc
+        where = where if len(where) <= 80 else where[:77] + "..."
+        raise MoequantError(" ".join(f"{source}: {where}: {_describe(err)}".split())) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _describe(err: dict) -> str:
@@ -168,8 +197,8 @@ def _describe(err: dict) -> str:
         )
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
-        return f"must be one of {expected} (got {got!r})"
+        return f"must be one of {expected} (got {_short(got)})"
     if kind == "missing":
         return "required"
     message = err["msg"].removeprefix("Value error, ")
-    return f"{message} (got {got!r})"
+    return f"{message} (got {_short(got)})"

@@ -384,3 +384,58 @@ def test_generate_command(stacked):
     missing = runner.invoke(app, ["generate", str(stacked[0]), "--prompt", "x", "--device", "cpu"])
     assert missing.exit_code == 1
     assert "no usable tokenizer" in missing.output and "Traceback" not in missing.output
+
+
+@pytest.mark.parametrize("qcfg, message", [
+    (["gptq"], "quantization_config must be a JSON object of GPTQ settings, got list"),
+    ("gptq", "quantization_config must be a JSON object of GPTQ settings, got str"),
+    (4, "quantization_config must be a JSON object of GPTQ settings, got int"),
+    ({"bits": "4"}, "quantization_config.bits must be one of 2, 3, 4, 8, got '4'"),
+    ({"bits": 4.5}, "quantization_config.bits must be one of 2, 3, 4, 8, got 4.5"),
+    ({"bits": True}, "quantization_config.bits must be one of"),
+    ({"group_size": "128"}, "quantization_config.group_size must be -1"),
+    ({"sym": "yes"}, "quantization_config.sym must be true or false"),
+    ({"dynamic": ["-:.*"]}, "quantization_config.dynamic must be an object mapping module patterns"),
+    ({"dynamic": "-:.*"}, "quantization_config.dynamic must be an object mapping module patterns"),
+    ({"dynamic": {"+:.*": 5}}, r"quantization_config.dynamic\['\+:\.\*'\] must be an object of overrides"),
+    ({"dynamic": {"+:.*": {"bits": "x"}}}, r"dynamic\['\+:\.\*'\]\.bits must be one of"),
+    ({"dynamic": {"+:a{99999999999}": {}}}, "is not a valid regular expression"),
+    ({"modules_in_block_to_quantize": [[1]]}, "modules_in_block_to_quantize must be a list of lists"),
+])
+def test_wrongly_typed_quantization_config_is_one_line_everywhere(stacked, tmp_path, qcfg, message):
+    from moequant.evals.streamed import evaluate_windows
+    from moequant.inspection import describe
+
+    folder = shutil.copytree(stacked[1], tmp_path / "typed")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = qcfg if not isinstance(qcfg, dict) else {**config["quantization_config"], **qcfg}
+    (folder / "config.json").write_text(json.dumps(config))
+    for use in (lambda: load(folder, device="cpu"), lambda: describe(folder),
+                lambda: evaluate_windows(folder, ids(1, 8))):
+        with pytest.raises(MoequantError, match=message) as info:
+            use()
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("value, bad", [(float("nan"), "NaN"), (float("inf"), "Inf")])
+def test_non_finite_scales_are_refused_by_name(stacked, tmp_path, value, bad):
+    broken = shutil.copytree(stacked[1], tmp_path / "nan")
+    name = "model.layers.1.block_sparse_moe.experts.2.w2.scales"
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    scales = load_file(str(broken / index["weight_map"][name]))[name].clone()
+    scales[1, 3] = value
+    _rewrite(broken, name, scales)
+    with pytest.raises(MoequantError, match=re.escape(f"tensor {name} in ") + f".* contains {bad} values"):
+        load(broken, device="cpu")
+    with pytest.raises(MoequantError, match=re.escape(name)):
+        dequantized_model(broken, device="cpu")
+
+
+def test_values_beyond_float16_are_refused_when_loading_in_float16(tmp_path):
+    src = make_mixtral(tmp_path / "big", num_hidden_layers=1)
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["model.norm.weight"][0] = 1e6
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    load(src, device="cpu")
+    with pytest.raises(MoequantError, match=r"model.norm.weight holds values beyond the range of torch.float16"):
+        load(src, device="cpu", dtype="float16")

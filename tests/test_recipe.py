@@ -1,9 +1,14 @@
+import re
+
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from moequant.arch.mixtral import MixtralAdapter
 from moequant.errors import MoequantError
 from moequant.pipeline import plan
-from moequant.recipe import builtin_names, load_recipe, parse_recipe
+from moequant.recipe import Recipe, builtin_names, load_recipe, parse_recipe
 from moequant.sizes import MIXTRAL_8X7B, estimate_bits
 
 BASE = """
@@ -47,12 +52,27 @@ def test_rule_overrides_and_keep():
         ("rules: []\n", r"name: required"),
         ("name: t\nrules:\n  - match: '('\n    bits: 4\n", r"not a valid regular expression"),
         ("- a\n- b\n", r"expected a mapping"),
+        ("name: t\nrules: 4\n", r"rules: .*valid list"),
+        ("name: t\nrules:\n  - 4\n", r"rules\[0\]: .*dictionary"),
+        ("name: t\nrules:\n  - match: 'a{99999999999}'\n    bits: 4\n", r"not a valid regular expression"),
+        ("name: t\nwhen: 2001-13-45\n", r"YAML that holds an unreadable value"),
+        ("name: t\n\x00\n", r"not valid YAML"),
+        ("name: [unclosed\n", r"not valid YAML"),
     ],
 )
 def test_invalid_recipes_name_file_field_and_allowed(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(MoequantError, match=message) as info:
+        load_recipe(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("data", [b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "name: caf\u00e9".encode("latin-1")])
+def test_a_recipe_file_that_is_not_utf8_text_is_one_line(tmp_path, data):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(data)
+    with pytest.raises(MoequantError, match="is not UTF-8 text") as info:
         load_recipe(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
@@ -91,3 +111,60 @@ def test_a_group_wider_than_the_input_is_one_group():
     assert specs["model.layers.0.self_attn.q_proj"].group_size == -1  # 64 inputs, groups of 128
     assert specs["model.layers.0.block_sparse_moe.experts.0.w1"].group_size == -1
     assert specs["model.layers.0.block_sparse_moe.experts.0.w2"].group_size == 128  # 256 inputs
+
+
+# -- any document: a valid Recipe or one line --------------------------------------------------
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                     st.text(max_size=12), st.sampled_from([".*", "(", "a{99999999999}", "[z-a]", "-1", "1e400"]))
+_VALUES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3)
+                       | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+_RULE_KEYS = ["match", "bits", "group_size", "sym", "method"]
+_RECIPE_KEYS = ["name", "description", "method", "group_size", "sym", "act_order", "damp", "block_size",
+                "clip_search", "min_tokens", "expert_calibration", "hessian_weighting", "rules"]
+
+
+@st.composite
+def _rule(draw) -> dict:
+    rule = {"match": draw(st.sampled_from([".*", r".*\.w[123]", "(", "[", "a{99999999999}", "lm_head"])),
+            "bits": draw(st.sampled_from([2, 3, 4, 8, 16, 0, 5, 32, -4, "4", 4.0, None]))}
+    for key in draw(st.lists(st.sampled_from(_RULE_KEYS + ["groupsize", "extra"]), max_size=3)):
+        rule[key] = draw(_VALUES)
+    if draw(st.booleans()):
+        rule.pop(draw(st.sampled_from(["match", "bits"])), None)
+    return rule
+
+
+@st.composite
+def _recipe_document(draw) -> str | bytes:
+    kind = draw(st.sampled_from(["mutated", "mutated", "mutated", "text", "bytes"]))
+    if kind == "text":
+        return draw(st.text(max_size=200))
+    if kind == "bytes":
+        return draw(st.binary(max_size=200))
+    doc: dict = {"name": draw(st.sampled_from(["t", "", 7, None])), "rules": draw(st.lists(_rule(), max_size=4))}
+    for key in draw(st.lists(st.sampled_from(_RECIPE_KEYS + ["colour", "bits"]), max_size=4)):
+        doc[key] = draw(_VALUES)
+    if draw(st.booleans()):
+        doc["rules"] = draw(_VALUES)
+    text = yaml.safe_dump(doc, allow_unicode=True)
+    cut = draw(st.integers(0, len(text)))
+    return text if draw(st.booleans()) else text[:cut]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(document=_recipe_document())
+def test_any_recipe_document_is_a_recipe_or_one_line(tmp_path_factory, document):
+    path = tmp_path_factory.getbasetemp() / "fuzzed-recipe.yaml"
+    if isinstance(document, bytes):
+        path.write_bytes(document)
+    else:
+        path.write_text(document, encoding="utf-8")
+    try:
+        recipe = load_recipe(path)
+    except MoequantError as exc:
+        message = str(exc)
+        assert message and "\n" not in message and len(message) < 400, message
+        return
+    assert isinstance(recipe, Recipe)
+    for rule in recipe.rules:
+        re.compile(rule.match)

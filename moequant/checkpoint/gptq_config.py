@@ -1,10 +1,13 @@
-"""``config.json["quantization_config"]`` in the form GPTQ readers expect, with ``dynamic`` overrides."""
+"""``config.json["quantization_config"]``: written in the form GPTQ readers expect, with ``dynamic``
+overrides, and checked when read."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 
+from moequant.errors import MoequantError
 from moequant.quant.types import QuantSpec
 
 
@@ -108,3 +111,88 @@ def _wildcard(name: str) -> list[str]:
                 pieces.append(r"\.\d+\." if wild else re.escape(p))
         out.append("^" + "".join(pieces) + "$")
     return out
+
+
+# -- reading: what a checkpoint's quantization_config says, checked before anything uses it --------
+READ_BITS = (2, 3, 4, 8)
+
+
+def quantization_config_of(config: dict) -> dict | None:
+    """``config["quantization_config"]`` checked by :func:`check_quantization_config`; ``None`` if absent.
+
+    Absent means missing, ``null`` or ``{}``; any other value that is not a GPTQ settings object
+    is refused in one line that names the field.
+    """
+    qcfg = config.get("quantization_config")
+    if qcfg is None or qcfg == {}:
+        return None
+    check_quantization_config(qcfg)
+    return qcfg
+
+
+def check_quantization_config(qcfg: object) -> None:
+    """Refuse quantisation configs moequant cannot read, with the field and what it should hold."""
+    if not isinstance(qcfg, dict):
+        raise MoequantError(f"quantization_config must be a JSON object of GPTQ settings, got {_kind(qcfg)}")
+    method = str(qcfg.get("quant_method", "gptq")).lower()
+    if method != "gptq":
+        raise MoequantError(f"quantization_config.quant_method is {method!r}; moequant loads GPTQ checkpoints only")
+    fmt = str(qcfg.get("checkpoint_format", "gptq")).lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        raise MoequantError(
+            f"quantization_config.checkpoint_format is {fmt!r}; moequant reads the 'gptq' (v1) and 'gptq_v2' "
+            "layouts"
+        )
+    _check_storage(qcfg, "quantization_config")
+    modules_in_block(qcfg)
+    dynamic = qcfg.get("dynamic")
+    if dynamic is None:
+        return
+    if not isinstance(dynamic, dict):
+        raise MoequantError("quantization_config.dynamic must be an object mapping module patterns to overrides, "
+                            f"got {_kind(dynamic)}")
+    for pattern, override in dynamic.items():
+        where = f"quantization_config.dynamic[{pattern!r}]"
+        regex = pattern[2:] if pattern.startswith(("-:", "+:")) else pattern
+        try:
+            re.compile(regex)
+        except (re.error, OverflowError, RecursionError) as exc:
+            raise MoequantError(f"{where}: {regex!r} is not a valid regular expression ({exc})") from exc
+        if override is not None and not isinstance(override, dict):
+            raise MoequantError(f"{where} must be an object of overrides (bits, group_size, sym), got {_kind(override)}")
+        _check_storage(override or {}, where)
+
+
+def _check_storage(settings: dict, where: str) -> None:
+    """``bits``, ``group_size`` and ``sym`` of ``settings``, where present, have values GPTQ readers take."""
+    bits = settings.get("bits")
+    if bits is not None and (_not_int(bits) or bits not in READ_BITS):
+        raise MoequantError(f"{where}.bits must be one of {', '.join(map(str, READ_BITS))}, got {bits!r}")
+    group = settings.get("group_size")
+    if group is not None and (_not_int(group) or (group != -1 and group < 1)):
+        raise MoequantError(f"{where}.group_size must be -1 (one group per row) or a positive whole number, "
+                            f"got {group!r}")
+    sym = settings.get("sym")
+    if sym is not None and not isinstance(sym, bool):
+        raise MoequantError(f"{where}.sym must be true or false, got {sym!r}")
+
+
+def modules_in_block(qcfg: dict) -> set[str] | None:
+    """The names in ``modules_in_block_to_quantize`` (a list of name lists, or of names)."""
+    listed = qcfg.get("modules_in_block_to_quantize")
+    if not listed:
+        return None
+    groups = listed if isinstance(listed, list) else [None]
+    if not all(isinstance(g, str) or (isinstance(g, list) and all(isinstance(m, str) for m in g)) for g in groups):
+        raise MoequantError("quantization_config.modules_in_block_to_quantize must be a list of lists of module "
+                            "names, e.g. [[\"self_attn.q_proj\"], [\"block_sparse_moe.experts.0.w1\"]]")
+    return {m for g in groups for m in ([g] if isinstance(g, str) else g)}
+
+
+def _not_int(value: object) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)
+
+
+def _kind(value: object) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, list)) else type(value).__name__
+    return f"{type(value).__name__} {text[:40]}" if text != type(value).__name__ else text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -70,19 +71,47 @@ def checkpoint_size(path: str | Path) -> dict:
 
 
 def recipe_of(path: str | Path) -> dict | None:
-    """The ``recipe`` entry of a compressed checkpoint's ``moequant.json`` (``None`` for originals)."""
+    """The ``recipe`` entry of a compressed checkpoint's ``moequant.json`` (``None`` for originals, or when the
+    record is unreadable: it only labels the report)."""
     record_file = Path(path) / RECORD_FILE
     if not record_file.is_file():
         return None
     try:
-        return json.loads(record_file.read_text()).get("recipe")
-    except json.JSONDecodeError:
+        recipe = json.loads(record_file.read_text()).get("recipe")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return None
+    return recipe if isinstance(recipe, dict) else None
+
+
+def check_finite_scores(result: EvalResult) -> None:
+    """Refuse to report scores that are not finite numbers, naming the windows that gave them.
+
+    ``nll``/``base_nll``/``kl`` are ``[W, L-1]``; a NaN or Inf there comes from non-finite logits
+    (weights or activations gone NaN/Inf), and a mean NLL past ``log`` of the largest float would
+    overflow the perplexity.
+    """
+    scores = {"model": result.nll, "baseline": result.base_nll, "KL divergence": result.kl}
+    for label, values in scores.items():
+        if values is None:
+            continue
+        bad = (~torch.isfinite(values.reshape(values.shape[0], -1))).any(dim=1).nonzero().flatten().tolist()
+        if bad:
+            shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            source = "the model's and the baseline's logits" if label == "KL divergence" else f"the {label}'s logits"
+            raise MoequantError(
+                f"{source} are not finite (NaN or Inf) on windows {shown} of {values.shape[0]}, so there is no "
+                f"{'KL divergence' if label == 'KL divergence' else 'perplexity'} to report; "
+                "check the checkpoint with moequant inspect, or evaluate in --dtype float32"
+            )
+        mean = float(values.double().mean())
+        if label != "KL divergence" and mean > math.log(sys.float_info.max):
+            raise MoequantError(f"the {label}'s mean NLL is {mean:.1f} nats, so its perplexity overflows a float")
 
 
 def build_report(result: EvalResult, model: str | Path, baseline: str | Path | None, dataset: str,
                  extra: dict | None = None) -> dict:
     """The report of one evaluation (see :data:`REPORT_KEYS`); ``extra`` adds settings such as the device."""
+    check_finite_scores(result)
     w, seqlen = result.windows.shape
     size = checkpoint_size(model)
     base_size = checkpoint_size(baseline) if baseline is not None else None
@@ -251,4 +280,41 @@ def load_report(path: str | Path) -> dict:
     missing = [k for k in REPORT_KEYS if not isinstance(report, dict) or k not in report]
     if missing:
         raise MoequantError(f"{path} is not a moequant eval report (lacks {', '.join(missing[:3])})")
+    fields = {key: (report.get(key), kinds) for key, kinds in _REPORT_TYPES.items()}
+    if isinstance(report["kl_divergence"], dict):
+        fields.update({f"kl_divergence.{k}": (report["kl_divergence"].get(k), _NUMBER) for k in ("mean", "median", "p99")})
+    for key, (value, kinds) in fields.items():
+        if not _is_kind(value, kinds):
+            raise MoequantError(f"{path}: field {key} must be {' or '.join(_KIND_NAMES[k] for k in kinds)}, got "
+                                f"{_short(value)}; re-create the report with moequant eval")
     return report
+
+
+_NUMBER = (float,)
+_REPORT_TYPES: dict[str, tuple] = {
+    "model": (str,), "dataset": (str,), "seqlen": (int,), "windows": (int,), "tokens": (int,),
+    "windows_hash": (str,), "perplexity": _NUMBER, "perplexity_stderr": (float, None),
+    "baseline": (str, None), "baseline_perplexity": (float, None), "perplexity_change_pct": (float, None),
+    "kl_divergence": (dict, None), "top1_agreement": (float, None), "router_agreement": (float, None),
+    "router_agreement_per_layer": (list, None), "hidden_error_per_layer": (list, None),
+    "bits_per_weight": _NUMBER, "size_bytes": (int,), "baseline_size_bytes": (int, None), "recipe": (dict, None),
+    "moequant_version": (str,),
+}
+_KIND_NAMES = {str: "a string", int: "a whole number", float: "a number", dict: "an object", list: "a list",
+               None: "null"}
+
+
+def _is_kind(value: object, kinds: tuple) -> bool:
+    """Whether a JSON ``value`` is one of ``kinds`` (``float`` takes any number, ``None`` null; never a bool)."""
+    if value is None:
+        return None in kinds
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int) and (int in kinds or float in kinds):
+        return True
+    return any(k is not None and k is not int and isinstance(value, k) for k in kinds)
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."

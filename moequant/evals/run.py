@@ -8,6 +8,7 @@ first ones); each window is scored on its own; perplexity = exp(mean NLL of ever
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,10 +19,32 @@ from moequant.checkpoint.reader import CheckpointReader, resolve_source
 from moequant.device import resolve_device
 from moequant.errors import MoequantError
 from moequant.evals.report import build_report
-from moequant.evals.streamed import evaluate_windows
+from moequant.evals.streamed import ENGINES, check_batch, evaluate_windows
+from moequant.numeric import check_int
 from moequant.progress import Progress
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How an evaluation runs: window length, how many windows, chunking, engine and compute dtype."""
+
+    seqlen: int = 2048
+    max_windows: int | None = None
+    batch: int = 0
+    engine: str = "streamed"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        check_int(self.seqlen, "--seqlen", 2, meaning="tokens per window; a window predicts seqlen - 1 tokens")
+        if self.max_windows is not None:
+            check_int(self.max_windows, "--max-windows", 1)
+        check_batch(self.batch)
+        if self.engine not in ENGINES:
+            raise MoequantError(f"unknown engine {self.engine!r}; use {' or '.join(ENGINES)}")
+        if self.dtype not in DTYPES:
+            raise MoequantError(f"unknown dtype {self.dtype!r}; use {', '.join(DTYPES)}")
 
 
 def dataset_label(dataset: str) -> str:
@@ -31,7 +54,7 @@ def dataset_label(dataset: str) -> str:
 
 
 def evaluation_windows(dataset: str, tokenizer_dirs: list[Path], seqlen: int,
-                       max_windows: int | None = None) -> torch.Tensor:
+                       max_windows: int | None = None, progress: Progress | None = None) -> torch.Tensor:
     """The evaluation windows ``[W, seqlen]`` of ``dataset``, tokenised by the first folder with a tokenizer."""
     text = load_text(dataset, split="eval")
     error: MoequantError | None = None
@@ -43,7 +66,7 @@ def evaluation_windows(dataset: str, tokenizer_dirs: list[Path], seqlen: int,
             error = error or exc
     else:
         raise error or MoequantError("no tokenizer folder given")
-    return consecutive_windows(tokenize(tokenizer, text), seqlen, max_windows)
+    return consecutive_windows(tokenize(tokenizer, text, progress), seqlen, max_windows)
 
 
 def evaluate(
@@ -74,12 +97,7 @@ def evaluate(
             labels the report).
         progress: receives progress events.
     """
-    if dtype not in DTYPES:
-        raise MoequantError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
-    if max_windows is not None and max_windows < 1:
-        raise MoequantError("--max-windows must be at least 1")
-    if seqlen < 2:
-        raise MoequantError("--seqlen must be at least 2")
+    EvalSettings(seqlen, max_windows, batch, engine, dtype)
     source = resolve_source(model)
     base_source = resolve_source(baseline) if baseline is not None else None
     configs = [CheckpointReader(p).config for p in (source, base_source) if p is not None]
@@ -88,7 +106,7 @@ def evaluate(
     if windows is None:
         seqlen = min(seqlen, max_positions)
         folders = [source] + ([base_source] if base_source is not None else [])
-        windows = evaluation_windows(dataset, folders, seqlen, max_windows)
+        windows = evaluation_windows(dataset, folders, seqlen, max_windows, progress)
     elif windows.shape[1] > max_positions:
         raise MoequantError(f"windows of {windows.shape[1]} tokens exceed the model's {max_positions} positions")
     result = evaluate_windows(source, windows, base_source, device=dev, dtype=DTYPES[dtype], batch=batch,

@@ -37,11 +37,13 @@ import torch.nn.functional as F
 from moequant.arch.mixtral import ExpertWeights, MixtralAdapter
 from moequant.arch.registry import adapter_for
 from moequant.calib import check_token_ids
+from moequant.checkpoint.gptq_config import quantization_config_of
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
 from moequant.checkpoint.weights import tensor_getter
 from moequant.errors import MoequantError
 from moequant.evals.agreement import kl_divergence, top1_equal, topk_sets_equal
 from moequant.evals.perplexity import next_token_nll
+from moequant.numeric import check_int
 from moequant.progress import Progress
 
 ENGINES = ("streamed", "memory")
@@ -95,7 +97,7 @@ class _Model:
         reader = CheckpointReader(self.path)
         self.config = reader.config
         self.adapter: MixtralAdapter = adapter_for(reader.config)
-        self.quantised = bool(reader.config.get("quantization_config"))
+        self.quantised = quantization_config_of(reader.config) is not None
 
     def getter(self, dtype: torch.dtype, device: torch.device) -> tuple[CheckpointReader, Callable]:
         reader = CheckpointReader(self.path)
@@ -111,6 +113,11 @@ def check_pair(model: MixtralAdapter, base: MixtralAdapter) -> None:
                 f"model and baseline differ in {field} ({getattr(a, field)} vs {getattr(b, field)}); "
                 "the baseline must be the checkpoint the model was compressed from"
             )
+
+
+def check_batch(batch: int) -> int:
+    """``batch`` (windows per forward chunk) if it is 0 (automatic) or positive."""
+    return check_int(batch, "--batch", 0, meaning="windows per forward chunk; 0: automatic")
 
 
 def default_batch(adapter: MixtralAdapter, seqlen: int, windows: int) -> int:
@@ -145,6 +152,7 @@ def evaluate_windows(
         raise MoequantError(f"unknown engine {engine!r}; use {' or '.join(ENGINES)}")
     if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
         raise MoequantError("evaluation needs at least one window of at least 2 tokens")
+    check_batch(batch)
     progress = progress or Progress()
     device = torch.device(device)
     started = time.perf_counter()

@@ -93,3 +93,50 @@ def test_real_process_exit_status_and_debug_variable(tmp_path):
 def test_help(args):
     code, output = run(*args)
     assert code == 0 and "Usage" in output
+
+
+NUMERIC = [
+    (["compress", "{model}", "-o", "{out}", "--expert-batch", "-2"], "--expert-batch must be at least 0"),
+    (["compress", "{model}", "-o", "{out}", "--samples", "0"], "--samples must be at least 1"),
+    (["compress", "{model}", "-o", "{out}", "--seqlen", "0"], "--seqlen must be at least 1"),
+    (["compress", "{model}", "-o", "{out}", "--seed", "-1"], "--seed must be from 0 to"),
+    (["eval", "{model}", "--batch", "-3"], "--batch must be at least 0"),
+    (["eval", "{model}", "--max-windows", "0"], "--max-windows must be at least 1"),
+    (["eval", "{model}", "--seqlen", "1"], "--seqlen must be at least 2"),
+    (["generate", "{model}", "-p", "x", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["generate", "{model}", "-p", "x", "--temperature", "nan"], "--temperature must be a finite number"),
+    (["generate", "{model}", "-p", "x", "--seed", "-5"], "--seed must be from 0 to"),
+]
+
+
+@pytest.mark.parametrize("args, message", NUMERIC, ids=[f"{a[0]} {a[-2]} {a[-1]}" for a, _ in NUMERIC])
+def test_numeric_options_are_checked_before_any_work(tmp_path, tiny_mixtral_tok, args, message):
+    out = tmp_path / "out"
+    code, output = run(*(a.format(model=tiny_mixtral_tok, out=out) for a in args))
+    assert_one_line_error(code, output, message)
+    assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kwargs, calib, message", [
+    ({"expert_batch": -2}, {}, "--expert-batch must be at least 0"),
+    ({"expert_batch": 1.5}, {}, "--expert-batch must be a whole number"),
+    ({}, {"samples": -1}, "--samples must be at least 1"),
+    ({}, {"seed": True}, "--seed must be a whole number"),
+])
+def test_library_compress_checks_numbers_like_the_command(tmp_path, tiny_mixtral_tok, kwargs, calib, message):
+    from moequant.errors import MoequantError
+    from moequant.pipeline import CalibSettings, compress
+
+    with pytest.raises(MoequantError, match=message) as info:
+        compress(tiny_mixtral_tok, tmp_path / "o", calib=CalibSettings(**calib), **kwargs)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_huge_samples_refused_with_the_maximum_before_any_layer(tmp_path, tiny_mixtral_tok):
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    code, output = run("compress", str(tiny_mixtral_tok), "-o", str(tmp_path / "o"), "--calib", str(text),
+                       "--samples", "100000000", "--seqlen", "64")
+    assert_one_line_error(code, output, "distinct windows of 64 tokens")
+    assert not (tmp_path / "o").exists()

@@ -87,3 +87,36 @@ def test_eval_errors_are_one_line(tmp_path, reports):
     assert_one_line_error(code, output, "unknown dataset")
     code, output = run("compare", tmp_path / "nope.json", reports["a"][0])
     assert_one_line_error(code, output, "no such report")
+
+
+def test_compare_on_a_wrongly_typed_report_is_one_line(reports, tmp_path):
+    edited = json.loads(reports["b"][0].read_text())
+    edited["size_bytes"] = "12 MB"
+    other = tmp_path / "typed.json"
+    other.write_text(json.dumps(edited))
+    code, output = run("compare", reports["a"][0], other)
+    assert_one_line_error(code, output, f"{other}: field size_bytes must be a whole number")
+
+
+def test_compare_plot_creates_its_folder_and_wants_png(reports, tmp_path):
+    plot = tmp_path / "new" / "deeper" / "ppl.png"
+    code, output = run("compare", reports["a"][0], reports["b"][0], "--plot", plot)
+    assert code == 0, output
+    assert plot.parent.is_dir()
+    code, output = run("compare", reports["a"][0], reports["b"][0], "--plot", tmp_path / "ppl.txt")
+    assert_one_line_error(code, output, "should end in .png")
+
+
+def test_eval_of_a_model_with_nan_weights_reports_no_nan(reports, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = make_mixtral(tmp_path / "nan", seed=4, max_position_embeddings=64)
+    add_tokenizer(model)
+    tensors = load_file(str(model / "model.safetensors"))
+    tensors["model.norm.weight"][3] = float("nan")
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    code, output = run("eval", model, "--seqlen", 16, "--max-windows", 2, "--device", "cpu", "--output",
+                       tmp_path / "r.json")
+    assert code == 1 and "Traceback" not in output and "perplexity nan" not in output.lower()
+    assert output.strip().splitlines()[-1].startswith("error: the model's logits are not finite"), output
+    assert not (tmp_path / "r.json").exists()

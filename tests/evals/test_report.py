@@ -96,3 +96,48 @@ def test_load_report_refuses_other_json(tmp_path):
     other.write_text('{"model": "m"}')
     with pytest.raises(MoequantError, match="not a moequant eval report"):
         load_report(other)
+
+
+def test_non_finite_scores_are_refused_with_their_windows():
+    from moequant.evals.streamed import EvalResult
+
+    windows = torch.zeros(4, 8, dtype=torch.long)
+    nll = torch.ones(4, 7)
+    nll[2, 5] = float("nan")
+    nll[3, 0] = float("inf")
+    result = EvalResult(windows, nll, torch.zeros(1, 32, 2, dtype=torch.int16))
+    with pytest.raises(MoequantError, match=r"the model's logits are not finite \(NaN or Inf\) on windows 2, 3 of 4"):
+        build_report(result, "m", None, "d")
+    kl = torch.zeros(4, 7)
+    kl[0, 0] = float("nan")
+    both = EvalResult(windows, torch.ones(4, 7), torch.zeros(1, 32, 2, dtype=torch.int16), base_nll=torch.ones(4, 7),
+                      kl=kl, top1=torch.ones(4, 7, dtype=torch.bool),
+                      base_topk_ids=torch.zeros(1, 32, 2, dtype=torch.int16))
+    with pytest.raises(MoequantError, match=r"on windows 0 of 4, so there is no KL divergence"):
+        build_report(both, "m", "b", "d")
+    huge = EvalResult(windows, torch.full((4, 7), 800.0), torch.zeros(1, 32, 2, dtype=torch.int16))
+    with pytest.raises(MoequantError, match="mean NLL is 800.0 nats, so its perplexity overflows"):
+        build_report(huge, "m", None, "d")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("perplexity", "12.5", r"field perplexity must be a number, got \"12.5\""),
+    ("seqlen", 3.5, "field seqlen must be a whole number, got 3.5"),
+    ("size_bytes", True, "field size_bytes must be a whole number, got true"),
+    ("model", ["a"], "field model must be a string"),
+    ("kl_divergence", [1, 2], "field kl_divergence must be an object or null"),
+    ("kl_divergence", {"mean": "x", "median": 0.1, "p99": 0.2}, "field kl_divergence.mean must be a number"),
+    ("top1_agreement", {}, "field top1_agreement must be a number or null"),
+    ("recipe", "a4e3", "field recipe must be an object or null"),
+])
+def test_load_report_names_the_file_and_the_wrongly_typed_field(pair, tmp_path, key, value, message):
+    original, compressed = pair
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(5))
+    good = write_report(build_report(evaluate_windows(compressed, ids, baseline=original), compressed, original,
+                                     "tokens"), tmp_path / "good.json")["json"]
+    assert load_report(good)["windows"] == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**json.loads(good.read_text()), key: value}))
+    with pytest.raises(MoequantError, match=message) as info:
+        load_report(bad)
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)

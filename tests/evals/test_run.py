@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from moequant.builtin_data import builtin_text
-from moequant.calib import load_tokenizer, tokenize
+from moequant.calib import LARGE_TEXT, load_tokenizer, random_windows, tokenize
 from moequant.errors import MoequantError
 from moequant.evals.report import windows_hash
 from moequant.evals.run import evaluate
+from moequant.progress import Progress
 from tests.conftest import make_mixtral
 
 
@@ -64,3 +65,38 @@ def test_bad_inputs_refused(model_with_tokenizer, tmp_path):
         evaluate(make_mixtral(tmp_path / "bare"), seqlen=16, device="cpu")
     with pytest.raises(MoequantError, match="positions"):
         evaluate(model_with_tokenizer, windows=torch.zeros(1, 65, dtype=torch.long), device="cpu")
+
+
+class _Recorder(Progress):
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def begin(self, total: int, title: str) -> None:
+        self.events.append(("begin", total, title))
+
+    def advance(self, step: int, info: dict | None = None) -> None:
+        self.events.append(("advance", step))
+
+    def end(self) -> None:
+        self.events.append(("end",))
+
+
+def test_tokenising_a_large_text_shows_progress_and_gives_the_same_tokens(model_with_tokenizer):
+    tokenizer = load_tokenizer(model_with_tokenizer)
+    text = (builtin_text("eval") * (LARGE_TEXT // len(builtin_text("eval")) + 1))[: LARGE_TEXT + 1]
+    recorder = _Recorder()
+    shown = tokenize(tokenizer, text, recorder)
+    assert [e[0] for e in recorder.events] == ["begin", "advance", "end"] and "tokenising" in recorder.events[0][2]
+    assert torch.equal(shown, tokenize(tokenizer, text))
+    small = _Recorder()
+    tokenize(tokenizer, text[:1000], small)
+    assert small.events == []
+
+
+def test_more_calibration_windows_than_the_text_holds_are_refused():
+    tokens = torch.arange(100)
+    assert random_windows(tokens, 91, 10, 0).shape == (91, 10)
+    with pytest.raises(MoequantError, match=r"at most 91 distinct windows of 10 tokens.*--samples 91 or less"):
+        random_windows(tokens, 92, 10, 0)
+    with pytest.raises(MoequantError, match=r"at most 91 distinct windows"):
+        random_windows(tokens, 100_000_000, 10, 0)
