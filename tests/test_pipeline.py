@@ -267,7 +267,7 @@ def test_killed_mid_layer_resumes_byte_identical(tmp_path):
             proc.kill()
     partial = tmp_path / ".out.moequant-partial"
     assert not (tmp_path / "out").exists() and not (partial / "config.json").exists()
-    assert json.loads((partial / "resume" / "state.json").read_text())["completed_layers"] == 1
+    assert json.loads((tmp_path / ".out.moequant-resume" / "state.json").read_text())["completed_layers"] == 1
     resumed = compress(src, tmp_path / "out", calib=SMALL, resume=True)
     full = compress(src, tmp_path / "full", calib=SMALL)
     a, b = digest(full.path), digest(resumed.path)
