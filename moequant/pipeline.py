@@ -172,7 +172,6 @@ def compress(
     allow_pickle: bool = False,
     expert_batch: int = 0,
     progress: Progress | None = None,
-    stop_after_layers: int | None = None,
 ) -> CompressResult:
     """Compress the MoE checkpoint ``model`` into ``out`` (GPTQ layout).
 
@@ -188,7 +187,6 @@ def compress(
         allow_pickle: accept pickled ``.bin`` weights (loaded with ``weights_only=True``).
         expert_batch: experts solved together (0: all experts of a layer at once).
         progress: receives progress events.
-        stop_after_layers: stop (leaving a resumable partial run) after this many layers; for tests.
     """
     progress = progress or Progress()
     calib = calib or CalibSettings()
@@ -255,8 +253,6 @@ def compress(
             run.layers.append(layer_record)
             _save_state(writer, fingerprint, layer + 1, run, calib_info, hidden)
             progress.advance(layer, layer_record)
-            if stop_after_layers is not None and layer + 1 >= stop_after_layers and layer + 1 < n_layers:
-                raise MoequantError(f"stopped after {layer + 1} layers as asked; continue with --resume")
     except BaseException:
         if not run.layers:  # nothing worth resuming: leave no partial folder behind
             shutil.rmtree(writer.resume_dir, ignore_errors=True)

@@ -19,7 +19,7 @@ from moequant.checkpoint.writer import output_lock
 from moequant.errors import MoequantError
 from moequant.pipeline import CalibSettings, compress
 from moequant_cli.main import app
-from tests.conftest import add_tokenizer, make_mixtral
+from tests.conftest import StopAfterLayers, add_tokenizer, make_mixtral
 
 REPO = Path(__file__).resolve().parents[1]
 CALIB = ["--calib", "random", "--samples", "2", "--seqlen", "16"]  # GPTQ, so every layer hands on its outputs
@@ -270,7 +270,8 @@ def stopped(source, tmp_path_factory) -> Path:
     """A partial run of ``source`` stopped after its first layer (of two)."""
     out = tmp_path_factory.mktemp("stopped") / "out"
     with pytest.raises(MoequantError, match="continue with --resume"):
-        compress(source, out, calib=CalibSettings(source="random", samples=2, seqlen=16), stop_after_layers=1)
+        compress(source, out, calib=CalibSettings(source="random", samples=2, seqlen=16),
+                 progress=StopAfterLayers(1))
     return out
 
 
