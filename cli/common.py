@@ -22,22 +22,33 @@ out = Console()
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a :class:`MoequantError` as one line and exit 1 (``MOEQUANT_DEBUG=1`` shows the traceback)."""
+    """Print a :class:`MoequantError` or an ``OSError`` as one line and exit 1.
+
+    ``MOEQUANT_DEBUG=1`` shows the traceback instead.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except MoequantError as exc:
+        except (MoequantError, OSError) as exc:
             if os.environ.get("MOEQUANT_DEBUG"):
                 raise
-            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(_one_line(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("interrupted (an interrupted compress continues with --resume)", highlight=False)
             sys.exit(130)
 
     return wrapper
+
+
+def _one_line(exc: Exception) -> str:
+    """The message of a user error, or ``<path>: <reason>`` for an operating-system error."""
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+        return f"{exc.filename}: {reason}" if exc.filename else reason
+    return str(exc)
 
 
 def print_engine_limits(notes: list[str]) -> None:

@@ -13,6 +13,7 @@ so far) to resume; a resumed run writes byte-identical shards.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from moequant import __version__
 from moequant.arch.base import LinearInfo
@@ -32,7 +34,18 @@ from moequant.arch.registry import adapter_for
 from moequant.calib import check_token_ids, load_text, load_tokenizer, random_windows, tokenize
 from moequant.checkpoint.gptq_config import quantization_config
 from moequant.checkpoint.reader import QUANT_CONFIG_FILES, CheckpointReader, resolve_source
-from moequant.checkpoint.writer import CheckpointWriter, check_output, partial_dir_for, write_json_atomic
+from moequant.checkpoint.writer import (
+    CheckpointWriter,
+    check_output,
+    output_lock,
+    partial_dir_for,
+    recover_output,
+    resume_dir_for,
+    save_tensors,
+    shard_names,
+    write_json_atomic,
+    writing,
+)
 from moequant.device import resolve_device
 from moequant.errors import MoequantError
 from moequant.kernels.packed import stored_group_size
@@ -52,6 +65,7 @@ RECIPE_FILE = "recipe.yaml"
 _COPY_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 _GLOBALS_KEY = "globals"
+_STATE_FILE = "state.json"
 RANDOM_CALIB = "random"  # uniformly random token ids: for timing runs, never for real calibration
 
 
@@ -142,6 +156,18 @@ def _check_spec(info: LinearInfo, spec: QuantSpec, recipe: Recipe) -> None:
         ) from exc
 
 
+def _holding_output_lock(fn):
+    """Run ``fn(model, out, ...)`` holding the lock on writing ``out``."""
+
+    @functools.wraps(fn)
+    def locked(model, out, *args, **kwargs):
+        with output_lock(Path(out).expanduser().resolve()):
+            return fn(model, out, *args, **kwargs)
+
+    return locked
+
+
+@_holding_output_lock
 def compress(
     model: str | Path,
     out: str | Path,
@@ -154,13 +180,12 @@ def compress(
     allow_pickle: bool = False,
     expert_batch: int = 0,
     progress: Progress | None = None,
-    stop_after_layers: int | None = None,
 ) -> CompressResult:
     """Compress the MoE checkpoint ``model`` into ``out`` (GPTQ layout).
 
     Args:
         model: local checkpoint folder or hub id.
-        out: output folder; written complete or not at all.
+        out: output folder; written complete or not at all, by one run at a time.
         recipe: built-in recipe name, YAML path or a :class:`Recipe`.
         method: ``gptq`` or ``rtn`` to override the recipe's solver for every module.
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -170,7 +195,6 @@ def compress(
         allow_pickle: accept pickled ``.bin`` weights (loaded with ``weights_only=True``).
         expert_batch: experts solved together (0: all experts of a layer at once).
         progress: receives progress events.
-        stop_after_layers: stop (leaving a resumable partial run) after this many layers; for tests.
     """
     progress = progress or Progress()
     calib = calib or CalibSettings()
@@ -182,6 +206,9 @@ def compress(
     started = time.perf_counter()
     source = resolve_source(model)
     out_path = Path(out).expanduser().resolve()
+    note = recover_output(out_path)
+    if note:
+        progress.note(note)
     check_output(out_path, source, overwrite, resume)
     partial = partial_dir_for(out_path)
     if partial.exists() and not resume and not overwrite:
@@ -199,7 +226,8 @@ def compress(
     calibrate = any(s is not None and s.method == "gptq" for s in specs.values())
 
     fingerprint = _fingerprint(reader, recipe_obj, method, calib if calibrate else None)
-    state = _load_state(partial, fingerprint) if resume else None
+    shard_keys = [_layer_key(i) for i in range(adapter.config.num_layers)] + [_GLOBALS_KEY]
+    state = _load_state(out_path, fingerprint, shard_keys, calibrate) if resume else None
     n_layers = adapter.config.num_layers
     start_layer = 0
     hidden: torch.Tensor | None = None
@@ -208,14 +236,14 @@ def compress(
         ids, calib_info = _calibration_ids(source, calib, adapter, progress)
         check_token_ids(ids, reader.shape(adapter.embed_name)[0], adapter.embed_name)
         hidden = reader.get(adapter.embed_name, dtype=torch.float32, device=dev)[ids.to(dev)]
-    writer = CheckpointWriter(out_path, fresh=state is None)
+    writer = CheckpointWriter(out_path, shard_keys, fresh=state is None)
     run = _Run(reader, adapter, recipe_obj, specs, dev, writer, progress, calibrate,
                batch=_calib_batch(calib, adapter), expert_batch=expert_batch or adapter.config.num_experts)
     if state is not None:
         start_layer = state["completed_layers"]
         run.modules, run.layers, calib_info = state["modules"], state["layers"], state["calibration"]
         if calibrate:
-            hidden = load_file(str(partial / "resume" / "hidden.safetensors"))["hidden"].to(dev)
+            hidden = _load_hidden(out_path, state).to(dev)
         progress.note(f"resuming from layer {start_layer} of {n_layers}")
 
     progress.begin(n_layers, f"compressing {source.name}")
@@ -234,12 +262,11 @@ def compress(
                 layer_record["phases_s"] = {name: round(sec, 3) for name, sec in run.phases.items()}
             writer.write_shard(_layer_key(layer), tensors)
             run.layers.append(layer_record)
-            _save_state(partial, fingerprint, layer + 1, run, calib_info, hidden)
+            _save_state(writer, fingerprint, layer + 1, run, calib_info, hidden)
             progress.advance(layer, layer_record)
-            if stop_after_layers is not None and layer + 1 >= stop_after_layers and layer + 1 < n_layers:
-                raise MoequantError(f"stopped after {layer + 1} layers as asked; continue with --resume")
     except BaseException:
         if not run.layers:  # nothing worth resuming: leave no partial folder behind
+            shutil.rmtree(writer.resume_dir, ignore_errors=True)
             shutil.rmtree(partial, ignore_errors=True)
         raise
     finally:
@@ -248,7 +275,7 @@ def compress(
     writer.write_shard(_GLOBALS_KEY, _global_tensors(run, hidden))
     record = _finish_record(run, source, calib_info, method, started)
     _write_metadata(run, source, record)
-    final = writer.finish([_layer_key(i) for i in range(n_layers)] + [_GLOBALS_KEY], overwrite=overwrite)
+    final = writer.finish(overwrite=overwrite)
     return CompressResult(path=final, record=record)
 
 
@@ -644,30 +671,112 @@ def _fingerprint(reader: CheckpointReader, recipe: Recipe, method: str | None, c
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _load_state(partial: Path, fingerprint: str) -> dict | None:
-    state_file = partial / "resume" / "state.json"
+def _load_state(out: Path, fingerprint: str, shard_keys: list[str], calibrate: bool) -> dict | None:
+    """The resume state of a partial run of ``out``, checked against the files it names.
+
+    ``None`` when the run completed no layer (it starts over). A state that does not parse, or
+    names files that are missing or of another size, is refused: a resumed run only ever
+    continues from exactly what an uninterrupted one had at that layer.
+    """
+    resume_dir = resume_dir_for(out)
+    state_file = resume_dir / _STATE_FILE
     if not state_file.is_file():
-        if partial.exists():
-            shutil.rmtree(partial)
         return None
-    state = json.loads(state_file.read_text())
-    if state.get("fingerprint") != fingerprint:
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _damaged(resume_dir, f"{_STATE_FILE} does not parse: {exc}") from exc
+    if not isinstance(state, dict) or not isinstance(state.get("fingerprint"), str):
+        raise _damaged(resume_dir, f"{_STATE_FILE} is not a resume state")
+    if state["fingerprint"] != fingerprint:
         raise MoequantError(
-            f"the partial run at {partial} used other settings or another source; rerun without --resume "
-            "(with --overwrite) to start over"
+            f"the partial run at {partial_dir_for(out)} used other settings or another source; rerun without "
+            "--resume (with --overwrite) to start over"
         )
+    problem = _state_problem(state, len(shard_keys) - 1, calibrate) or _files_problem(out, state, shard_keys)
+    if problem:
+        raise _damaged(resume_dir, problem)
     return state
 
 
-def _save_state(partial: Path, fingerprint: str, completed: int, run: _Run, calib_info: dict | None,
+def _state_problem(state: dict, n_layers: int, calibrate: bool) -> str | None:
+    """What is wrong with the fields of a parsed resume state, or ``None``."""
+    done = state.get("completed_layers")
+    if type(done) is not int or not 1 <= done <= n_layers:
+        return f"completed_layers is {done!r}, not a layer count from 1 to {n_layers}"
+    expected = {"shards": dict, "modules": dict, "layers": list,
+                "hidden": dict if calibrate else type(None), "calibration": dict if calibrate else type(None)}
+    for key, kind in expected.items():
+        if not isinstance(state.get(key), kind):
+            return f"{key} is {type(state.get(key)).__name__}, not {kind.__name__}"
+    if len(state["layers"]) != done or not all(isinstance(r, dict) for r in state["layers"]):
+        return f"layers does not hold one record for each of the {done} completed layers"
+    if not all(type(size) is int for size in state["shards"].values()):
+        return "shards holds a size that is not an integer"
+    if calibrate and (state["hidden"].get("file") != _hidden_name(done) or type(state["hidden"].get("bytes")) is not int):
+        return f"hidden does not name {_hidden_name(done)} and its size"
+    return None
+
+
+def _files_problem(out: Path, state: dict, shard_keys: list[str]) -> str | None:
+    """Which file the state names is missing or of another size than recorded, or ``None``."""
+    names = shard_names(shard_keys)
+    expected = {names[k] for k in shard_keys[:state["completed_layers"]]}
+    if set(state["shards"]) != expected:
+        return f"it lists shards {sorted(state['shards'])}, not those of the completed layers {sorted(expected)}"
+    files = {partial_dir_for(out) / name: size for name, size in state["shards"].items()}
+    if state["hidden"] is not None:
+        files[resume_dir_for(out) / state["hidden"]["file"]] = state["hidden"]["bytes"]
+    for path, size in files.items():
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} holds {path.stat().st_size} bytes, not the {size} written"
+    return None
+
+
+def _load_hidden(out: Path, state: dict) -> torch.Tensor:
+    """The next layer's inputs that a checked resume state names, ``[samples, seqlen, hidden]``."""
+    path = resume_dir_for(out) / state["hidden"]["file"]
+    try:
+        hidden = load_file(str(path)).get("hidden")
+    except (OSError, SafetensorError) as exc:
+        raise _damaged(path.parent, f"{path.name} does not load: {exc}") from exc
+    calib = state["calibration"]
+    if hidden is None or list(hidden.shape[:2]) != [calib.get("samples"), calib.get("seqlen")]:
+        raise _damaged(path.parent, f"{path.name} does not hold the inputs of {calib.get('samples')} windows")
+    return hidden
+
+
+def _damaged(resume_dir: Path, what: str) -> MoequantError:
+    return MoequantError(f"the resume state in {resume_dir} is damaged ({what}); rerun with --overwrite instead "
+                         "of --resume to start over")
+
+
+def _hidden_name(completed: int) -> str:
+    return f"hidden-{completed:05d}.safetensors"
+
+
+def _save_state(writer: CheckpointWriter, fingerprint: str, completed: int, run: _Run, calib_info: dict | None,
                 hidden: torch.Tensor | None) -> None:
-    resume_dir = partial / "resume"
-    resume_dir.mkdir(exist_ok=True)
+    """Record that ``completed`` layers are written, in one rename of the state file.
+
+    The next layer's inputs go to a file named by the layer count, which only the new state
+    names; the previous one is removed after the state is replaced.
+    """
+    resume_dir = writer.resume_dir
+    with writing(resume_dir):
+        resume_dir.mkdir(exist_ok=True)
+    hidden_ref = None
     if hidden is not None:
-        tmp = resume_dir / "hidden.safetensors.tmp"
-        save_file({"hidden": hidden.contiguous().cpu()}, str(tmp))
-        tmp.replace(resume_dir / "hidden.safetensors")
-    write_json_atomic(resume_dir / "state.json", {
-        "fingerprint": fingerprint, "completed_layers": completed, "modules": run.modules, "layers": run.layers,
-        "calibration": calib_info,
+        name = _hidden_name(completed)
+        hidden_ref = {"file": name, "bytes": save_tensors(resume_dir / name, {"hidden": hidden.cpu()})}
+    shards = {writer.shard_path(_layer_key(i)).name: writer.shard_path(_layer_key(i)).stat().st_size
+              for i in range(completed)}
+    write_json_atomic(resume_dir / _STATE_FILE, {
+        "fingerprint": fingerprint, "completed_layers": completed, "shards": shards, "hidden": hidden_ref,
+        "modules": run.modules, "layers": run.layers, "calibration": calib_info,
     })
+    for stale in resume_dir.glob("hidden-*.safetensors"):
+        if hidden_ref is None or stale.name != hidden_ref["file"]:
+            stale.unlink()

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from moequant.errors import MoequantError
+from moequant.progress import Progress
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():
     # Triton decides between compiled and interpreted kernels when a kernel module is imported,
@@ -30,6 +33,17 @@ def make_mixtral(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32, 
     model = MixtralForCausalLM(config).to(dtype)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+class StopAfterLayers(Progress):
+    """Stops a run, as a kill would, once ``layers`` layers are written (leaving it resumable)."""
+
+    def __init__(self, layers: int) -> None:
+        self.layers = layers
+
+    def advance(self, step: int, info: dict | None = None) -> None:
+        if step + 1 == self.layers:
+            raise MoequantError(f"stopped after {self.layers} layers; continue with --resume")
 
 
 @pytest.fixture(scope="session")

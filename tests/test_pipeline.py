@@ -14,7 +14,7 @@ from moequant.pipeline import CalibSettings, compress
 from moequant.quant.pack import unpack_qzeros
 from moequant.quant.rtn import rtn
 from moequant.recipe import parse_recipe
-from tests.conftest import add_tokenizer, make_mixtral
+from tests.conftest import StopAfterLayers, add_tokenizer, make_mixtral
 
 SMALL = CalibSettings(samples=4, seqlen=64, seed=0)
 
@@ -106,7 +106,7 @@ def test_resume_is_byte_identical(tmp_path):
     src = add_tokenizer(make_mixtral(tmp_path / "src", seed=5, num_hidden_layers=3))
     full = compress(src, tmp_path / "full", calib=SMALL)
     with pytest.raises(MoequantError, match="continue with --resume"):
-        compress(src, tmp_path / "part", calib=SMALL, stop_after_layers=1)
+        compress(src, tmp_path / "part", calib=SMALL, progress=StopAfterLayers(1))
     assert not (tmp_path / "part").exists()
     with pytest.raises(MoequantError, match="pass --resume"):
         compress(src, tmp_path / "part", calib=SMALL)
@@ -121,7 +121,7 @@ def test_resume_is_byte_identical(tmp_path):
 
 def test_resume_refuses_other_settings(tmp_path, tiny_mixtral_tok):
     with pytest.raises(MoequantError):
-        compress(tiny_mixtral_tok, tmp_path / "o", calib=SMALL, stop_after_layers=1)
+        compress(tiny_mixtral_tok, tmp_path / "o", calib=SMALL, progress=StopAfterLayers(1))
     with pytest.raises(MoequantError, match="other settings"):
         compress(tiny_mixtral_tok, tmp_path / "o", calib=CalibSettings(samples=2, seqlen=64), resume=True)
 
@@ -267,7 +267,7 @@ def test_killed_mid_layer_resumes_byte_identical(tmp_path):
             proc.kill()
     partial = tmp_path / ".out.moequant-partial"
     assert not (tmp_path / "out").exists() and not (partial / "config.json").exists()
-    assert json.loads((partial / "resume" / "state.json").read_text())["completed_layers"] == 1
+    assert json.loads((tmp_path / ".out.moequant-resume" / "state.json").read_text())["completed_layers"] == 1
     resumed = compress(src, tmp_path / "out", calib=SMALL, resume=True)
     full = compress(src, tmp_path / "full", calib=SMALL)
     a, b = digest(full.path), digest(resumed.path)

@@ -8,12 +8,12 @@ from moequant.errors import MoequantError
 
 def test_output_appears_only_when_finished(tmp_path):
     out = tmp_path / "out"
-    writer = CheckpointWriter(out)
+    writer = CheckpointWriter(out, ["layer-00000", "globals"])
     writer.write_shard("layer-00000", {"a": torch.ones(3)})
     writer.write_shard("globals", {"b": torch.zeros(2)})
     writer.write_json("config.json", {"model_type": "x"})
     assert not out.exists() and partial_dir_for(out).is_dir()
-    writer.finish(["layer-00000", "globals"], overwrite=False)
+    writer.finish(overwrite=False)
     assert not partial_dir_for(out).exists()
     reader = CheckpointReader(out)
     assert sorted(reader.names) == ["a", "b"]
@@ -24,15 +24,15 @@ def test_overwrite_replaces_existing(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    writer = CheckpointWriter(out)
+    writer = CheckpointWriter(out, ["only"])
     writer.write_shard("only", {"a": torch.ones(1)})
     writer.write_json("config.json", {})
     with pytest.raises(MoequantError, match="--overwrite"):
-        writer.finish(["only"], overwrite=False)
-    writer = CheckpointWriter(out)
+        writer.finish(overwrite=False)
+    writer = CheckpointWriter(out, ["only"])
     writer.write_shard("only", {"a": torch.ones(1)})
     writer.write_json("config.json", {})
-    writer.finish(["only"], overwrite=True)
+    writer.finish(overwrite=True)
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
 
 
