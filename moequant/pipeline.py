@@ -201,8 +201,6 @@ def compress(
     if method is not None and method not in ("gptq", "rtn"):
         raise MoequantError(f"unknown method {method!r}; use gptq or rtn")
     check_int(expert_batch, "--expert-batch", 0, meaning="experts solved together; 0: all of a layer")
-    if stop_after_layers is not None:
-        check_int(stop_after_layers, "stop_after_layers", 1)
     started = time.perf_counter()
     source = resolve_source(model)
     out_path = Path(out).expanduser().resolve()
