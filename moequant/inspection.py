@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from moequant.arch.registry import adapter_for
+from moequant.checkpoint.against_config import check_tensors
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
 from moequant.checkpoint.weights import packed_bits as packed_code_bits
 from moequant.quant.pack import unpack_qzeros
@@ -22,6 +23,7 @@ def describe(path: str | Path, allow_pickle: bool = False) -> dict:
     source = resolve_source(path)
     reader = CheckpointReader(source, allow_pickle=allow_pickle)
     adapter = adapter_for(reader.config)
+    check_tensors(reader, adapter)
     c = adapter.config
     groups: dict[str, dict] = {}
     params = 0

@@ -24,6 +24,7 @@ from torch import nn
 
 from moequant.arch.mixtral import MixtralAdapter
 from moequant.arch.registry import adapter_for
+from moequant.checkpoint.against_config import check_tensors
 from moequant.checkpoint.reader import QUANT_CONFIG_FILES, CheckpointReader, resolve_source
 from moequant.checkpoint.weights import PACKED_KEYS, tensor_getter
 from moequant.device import resolve_device
@@ -329,6 +330,7 @@ def _build(path: str | os.PathLike, device: str | torch.device | None, dtype: st
     reader = CheckpointReader(source)
     raw = reader.config
     adapter = adapter_for(raw)
+    check_tensors(reader, adapter)
     qcfg = raw.get("quantization_config") or None
     if qcfg is not None:
         check_quantization_config(qcfg)
