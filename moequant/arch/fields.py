@@ -27,42 +27,51 @@ def _show(value: Any) -> str:
     return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
-def _lookup(raw: Mapping, key: str, default: Any, expected: str) -> Any:
-    """The value of ``key``, ``default`` where it is absent or null; a required field must be given."""
-    value = raw.get(key)
-    if value is None and default is REQUIRED:
-        raise refusal(key, raw[key] if key in raw else REQUIRED, expected)
-    return default if value is None else value
+def _lookup(raw: Mapping, key: str, default: Any, expected: str, nullable: bool) -> Any:
+    """The value of ``key``: ``default`` where it is absent (or null, where ``nullable``).
 
-
-def integer(raw: Mapping, key: str, default: Any = REQUIRED, minimum: int = 1) -> int:
-    """``raw[key]`` as an int of at least ``minimum``; a float, string or bool is refused, not converted."""
-    expected = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
-    value = _lookup(raw, key, default, expected)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise refusal(key, value, expected)
+    As transformers does, a null is refused where the field has no meaning for "not set".
+    """
+    if key not in raw:
+        if default is REQUIRED:
+            raise refusal(key, REQUIRED, expected)
+        return default
+    value = raw[key]
+    if value is None:
+        if not nullable or default is REQUIRED:
+            raise refusal(key, None, expected)
+        return default
     return value
 
 
-def positive_number(raw: Mapping, key: str, default: Any = REQUIRED, label: str | None = None) -> float:
+def integer(raw: Mapping, key: str, default: Any = REQUIRED, nullable: bool = False) -> int:
+    """``raw[key]`` as an int of at least 1; a float, string or bool is refused, not converted."""
+    value = _lookup(raw, key, default, "a positive integer", nullable)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise refusal(key, value, "a positive integer")
+    return value
+
+
+def positive_number(raw: Mapping, key: str, default: Any = REQUIRED, nullable: bool = False,
+                    label: str | None = None) -> float:
     """``raw[key]`` as a finite float above zero (a JSON integer is taken too); ``label`` names it in errors."""
-    value = _lookup(raw, key, default, "a positive number")
+    value = _lookup(raw, key, default, "a positive number", nullable)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise refusal(label or key, value, "a positive number")
     return float(value)
 
 
 def flag(raw: Mapping, key: str, default: bool) -> bool:
-    """``raw[key]`` as a bool: true or false (absent or null: ``default``)."""
-    value = _lookup(raw, key, default, "true or false")
+    """``raw[key]`` as a bool: true or false (absent: ``default``)."""
+    value = _lookup(raw, key, default, "true or false", nullable=False)
     if not isinstance(value, bool):
         raise refusal(key, value, "true or false")
     return value
 
 
-def text(raw: Mapping, key: str, default: str, label: str | None = None) -> str:
-    """``raw[key]`` as a string (absent or null: ``default``); ``label`` names it in errors."""
-    value = _lookup(raw, key, default, "a string")
+def text(raw: Mapping, key: str, default: str, nullable: bool = False, label: str | None = None) -> str:
+    """``raw[key]`` as a string (absent: ``default``); ``label`` names it in errors."""
+    value = _lookup(raw, key, default, "a string", nullable)
     if not isinstance(value, str):
         raise refusal(label or key, value, "a string")
     return value
@@ -70,7 +79,7 @@ def text(raw: Mapping, key: str, default: str, label: str | None = None) -> str:
 
 def mapping(raw: Mapping, key: str) -> Mapping:
     """``raw[key]`` as a JSON object (absent or null: an empty one)."""
-    value = _lookup(raw, key, {}, "a JSON object (or null)")
+    value = _lookup(raw, key, {}, "a JSON object (or null)", nullable=True)
     if not isinstance(value, Mapping):
         raise refusal(key, value, "a JSON object (or null)")
     return value

@@ -8,6 +8,7 @@ in the dtype of its inputs (float32 in the pipeline).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -41,8 +42,8 @@ def parse_mixtral_config(raw: Mapping) -> MoEConfig:
         raise MoequantError(f"config.json field hidden_act is {act!r}; Mixtral experts compute silu, so it must be "
                             "'silu'")
     theta, rope_type = _rope(raw)
-    return MoEConfig(
-        model_type=fields.text(raw, "model_type", "mixtral"),
+    config = MoEConfig(
+        model_type=fields.text(raw, "model_type", "mixtral", nullable=True),
         hidden_size=hidden,
         intermediate_size=fields.integer(raw, "intermediate_size"),
         num_layers=fields.integer(raw, "num_hidden_layers"),
@@ -59,6 +60,24 @@ def parse_mixtral_config(raw: Mapping) -> MoEConfig:
         rope_type=rope_type,
         tie_word_embeddings=fields.flag(raw, "tie_word_embeddings", False),
     )
+    _check_transformers_accepts(raw)
+    return config
+
+
+def _check_transformers_accepts(raw: Mapping) -> None:
+    """Refuse what transformers' ``MixtralConfig`` refuses (a float field given as an integer, rope
+    settings a rope type does not take, ...): a checkpoint with such a config could not be loaded."""
+    from transformers import MixtralConfig
+
+    fields_only = {k: v for k, v in raw.items() if k not in ("quantization_config", "architectures")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            MixtralConfig.from_dict(fields_only)
+        except Exception as exc:
+            text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+            reason = " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
+            raise MoequantError(f"transformers refuses config.json: {reason}") from exc
 
 
 def _heads(raw: Mapping) -> tuple[int, int]:
@@ -105,9 +124,9 @@ def _rope(raw: Mapping) -> tuple[float, str]:
         theta = fields.positive_number(params, "rope_theta", label="rope_parameters.rope_theta")
     else:
         theta = fields.positive_number(raw, "rope_theta", 1e6)
-    rope_type = (fields.text(params, "rope_type", "", label="rope_parameters.rope_type")
-                 or fields.text(scaling, "rope_type", "", label="rope_scaling.rope_type")
-                 or fields.text(scaling, "type", "", label="rope_scaling.type") or "default")
+    rope_type = (fields.text(params, "rope_type", "", True, label="rope_parameters.rope_type")
+                 or fields.text(scaling, "rope_type", "", True, label="rope_scaling.rope_type")
+                 or fields.text(scaling, "type", "", True, label="rope_scaling.type") or "default")
     return theta, rope_type
 
 

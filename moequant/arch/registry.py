@@ -15,7 +15,7 @@ _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num
 
 def adapter_for(config: Mapping) -> MixtralAdapter:
     """The adapter for ``config``, or a one-line refusal that says what is supported."""
-    model_type = fields.text(config, "model_type", "").lower()
+    model_type = fields.text(config, "model_type", "", nullable=True).lower()
     archs = _architectures(config)
     if model_type in ADAPTERS:
         return ADAPTERS[model_type](config)

@@ -65,6 +65,10 @@ def test_the_tiny_config_parses():
     (tiny_config(hidden_act="gelu"), "field hidden_act is 'gelu'; Mixtral experts compute silu"),
     (tiny_config(architectures="MixtralForCausalLM"), "field architectures is 'MixtralForCausalLM'; it must be a list"),
     (tiny_config(model_type=7), "field model_type is 7; it must be a string"),
+    (tiny_config(rms_norm_eps=1), "transformers refuses config.json: Validation error for field 'rms_norm_eps': "
+                                  "TypeError: Field 'rms_norm_eps' expected float, got int"),
+    (tiny_config(rope_parameters={"rope_type": "linear", "rope_theta": 1e6}),
+     "transformers refuses config.json: Missing required keys in `rope_parameters` for 'rope_type'='linear'"),
 ])
 def test_bad_field_is_named_in_one_line(raw, needle):
     with pytest.raises(MoequantError) as info:
@@ -80,11 +84,19 @@ def test_long_values_are_shortened_to_one_line():
     assert "\n" not in message and len(message) < 200, message
 
 
-@pytest.mark.parametrize("field", ["num_key_value_heads", "head_dim", "sliding_window", "rope_scaling",
-                                   "rope_parameters", "rms_norm_eps", "tie_word_embeddings"])
-def test_optional_fields_take_their_default_when_null(field):
+@pytest.mark.parametrize("field", ["head_dim", "sliding_window", "rope_scaling", "rope_parameters", "model_type"])
+def test_fields_transformers_lets_be_null_take_their_default(field):
     c = parse_mixtral_config(tiny_config(**{field: None}))
     assert c == parse_mixtral_config(without(field))
+
+
+@pytest.mark.parametrize("field", ["num_key_value_heads", "rms_norm_eps", "tie_word_embeddings",
+                                   "max_position_embeddings", "hidden_act"])
+def test_null_is_refused_where_transformers_refuses_it(field):
+    # transformers' MixtralConfig refuses null for these even though each has a default when absent
+    parse_mixtral_config(without(field))
+    with pytest.raises(MoequantError, match=f"config.json field {field} is null; it must be"):
+        parse_mixtral_config(tiny_config(**{field: None}))
 
 
 def test_old_style_rope_fields_are_checked_too():
