@@ -68,16 +68,39 @@ def _dataset_text(name: str, split: str) -> str:
 
 
 def load_tokenizer(model_dir: Path):
-    """The tokenizer saved beside a checkpoint (no remote code)."""
+    """The tokenizer saved beside a checkpoint (no remote code).
+
+    transformers reads ``config.json`` too when it loads a tokenizer, so a failure is put down to
+    config.json where transformers refuses that, and to the tokenizer files otherwise.
+    """
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as exc:
+        _refuse_config_if_unreadable(model_dir)
         raise MoequantError(
-            f"no usable tokenizer in {model_dir} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-            "calibration and evaluation need the tokenizer files beside the weights"
+            f"no usable tokenizer in {model_dir} ({_first_line(exc)}); calibration and evaluation need the "
+            "tokenizer files beside the weights"
         ) from exc
+
+
+def _refuse_config_if_unreadable(model_dir: Path) -> None:
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as exc:
+        raise MoequantError(
+            f"transformers refuses {Path(model_dir) / 'config.json'} ({_first_line(exc)}), so it cannot load the "
+            "tokenizer beside it; fix config.json"
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of ``exc``'s message, or its type's name."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def tokenize(tokenizer, text: str, progress: Progress | None = None) -> torch.Tensor:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from moequant.arch.registry import adapter_for
+from moequant.checkpoint.against_config import check_tensors
 from moequant.checkpoint.gptq_config import quantization_config_of
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
 from moequant.checkpoint.weights import PACKED_KEYS
@@ -27,6 +28,7 @@ def describe(path: str | Path, allow_pickle: bool = False) -> dict:
     source = resolve_source(path)
     reader = CheckpointReader(source, allow_pickle=allow_pickle)
     adapter = adapter_for(reader.config)
+    check_tensors(reader, adapter)
     c = adapter.config
     quant = quantization_config_of(reader.config)
     by_module = _problems_by_module(reader, adapter, quant)

@@ -24,6 +24,7 @@ from torch import nn
 
 from moequant.arch.mixtral import MixtralAdapter
 from moequant.arch.registry import adapter_for
+from moequant.checkpoint.against_config import check_tensors
 from moequant.checkpoint.gptq_config import modules_in_block, quantization_config_of
 from moequant.checkpoint.reader import QUANT_CONFIG_FILES, CheckpointReader, resolve_source
 from moequant.checkpoint.weights import PACKED_KEYS, tensor_getter
@@ -342,6 +343,7 @@ def _prepare(reader: CheckpointReader, backend: str, dequantize: bool
     """The model on the meta device and the tensors that fill it, after every check that needs no weights."""
     raw = reader.config
     adapter = adapter_for(raw)
+    check_tensors(reader, adapter)
     qcfg = quantization_config_of(raw)
     if qcfg is None:
         packed = next((n for n in reader.names if n.endswith(".qweight")), None)

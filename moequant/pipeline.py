@@ -32,6 +32,7 @@ from moequant.arch.base import LinearInfo
 from moequant.arch.mixtral import ExpertWeights, MixtralAdapter, load_expert_weights, load_layer_weights
 from moequant.arch.registry import adapter_for
 from moequant.calib import check_token_ids, load_text, load_tokenizer, random_windows, tokenize
+from moequant.checkpoint.against_config import check_tensors
 from moequant.checkpoint.gptq_config import quantization_config
 from moequant.checkpoint.reader import QUANT_CONFIG_FILES, CheckpointReader, resolve_source
 from moequant.checkpoint.writer import (
@@ -217,9 +218,9 @@ def compress(
     if reader.config.get("quantization_config"):
         raise MoequantError(f"{source} is already quantised; compress the original 16-bit checkpoint")
     adapter = adapter_for(reader.config)
+    check_tensors(reader, adapter)
     recipe_obj = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     specs = plan(adapter, recipe_obj, method)
-    _check_tensors_present(reader, adapter)
     dev = resolve_device(device)
     calibrate = any(s is not None and s.method == "gptq" for s in specs.values())
 
@@ -640,25 +641,6 @@ def _getter(reader: CheckpointReader, device: torch.device):
         return reader.get(name, dtype=torch.float32, device=device, check_finite=True)
 
     return get
-
-
-def _check_tensors_present(reader: CheckpointReader, adapter: MixtralAdapter) -> None:
-    for layer in range(adapter.config.num_layers):
-        for info in adapter.layer_linears(layer):
-            if not reader.has(info.weight):
-                raise MoequantError(f"tensor {info.weight} is missing from the checkpoint at {reader.path}")
-            shape = reader.shape(info.weight)
-            if shape != (info.out_features, info.in_features):
-                raise MoequantError(
-                    f"tensor {info.weight} has shape {list(shape)}, config.json implies "
-                    f"{[info.out_features, info.in_features]}"
-                )
-        for name in adapter.norm_names(layer):
-            if not reader.has(name):
-                raise MoequantError(f"tensor {name} is missing from the checkpoint at {reader.path}")
-    for name in (adapter.embed_name, adapter.final_norm_name, adapter.lm_head_name):
-        if not reader.has(name):
-            raise MoequantError(f"tensor {name} is missing from the checkpoint at {reader.path}")
 
 
 def _fingerprint(reader: CheckpointReader, recipe: Recipe, method: str | None, calib: CalibSettings | None) -> str:

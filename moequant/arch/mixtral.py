@@ -8,12 +8,14 @@ in the dtype of its inputs (float32 in the pipeline).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from moequant.arch import fields
 from moequant.arch.base import LinearInfo, MoEConfig, TensorView
 from moequant.errors import MoequantError
 
@@ -21,35 +23,111 @@ ATTN_ROLES = ("q", "k", "v", "o")
 EXPERT_ROLES = ("w1", "w2", "w3")
 
 
-def parse_mixtral_config(raw: dict) -> MoEConfig:
-    """Normalise a Mixtral ``config.json`` (top-level ``rope_theta`` or ``rope_parameters``)."""
-    try:
-        hidden = int(raw["hidden_size"])
-        heads = int(raw["num_attention_heads"])
-        rope = raw.get("rope_parameters") or {}
-        scaling = raw.get("rope_scaling") or {}
-        theta = rope.get("rope_theta", raw.get("rope_theta", 1e6))
-        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-        return MoEConfig(
-            model_type=raw.get("model_type", "mixtral"),
-            hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-            head_dim=int(raw.get("head_dim") or hidden // heads),
-            num_experts=int(raw["num_local_experts"]),
-            top_k=int(raw["num_experts_per_tok"]),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-            vocab_size=int(raw["vocab_size"]),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-            sliding_window=int(raw["sliding_window"]) if raw.get("sliding_window") else None,
-            rope_theta=float(theta),
-            rope_type=str(rope_type),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        )
-    except KeyError as exc:
-        raise MoequantError(f"config.json lacks {exc.args[0]!r}, which a Mixtral config must have") from exc
+def parse_mixtral_config(raw: Mapping) -> MoEConfig:
+    """The numbers of a Mixtral ``config.json`` (top-level ``rope_theta`` or ``rope_parameters``), checked.
+
+    Raises:
+        MoequantError: one line naming the first field that is missing, null where a value is needed,
+            of the wrong type, out of range, or inconsistent with another field.
+    """
+    hidden = fields.integer(raw, "hidden_size")
+    heads, kv_heads = _heads(raw)
+    experts = fields.integer(raw, "num_local_experts")
+    top_k = fields.integer(raw, "num_experts_per_tok")
+    if top_k > experts:
+        raise MoequantError(f"config.json field num_experts_per_tok is {top_k}, more than the {experts} experts of "
+                            "num_local_experts; it must be between 1 and num_local_experts")
+    act = fields.text(raw, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise MoequantError(f"config.json field hidden_act is {act!r}; Mixtral experts compute silu, so it must be "
+                            "'silu'")
+    theta, rope_type = _rope(raw)
+    config = MoEConfig(
+        model_type=fields.text(raw, "model_type", "mixtral", nullable=True),
+        hidden_size=hidden,
+        intermediate_size=fields.integer(raw, "intermediate_size"),
+        num_layers=fields.integer(raw, "num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=_head_dim(raw, hidden, heads),
+        num_experts=experts,
+        top_k=top_k,
+        rms_norm_eps=fields.positive_number(raw, "rms_norm_eps", 1e-5),
+        vocab_size=fields.integer(raw, "vocab_size"),
+        max_position_embeddings=fields.integer(raw, "max_position_embeddings", 4096),
+        sliding_window=_sliding_window(raw),
+        rope_theta=theta,
+        rope_type=rope_type,
+        tie_word_embeddings=fields.flag(raw, "tie_word_embeddings", False),
+    )
+    _check_transformers_accepts(raw)
+    return config
+
+
+def _check_transformers_accepts(raw: Mapping) -> None:
+    """Refuse what transformers' ``MixtralConfig`` refuses (a float field given as an integer, rope
+    settings a rope type does not take, ...): a checkpoint with such a config could not be loaded."""
+    from transformers import MixtralConfig
+
+    fields_only = {k: v for k, v in raw.items() if k not in ("quantization_config", "architectures")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            MixtralConfig.from_dict(fields_only)
+        except Exception as exc:
+            text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+            reason = " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
+            raise MoequantError(f"transformers refuses config.json: {reason}") from exc
+
+
+def _heads(raw: Mapping) -> tuple[int, int]:
+    """``(num_attention_heads, num_key_value_heads)``; query heads must split evenly over key/value heads."""
+    heads = fields.integer(raw, "num_attention_heads")
+    kv_heads = fields.integer(raw, "num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise MoequantError(f"config.json field num_attention_heads is {heads}, not a multiple of "
+                            f"num_key_value_heads {kv_heads}; each key/value head must serve a whole number of "
+                            "query heads")
+    return heads, kv_heads
+
+
+def _head_dim(raw: Mapping, hidden: int, heads: int) -> int:
+    """``head_dim`` as given, else ``hidden_size // num_attention_heads``; rotary embeddings need it even."""
+    if raw.get("head_dim") is not None:
+        head_dim = fields.integer(raw, "head_dim")
+    elif hidden < heads:
+        raise MoequantError(f"config.json field hidden_size is {hidden}, fewer than the {heads} of "
+                            "num_attention_heads, which leaves heads of no width; give head_dim")
+    else:
+        head_dim = hidden // heads
+    if head_dim % 2:
+        raise MoequantError(f"config.json gives heads of width {head_dim} (head_dim, or hidden_size / "
+                            "num_attention_heads); rotary embeddings need an even width")
+    return head_dim
+
+
+def _sliding_window(raw: Mapping) -> int | None:
+    """The attention window in tokens, or None (null or absent) for full causal attention."""
+    value = raw.get("sliding_window")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise fields.refusal("sliding_window", value, "a positive number of tokens, or null for full attention")
+    return value
+
+
+def _rope(raw: Mapping) -> tuple[float, str]:
+    """``(rope_theta, rope_type)`` from ``rope_parameters``, or from top-level ``rope_theta`` and ``rope_scaling``."""
+    params = fields.mapping(raw, "rope_parameters")
+    scaling = fields.mapping(raw, "rope_scaling")
+    if params.get("rope_theta") is not None:
+        theta = fields.positive_number(params, "rope_theta", label="rope_parameters.rope_theta")
+    else:
+        theta = fields.positive_number(raw, "rope_theta", 1e6)
+    rope_type = (fields.text(params, "rope_type", "", True, label="rope_parameters.rope_type")
+                 or fields.text(scaling, "rope_type", "", True, label="rope_scaling.rope_type")
+                 or fields.text(scaling, "type", "", True, label="rope_scaling.type") or "default")
+    return theta, rope_type
 
 
 def _check_fused(name: str, shape: tuple[int, ...], want: tuple[int, ...]) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from moequant.arch import fields
 from moequant.arch.base import TensorView
 from moequant.arch.mixtral import MixtralAdapter
 from moequant.errors import MoequantError
@@ -10,10 +13,10 @@ ADAPTERS = {"mixtral": MixtralAdapter}
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
-def adapter_for(config: dict) -> MixtralAdapter:
+def adapter_for(config: Mapping) -> MixtralAdapter:
     """The adapter for ``config``, or a one-line refusal that says what is supported."""
-    model_type = str(config.get("model_type", "")).lower()
-    archs = config.get("architectures") or []
+    model_type = fields.text(config, "model_type", "", nullable=True).lower()
+    archs = _architectures(config)
     if model_type in ADAPTERS:
         return ADAPTERS[model_type](config)
     for cls in ADAPTERS.values():
@@ -26,6 +29,13 @@ def adapter_for(config: dict) -> MixtralAdapter:
             f"models ({', '.join(sorted(ADAPTERS))})"
         )
     raise MoequantError(f"MoE model type {label!r} is not supported yet; supported: {', '.join(sorted(ADAPTERS))}")
+
+
+def _architectures(config: Mapping) -> list[str]:
+    archs = config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise fields.refusal("architectures", archs, 'a list of class names, e.g. ["MixtralForCausalLM"]')
+    return archs
 
 
 def fused_views(config: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorView]:

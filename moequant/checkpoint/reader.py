@@ -50,6 +50,18 @@ def resolve_source(model: str | os.PathLike, revision: str | None = None) -> Pat
     return Path(local)
 
 
+def _read_json(file: Path):
+    """The JSON value in ``file``, or a one-line refusal that says what is wrong with it."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MoequantError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except UnicodeDecodeError as exc:
+        raise MoequantError(f"{file} is not UTF-8 text; it must be a JSON file") from exc
+    except RecursionError as exc:
+        raise MoequantError(f"{file} nests too deeply to be a checkpoint's JSON file") from exc
+
+
 class SafetensorsFile:
     """One safetensors file, read with plain positional reads instead of a memory map.
 
@@ -59,6 +71,7 @@ class SafetensorsFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._fd: int | None = None
         try:
             self._fd = os.open(path, os.O_RDONLY)
             size = os.fstat(self._fd).st_size
@@ -71,28 +84,28 @@ class SafetensorsFile:
             header = json.loads(os.pread(self._fd, header_len, 8))
             if not isinstance(header, dict):
                 raise ValueError("header is not a JSON object")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
+            self._close_quietly()
             raise MoequantError(f"shard {path.name} is truncated or corrupt ({exc}); re-download it") from exc
         header.pop("__metadata__", None)
         self._base = 8 + header_len
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        end = 0
-        for name, info in header.items():
-            try:
-                dtype = _ST_DTYPES[info["dtype"]]
-                start, stop = (int(v) for v in info["data_offsets"])
-                shape = tuple(int(d) for d in info["shape"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise MoequantError(f"shard {path.name} has a malformed entry for {name}; re-download it") from exc
-            if stop - start != _numel(shape) * _itemsize(dtype):
-                raise MoequantError(f"shard {path.name} is corrupt: {name} does not fit its byte range")
-            self.entries[name] = (dtype, shape, start, stop)
-            end = max(end, stop)
+        try:
+            self.entries = _entries(path.name, header)
+        except MoequantError:
+            self._close_quietly()
+            raise
+        end = max((stop for *_, stop in self.entries.values()), default=0)
         if self._base + end != size:
+            self._close_quietly()
             raise MoequantError(
                 f"shard {path.name} is truncated or corrupt (expected {self._base + end} bytes, found {size}); "
                 "re-download it"
             )
+
+    def _close_quietly(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -117,7 +130,40 @@ class SafetensorsFile:
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def close(self) -> None:
-        os.close(self._fd)
+        self._close_quietly()
+
+
+def _entries(file: str, header: dict) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """``name -> (dtype, shape, start, stop)`` of a safetensors header, each entry checked.
+
+    As the safetensors library requires, the byte ranges must tile the data from its first byte:
+    each tensor starts where the one before it ends, none overlaps another and none leaves a gap.
+    """
+    entries = {}
+    for name, info in header.items():
+        try:
+            dtype = _ST_DTYPES[info["dtype"]]
+            start, stop = (_natural_number(v) for v in info["data_offsets"])
+            shape = tuple(_natural_number(d) for d in info["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MoequantError(f"shard {file} has a malformed entry for {name}; re-download it") from exc
+        if stop - start != _numel(shape) * _itemsize(dtype):
+            raise MoequantError(f"shard {file} is corrupt: {name} does not fit its byte range")
+        entries[name] = (dtype, shape, start, stop)
+    end, last = 0, None
+    for name, (*_, start, stop) in sorted(entries.items(), key=lambda kv: kv[1][2:]):
+        if start != end:
+            what = f"overlaps {last}" if start < end else f"leaves a gap after {last or 'the header'}"
+            raise MoequantError(f"shard {file} is corrupt: the bytes of {name} {what}; re-download it")
+        end, last = stop, name
+    return entries
+
+
+def _natural_number(value) -> int:
+    """A JSON integer of at least 0 (a bool, float or string is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a count of bytes or elements")
+    return value
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -148,10 +194,7 @@ class CheckpointReader:
         config_file = self.path / "config.json"
         if not config_file.is_file():
             raise MoequantError(f"{self.path} has no config.json; pass a Hugging Face checkpoint folder")
-        try:
-            self.config: dict = json.loads(config_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise MoequantError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        self.config: dict = _read_json(config_file)
         if not isinstance(self.config, dict):
             raise MoequantError(f"{config_file} is not a JSON object")
         self._weight_map: dict[str, Path] = {}
@@ -174,10 +217,7 @@ class CheckpointReader:
             file = self.path / name
             if not file.is_file():
                 continue
-            try:
-                qcfg = json.loads(file.read_text())
-            except json.JSONDecodeError as exc:
-                raise MoequantError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+            qcfg = _read_json(file)
             if not isinstance(qcfg, dict) or not qcfg:
                 raise MoequantError(f"{file} is not a JSON object of quantisation settings")
             self.config["quantization_config"] = qcfg
@@ -195,20 +235,32 @@ class CheckpointReader:
         else:
             shards = sorted(self.path.glob("*.safetensors"))
             if shards:
-                for shard in shards:
-                    self._open(shard)
-                    for name in self._handles[shard].keys():
-                        self._weight_map[name] = shard
+                self._read_unindexed(shards)
             else:
                 self._discover_pickle(allow_pickle)
         if not self._weight_map:
             raise MoequantError(f"{self.path} holds no tensors")
 
+    def _read_unindexed(self, shards: list[Path]) -> None:
+        """Shards without an index: each tensor must lie in exactly one of them."""
+        for shard in shards:
+            self._open(shard)
+            for name in self._handles[shard].keys():
+                if name in self._weight_map:
+                    raise MoequantError(
+                        f"tensor {name} is in both {self._weight_map[name].name} and {shard.name}, and no "
+                        f"{SAFE_INDEX} says which to use; remove the stray shard or add the index"
+                    )
+                self._weight_map[name] = shard
+
     def _read_index(self, index: Path) -> None:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise MoequantError(f"{index} is not a valid safetensors index (needs a weight_map)") from exc
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise MoequantError(f"{index} is not a valid safetensors index: its weight_map must map tensor names to "
+                                "shard file names")
         for shard_name in sorted(set(weight_map.values())):
             shard = self.path / shard_name
             if not shard.is_file():

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from moequant.arch.mixtral import ExpertWeights, MixtralAdapter
 from moequant.arch.registry import adapter_for
 from moequant.calib import check_token_ids
+from moequant.checkpoint.against_config import check_tensors
 from moequant.checkpoint.gptq_config import quantization_config_of
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
 from moequant.checkpoint.weights import tensor_getter
@@ -97,6 +98,7 @@ class _Model:
         reader = CheckpointReader(self.path)
         self.config = reader.config
         self.adapter: MixtralAdapter = adapter_for(reader.config)
+        check_tensors(reader, self.adapter)
         self.quantised = quantization_config_of(reader.config) is not None
 
     def getter(self, dtype: torch.dtype, device: torch.device) -> tuple[CheckpointReader, Callable]:

@@ -135,3 +135,77 @@ def test_fused_experts_of_the_wrong_shape_are_named(tmp_path, tiny_mixtral):
     with pytest.raises(MoequantError, match=r"fused experts model\.layers\.1\.mlp\.experts\.down_proj have shape "
                                             r"\[4, 256, 128\]; config\.json implies \[4, 128, 256\]"):
         CheckpointReader(fused)
+
+
+def write_raw_safetensors(path, header: dict, data: bytes) -> None:
+    """A safetensors file from a header written by hand, so its entries can be anything."""
+    encoded = json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data)
+
+
+def bare_folder(path):
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    return path
+
+
+@pytest.mark.parametrize("offsets,needle", [
+    ([[0, 8], [4, 12]], "the bytes of b overlaps a"),
+    ([[0, 8], [0, 8]], "the bytes of b overlaps a"),
+    ([[4, 12], [12, 20]], "the bytes of a leaves a gap after the header"),
+    ([[0, 8], [12, 20]], "the bytes of b leaves a gap after a"),
+])
+def test_entries_must_tile_the_data(tmp_path, offsets, needle):
+    path = bare_folder(tmp_path / "m")
+    header = {name: {"dtype": "F32", "shape": [2], "data_offsets": off} for name, off in zip("ab", offsets, strict=True)}
+    write_raw_safetensors(path / "model.safetensors", header, bytes(max(o[1] for o in offsets)))
+    with pytest.raises(MoequantError, match=f"shard model.safetensors is corrupt: {needle}"):
+        CheckpointReader(path)
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]},
+    {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]},
+    {"dtype": "F32", "shape": [-2, -1], "data_offsets": [0, 8]},
+    {"dtype": "F32", "shape": [2], "data_offsets": [True, 8]},
+    {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]},
+    {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]},
+    {"dtype": "F32", "shape": [2], "data_offsets": {"0": 8}},
+    [0, 8],
+])
+def test_malformed_entries_are_named(tmp_path, entry):
+    path = bare_folder(tmp_path / "m")
+    write_raw_safetensors(path / "model.safetensors", {"a": entry}, bytes(8))
+    with pytest.raises(MoequantError, match="shard model.safetensors has a malformed entry for a"):
+        CheckpointReader(path)
+
+
+def test_same_tensor_in_two_unindexed_shards_is_refused(tmp_path):
+    path = bare_folder(tmp_path / "m")
+    save_file({"a.weight": torch.ones(2), "b.weight": torch.ones(2)}, str(path / "part-1.safetensors"))
+    save_file({"b.weight": torch.zeros(2)}, str(path / "part-2.safetensors"))
+    with pytest.raises(MoequantError, match=r"tensor b\.weight is in both part-1\.safetensors and part-2\.safetensors, "
+                                            r"and no model\.safetensors\.index\.json says which"):
+        CheckpointReader(path)
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"\xff\xfe{\x00}", "is not UTF-8 text"),
+    (b"[" * 100_000, "nests too deeply"),
+    (b'{"a": ', "is not valid JSON"),
+])
+def test_unreadable_config_is_one_line(tmp_path, content, needle):
+    path = bare_folder(tmp_path / "m")
+    (path / "config.json").write_bytes(content)
+    save_file({"a.weight": torch.ones(2)}, str(path / "model.safetensors"))
+    with pytest.raises(MoequantError, match=needle):
+        CheckpointReader(path)
+
+
+@pytest.mark.parametrize("weight_map", [["a.weight"], {"a.weight": 3}])
+def test_malformed_index_is_one_line(tmp_path, weight_map):
+    path = bare_folder(tmp_path / "m")
+    save_file({"a.weight": torch.ones(2)}, str(path / "model-1.safetensors"))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(MoequantError, match="is not a valid safetensors index"):
+        CheckpointReader(path)
