@@ -26,7 +26,7 @@ _FIELDS = {
 }
 
 
-def check_tensors(reader: CheckpointReader, adapter: MixtralAdapter) -> None:
+def check_tensors(reader: CheckpointReader, adapter: MixtralAdapter, missing_modules_ok: bool = False) -> None:
     """Refuse a checkpoint whose tensors do not fit ``adapter.config``, naming the tensor and the field.
 
     Every linear of every layer (attention, experts, router), both norms of every layer, the
@@ -34,7 +34,8 @@ def check_tensors(reader: CheckpointReader, adapter: MixtralAdapter) -> None:
     ``lm_head`` must be present with the shape config.json implies and a floating-point dtype;
     a module stored packed (``X.qweight`` in place of ``X.weight``) need only be present here, its
     packed tensors are checked where they are read. No tensor may belong to a layer at or past
-    ``num_hidden_layers``.
+    ``num_hidden_layers``. With ``missing_modules_ok`` a linear with no tensor at all passes (for
+    ``inspect``, which lists each missing module).
 
     Raises:
         MoequantError: one line naming the first tensor that disagrees and what config.json says.
@@ -43,11 +44,11 @@ def check_tensors(reader: CheckpointReader, adapter: MixtralAdapter) -> None:
     _check_layer_indices(reader, c.num_layers)
     for layer in range(c.num_layers):
         for info in adapter.layer_linears(layer):
-            _check_linear(reader, info)
+            _check_linear(reader, info, missing_modules_ok)
         for name in adapter.norm_names(layer):
             _check_vector(reader, name, c.hidden_size)
     for info in adapter.global_linears():
-        _check_linear(reader, info)
+        _check_linear(reader, info, missing_modules_ok)
     _check_vector(reader, adapter.final_norm_name, c.hidden_size)
 
 
@@ -62,8 +63,8 @@ def _check_layer_indices(reader: CheckpointReader, num_layers: int) -> None:
         )
 
 
-def _check_linear(reader: CheckpointReader, info: LinearInfo) -> None:
-    if not reader.has(info.weight) and reader.has(info.name + ".qweight"):
+def _check_linear(reader: CheckpointReader, info: LinearInfo, missing_ok: bool) -> None:
+    if not reader.has(info.weight) and (reader.has(info.name + ".qweight") or missing_ok):
         return
     _require(reader, info.weight)
     _check_shape(reader, info.weight, (info.out_features, info.in_features), _FIELDS[info.role])
