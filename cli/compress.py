@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from moequant.pipeline import CalibSettings
-from moequant.pipeline import compress as run_compress
+from moequant.compression import CalibSettings
+from moequant.compression import compress as run_compress
 from moequant_cli.common import RichProgress, human_bytes, out, print_engine_limits, user_errors
 
 

@@ -38,8 +38,8 @@ if str(ROOT) not in sys.path:
 
 from moequant.builtin_data import bundled_model_path  # noqa: E402
 from moequant.checkpoint.reader import CheckpointReader  # noqa: E402
+from moequant.compression import compress  # noqa: E402
 from moequant.loading import load, model_bytes  # noqa: E402
-from moequant.pipeline import compress  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DECODE_TARGET = 3.0

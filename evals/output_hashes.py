@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 from moequant.builtin_data import bundled_model_path
+from moequant.compression import RECORD_FILE, CalibSettings, compress
 from moequant.evals.run import evaluate
-from moequant.pipeline import RECORD_FILE, CalibSettings, compress
 from moequant.recipe import builtin_names
 
 _VOLATILE = ("timing", "source")  # moequant.json fields that differ between runs of the same code

@@ -33,9 +33,9 @@ from moequant.arch.registry import adapter_for
 from moequant.builtin_data import bundled_model_path
 from moequant.calib import load_text, load_tokenizer, random_windows, tokenize
 from moequant.checkpoint.reader import CheckpointReader
+from moequant.compression import CalibSettings, compress
 from moequant.evals.report import write_report
 from moequant.evals.run import evaluate, evaluation_windows
-from moequant.pipeline import CalibSettings, compress
 from moequant.recipe import load_recipe
 
 HERE = Path(__file__).resolve().parent

@@ -14,8 +14,8 @@ __all__ = ["__version__", "compress", "load"]
 
 
 def compress(*args: Any, **kwargs: Any):
-    """Compress a checkpoint; see :func:`moequant.pipeline.compress`."""
-    from moequant.pipeline import compress as _compress
+    """Compress a checkpoint; see :func:`moequant.compression.compress`."""
+    from moequant.compression import compress as _compress
 
     return _compress(*args, **kwargs)
 

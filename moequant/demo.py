@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moequant.builtin_data import bundled_model_path
+from moequant.compression import CalibSettings, CompressResult, compress
 from moequant.evals.report import write_report
 from moequant.evals.run import evaluate
-from moequant.pipeline import CalibSettings, CompressResult, compress
 from moequant.progress import Progress
 
 

@@ -148,7 +148,7 @@ def serve() -> None:
     # imported once here, shared by every forked run (nothing is computed before the fork)
     import transformers
 
-    import moequant.pipeline  # noqa: F401
+    import moequant.compression  # noqa: F401
     import moequant_cli.main  # noqa: F401
 
     transformers.AutoTokenizer, transformers.PreTrainedTokenizerFast  # noqa: B018 - resolves the lazy imports

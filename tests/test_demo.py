@@ -1,8 +1,8 @@
 import pytest
 
 from moequant.builtin_data import BUNDLED_MODEL_DIR
+from moequant.compression import CalibSettings
 from moequant.demo import run_demo
-from moequant.pipeline import CalibSettings
 
 pytestmark = pytest.mark.skipif(not (BUNDLED_MODEL_DIR / "config.json").is_file(), reason="bundled model missing")
 

@@ -12,12 +12,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moequant.checkpoint.reader import CheckpointReader
+from moequant.compression import compress
 from moequant.errors import MoequantError
 from moequant.kernels import dispatch
 from moequant.loading import dequantized_model, load, model_bytes, module_spec
 from moequant.nn.quant_experts import LinearSpec, QuantExperts
 from moequant.nn.quant_linear import QuantLinear
-from moequant.pipeline import compress
 from moequant.recipe import parse_recipe
 from tests.conftest import add_tokenizer, make_mixtral
 

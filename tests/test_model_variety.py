@@ -16,9 +16,9 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from moequant.builtin_data import BUNDLED_MODEL_DIR
+from moequant.compression import CalibSettings, compress
 from moequant.kernels import dispatch
 from moequant.loading import load
-from moequant.pipeline import CalibSettings, compress
 from tests.gptq_reader import read_as_float, write_float_checkpoint
 
 MIXED = """name: mixed

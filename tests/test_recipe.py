@@ -6,8 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moequant.arch.mixtral import MixtralAdapter
+from moequant.compression import plan
 from moequant.errors import MoequantError
-from moequant.pipeline import plan
 from moequant.recipe import Recipe, builtin_names, load_recipe, parse_recipe
 from moequant.sizes import MIXTRAL_8X7B, estimate_bits
 

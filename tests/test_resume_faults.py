@@ -16,8 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from moequant.checkpoint.writer import output_lock
+from moequant.compression import CalibSettings, compress
 from moequant.errors import MoequantError
-from moequant.pipeline import CalibSettings, compress
 from moequant_cli.main import app
 from tests.conftest import StopAfterLayers, add_tokenizer, make_mixtral
 

@@ -1,7 +1,8 @@
-"""What an architecture adapter provides: names, shapes and the maths of one decoder layer."""
+"""What every MoE family provides (:class:`Architecture`), and the values its layer forward works with."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,16 +67,102 @@ class MoEConfig:
     norm_topk_prob: bool = True
 
 
-class Adapter(Protocol):
-    """An MoE family: how its checkpoint is named and how one decoder layer computes."""
+@dataclass(frozen=True)
+class Chunking:
+    """How a layer forward cuts its work to bound memory.
 
+    ``windows``: windows per attention chunk; ``route_rows`` and ``expert_rows``: tokens per chunk
+    when routing and when applying one expert (``None``: all at once).
+    """
+
+    windows: int
+    route_rows: int | None = None
+    expert_rows: int | None = None
+
+
+class LayerObserver:
+    """Watches one decoder layer's forward and may settle each linear's weights before it is applied.
+
+    The forward calls :meth:`stage` as it enters attention, routing and the experts;
+    :meth:`shared_input` once for each set of linears that read the same input (q/k/v, then o); and
+    :meth:`experts` once per batch of experts, after :meth:`routed`. This base class changes
+    nothing and never looks at inputs; an observer that replaces weights (calibration) sets
+    ``settles_weights`` so that the forward keeps o_proj's inputs until o is settled and reads
+    every expert, including those no token was routed to.
+    """
+
+    settles_weights = False
+
+    def stage(self, name: str) -> None:
+        """The forward enters ``attention``, ``routing`` or ``experts``."""
+
+    def shared_input(self, names: list[str], weights: list[torch.Tensor],
+                     inputs: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        """The weights to apply for linears ``names`` (``[N_i, K]`` each), which all read ``inputs``
+        (chunks ``[..., K]``, produced only if iterated)."""
+        return weights
+
+    def routed(self, h: torch.Tensor, probs: torch.Tensor, top_ids: torch.Tensor, top_w: torch.Tensor) -> None:
+        """The layer's routing: normed tokens ``h [T, H]``, router probabilities ``probs [T, E]``, the chosen
+        ``top_ids [T, k]`` and their weights ``top_w [T, k]``."""
+
+    def experts(self, experts: dict[int, ExpertWeights]) -> None:
+        """Experts about to be applied, by index; may replace their weights in place."""
+
+
+@dataclass
+class ExpertWeights:
+    """One gated-MLP expert: ``w1``/``w3`` ``[I, H]`` (gate, up) and ``w2`` ``[H, I]`` (down)."""
+
+    w1: torch.Tensor
+    w3: torch.Tensor
+    w2: torch.Tensor
+
+
+WeightGetter = Callable[[str], torch.Tensor]
+"""``get(tensor_name)``: a float tensor of the model, in the dtype and on the device of the caller's choice."""
+
+
+class Architecture(Protocol):
+    """An MoE family: how its checkpoint is named, its config normalised, and one decoder layer computed.
+
+    Compression, loading, evaluation and inspection are written against this interface.
+    """
+
+    family: str
+    architectures: tuple[str, ...]
     config: MoEConfig
-    raw_config: dict
+    raw_config: Mapping
 
     def layer_prefix(self, layer: int) -> str: ...
+
+    def attention_name(self, layer: int, role: str) -> str: ...
+
+    def expert_name(self, layer: int, expert: int, role: str) -> str: ...
+
+    def router_name(self, layer: int) -> str: ...
+
+    def norm_names(self, layer: int) -> tuple[str, str]: ...
 
     def layer_linears(self, layer: int) -> list[LinearInfo]: ...
 
     def global_linears(self) -> list[LinearInfo]: ...
 
-    def rotary(self, seqlen: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def fused_views(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, TensorView]: ...
+
+    @property
+    def embed_name(self) -> str: ...
+
+    @property
+    def final_norm_name(self) -> str: ...
+
+    @property
+    def lm_head_name(self) -> str: ...
+
+    def rotary(self, seqlen: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor: ...
+
+    def layer_forward(self, x: torch.Tensor, layer: int, get: WeightGetter, cos: torch.Tensor, sin: torch.Tensor,
+                      chunking: Chunking, expert_batch: int = 1,
+                      observer: LayerObserver | None = None) -> torch.Tensor: ...

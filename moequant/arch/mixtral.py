@@ -1,22 +1,31 @@
 """Mixtral: on-disk names, shapes, and an explicit decoder-layer forward.
 
 The forward is written out in plain torch (RMSNorm, rotary embeddings, grouped-query attention
-with an optional sliding window, top-k softmax routing) so that the compression pipeline can
-capture the inputs of every linear and swap in quantised weights between steps. All maths runs
-in the dtype of its inputs (float32 in the pipeline).
+with an optional sliding window, top-k softmax routing, gated-MLP experts), one layer at a time,
+so that compression can see the inputs of every linear and settle its quantised weights between
+steps, and evaluation can stream a model larger than memory. All maths runs in the dtype of its
+inputs.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from moequant.arch import fields
-from moequant.arch.base import LinearInfo, MoEConfig, TensorView
+from moequant.arch.base import (
+    Chunking,
+    ExpertWeights,
+    LayerObserver,
+    LinearInfo,
+    MoEConfig,
+    TensorView,
+    WeightGetter,
+)
 from moequant.errors import MoequantError
 
 ATTN_ROLES = ("q", "k", "v", "o")
@@ -137,17 +146,8 @@ def _check_fused(name: str, shape: tuple[int, ...], want: tuple[int, ...]) -> No
 
 
 @dataclass
-class ExpertWeights:
-    """One expert's three matrices: ``w1``/``w3`` ``[I, H]`` (gate, up) and ``w2`` ``[H, I]``."""
-
-    w1: torch.Tensor
-    w3: torch.Tensor
-    w2: torch.Tensor
-
-
-@dataclass
 class LayerWeights:
-    """The float weights of one decoder layer, keyed by role."""
+    """The float weights of one decoder layer but its experts, keyed by role."""
 
     input_norm: torch.Tensor
     q: torch.Tensor
@@ -156,7 +156,6 @@ class LayerWeights:
     o: torch.Tensor
     post_norm: torch.Tensor
     gate: torch.Tensor
-    experts: list[ExpertWeights] = field(default_factory=list)
 
 
 class MixtralAdapter:
@@ -342,32 +341,84 @@ class MixtralAdapter:
         """``w2 (silu(w1 x) * w3 x)`` for ``x [t, H]``; returns ``[t, H]``."""
         return F.linear(F.silu(F.linear(x, w.w1)) * F.linear(x, w.w3), w.w2)
 
-    def moe(self, h: torch.Tensor, top_ids: torch.Tensor, top_w: torch.Tensor,
-            experts: list[ExpertWeights]) -> torch.Tensor:
-        """Sparse MoE block output ``[T, H]`` for routed tokens ``h [T, H]``."""
-        out = torch.zeros_like(h)
-        self.add_experts(out, h, top_ids, top_w, dict(enumerate(experts)))
-        return out
-
     def add_experts(self, out: torch.Tensor, h: torch.Tensor, top_ids: torch.Tensor, top_w: torch.Tensor,
-                    experts: dict[int, ExpertWeights]) -> None:
-        """Add the weighted outputs of ``experts`` (by expert index, in order) for their routed tokens to ``out``."""
+                    experts: dict[int, ExpertWeights], rows: int | None = None) -> None:
+        """Add the weighted outputs of ``experts`` (by index, in order) for their routed tokens of ``h [T, H]``
+        to ``out [T, H]``, ``rows`` tokens at a time (``None``: all of an expert's tokens at once)."""
         for e, w in sorted(experts.items()):
             token, slot = torch.where(top_ids == e)
-            if token.numel() == 0:
-                continue
-            y = self.expert_mlp(h[token], w) * top_w[token, slot, None].to(h.dtype)
-            out.index_add_(0, token, y)
+            step = rows or max(token.numel(), 1)
+            for start in range(0, token.numel(), step):
+                t, s = token[start : start + step], slot[start : start + step]
+                out.index_add_(0, t, self.expert_mlp(h[t], w) * top_w[t, s, None].to(h.dtype))
 
-    def layer_forward(self, x: torch.Tensor, w: LayerWeights, cos: torch.Tensor,
-                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decoder layer on ``x [B, T, H]``; returns the output and ``topk_ids [B*T, k]``."""
-        h = self.norm(x, w.input_norm)
-        x = x + F.linear(self.attention(h, w.q, w.k, w.v, cos, sin), w.o)
-        h2 = self.norm(x, w.post_norm).reshape(-1, x.shape[-1])
-        _, top_ids, top_w = self.route(h2, w.gate)
-        x = x + self.moe(h2, top_ids, top_w, w.experts).view_as(x)
-        return x, top_ids
+    def read_layer(self, get: WeightGetter, layer: int) -> LayerWeights:
+        """Layer ``layer``'s weights but its experts, through ``get``."""
+        in_norm, post_norm = self.norm_names(layer)
+        q, k, v, o = (get(self.attention_name(layer, r) + ".weight") for r in ATTN_ROLES)
+        return LayerWeights(input_norm=get(in_norm), q=q, k=k, v=v, o=o, post_norm=get(post_norm),
+                            gate=get(self.router_name(layer) + ".weight"))
+
+    def read_expert(self, get: WeightGetter, layer: int, expert: int) -> ExpertWeights:
+        """One expert's matrices through ``get``."""
+        return ExpertWeights(*(get(self.expert_name(layer, expert, r) + ".weight") for r in ("w1", "w3", "w2")))
+
+    def layer_forward(self, x: torch.Tensor, layer: int, get: WeightGetter, cos: torch.Tensor, sin: torch.Tensor,
+                      chunking: Chunking, expert_batch: int = 1,
+                      observer: LayerObserver | None = None) -> torch.Tensor:
+        """Decoder layer ``layer`` applied to ``x [B, T, H]`` in place; returns ``top_ids [B*T, k]``.
+
+        Attention runs on ``chunking.windows`` windows at a time, then every token is routed and
+        the experts are read ``expert_batch`` at a time and applied to the tokens routed to them;
+        their outputs are summed before they join the residual, as transformers does. Weights are
+        read through ``get`` as the forward reaches them; ``observer`` sees the inputs of each
+        linear and may settle its weights first (see :class:`LayerObserver`).
+        """
+        obs = observer or LayerObserver()
+        c = self.config
+        w = self.read_layer(get, layer)
+        chunks = torch.split(x, chunking.windows)
+
+        obs.stage("attention")
+        names = [self.attention_name(layer, r) for r in ATTN_ROLES]
+        w.q, w.k, w.v = obs.shared_input(names[:3], [w.q, w.k, w.v],
+                                         (self.norm(xc, w.input_norm) for xc in chunks))
+        if obs.settles_weights:
+            ctx = [self.attention(self.norm(xc, w.input_norm), w.q, w.k, w.v, cos, sin) for xc in chunks]
+            (w.o,) = obs.shared_input(names[3:], [w.o], ctx)
+            for xc, cc in zip(chunks, ctx, strict=True):
+                xc += F.linear(cc, w.o)
+            del ctx
+        else:
+            for xc in chunks:
+                xc += F.linear(self.attention(self.norm(xc, w.input_norm), w.q, w.k, w.v, cos, sin), w.o)
+
+        obs.stage("routing")
+        flat = x.view(-1, c.hidden_size)
+        tokens = flat.shape[0]
+        h = torch.empty_like(flat)
+        probs = torch.empty(tokens, c.num_experts, dtype=torch.float32, device=x.device)
+        top_ids = torch.empty(tokens, c.top_k, dtype=torch.int64, device=x.device)
+        top_w = torch.empty(tokens, c.top_k, dtype=torch.float32, device=x.device)
+        rows = chunking.route_rows or tokens
+        for start in range(0, tokens, rows):
+            sl = slice(start, start + rows)
+            h[sl] = self.norm(flat[sl], w.post_norm)
+            probs[sl], top_ids[sl], top_w[sl] = self.route(h[sl], w.gate)
+        obs.routed(h, probs, top_ids, top_w)
+
+        obs.stage("experts")
+        routed = torch.bincount(top_ids.flatten(), minlength=c.num_experts).tolist()
+        moe_out = torch.zeros_like(flat)
+        for first in range(0, c.num_experts, expert_batch):
+            group = [e for e in range(first, min(first + expert_batch, c.num_experts))
+                     if routed[e] or obs.settles_weights]
+            experts = {e: self.read_expert(get, layer, e) for e in group}
+            obs.experts(experts)
+            self.add_experts(moe_out, h, top_ids, top_w, experts, chunking.expert_rows)
+            del experts
+        flat += moe_out
+        return top_ids
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -380,25 +431,3 @@ def _sliding_causal_mask(t: int, window: int, device: torch.device) -> torch.Ten
     i = torch.arange(t, device=device)[:, None]
     j = torch.arange(t, device=device)[None, :]
     return (j <= i) & (i - j < window)
-
-
-def load_expert_weights(adapter: MixtralAdapter, get, layer: int, expert: int) -> ExpertWeights:
-    """One expert's matrices through ``get(tensor_name) -> Tensor``."""
-    return ExpertWeights(*(get(adapter.expert_name(layer, expert, r) + ".weight") for r in ("w1", "w3", "w2")))
-
-
-def load_layer_weights(adapter: MixtralAdapter, get, layer: int, with_experts: bool = True) -> LayerWeights:
-    """Gather one layer's weights through ``get(tensor_name) -> Tensor``.
-
-    ``get`` decides dtype, device and whether a quantised module is dequantised, so the same
-    gathering serves original and compressed checkpoints. Without ``with_experts`` the experts
-    are left out (to be read a few at a time with :func:`load_expert_weights`).
-    """
-    in_norm, post_norm = adapter.norm_names(layer)
-    attn = {r: get(adapter.attention_name(layer, r) + ".weight") for r in ATTN_ROLES}
-    experts = [load_expert_weights(adapter, get, layer, e)
-               for e in range(adapter.config.num_experts)] if with_experts else []
-    return LayerWeights(
-        input_norm=get(in_norm), q=attn["q"], k=attn["k"], v=attn["v"], o=attn["o"],
-        post_norm=get(post_norm), gate=get(adapter.router_name(layer) + ".weight"), experts=experts,
-    )

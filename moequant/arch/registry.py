@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from moequant.arch import fields
-from moequant.arch.base import TensorView
+from moequant.arch.base import Architecture, TensorView
 from moequant.arch.mixtral import MixtralAdapter
 from moequant.errors import MoequantError
 
-ADAPTERS = {"mixtral": MixtralAdapter}
+ADAPTERS: dict[str, type[Architecture]] = {"mixtral": MixtralAdapter}
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
-def adapter_for(config: Mapping) -> MixtralAdapter:
+def adapter_for(config: Mapping) -> Architecture:
     """The adapter for ``config``, or a one-line refusal that says what is supported."""
     model_type = fields.text(config, "model_type", "", nullable=True).lower()
     archs = _architectures(config)

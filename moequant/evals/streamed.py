@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moequant.arch.mixtral import ExpertWeights, MixtralAdapter
+from moequant.arch.base import Architecture, Chunking, LayerObserver
 from moequant.arch.registry import adapter_for
 from moequant.calib import check_token_ids
 from moequant.checkpoint.against_config import check_tensors
@@ -97,7 +97,7 @@ class _Model:
         self.path = resolve_source(source)
         reader = CheckpointReader(self.path)
         self.config = reader.config
-        self.adapter: MixtralAdapter = adapter_for(reader.config)
+        self.adapter: Architecture = adapter_for(reader.config)
         check_tensors(reader, self.adapter)
         self.quantised = quantization_config_of(reader.config) is not None
 
@@ -106,7 +106,7 @@ class _Model:
         return reader, tensor_getter(reader, dtype, device)
 
 
-def check_pair(model: MixtralAdapter, base: MixtralAdapter) -> None:
+def check_pair(model: Architecture, base: Architecture) -> None:
     """Refuse a baseline whose shape makes per-token comparison meaningless."""
     a, b = model.config, base.config
     for field in ("vocab_size", "num_layers", "hidden_size", "num_experts", "top_k"):
@@ -122,7 +122,7 @@ def check_batch(batch: int) -> int:
     return check_int(batch, "--batch", 0, meaning="windows per forward chunk; 0: automatic")
 
 
-def default_batch(adapter: MixtralAdapter, seqlen: int, windows: int) -> int:
+def default_batch(adapter: Architecture, seqlen: int, windows: int) -> int:
     """Windows per forward chunk, so a chunk's activations stay around 64M floats."""
     c = adapter.config
     per_window = seqlen * max(c.hidden_size, c.intermediate_size, c.num_heads * seqlen)
@@ -218,46 +218,21 @@ def _embed(side: _Model, ids: torch.Tensor, dtype: torch.dtype, device: torch.de
     return table[ids].to(dtype)
 
 
+class _Stages(LayerObserver):
+    """Reports the stages of one side's layer forward as progress."""
+
+    def __init__(self, report: Callable[[str], None]) -> None:
+        self.stage = report
+
+
 def _layer(side: _Model, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype,
            device: torch.device, batch: int, stage: Callable[[str], None]) -> torch.Tensor:
     """Apply decoder layer ``layer`` to ``x [W, L, H]`` in place; return its top-k ids ``[W*L, k]`` (int16, CPU)."""
-    a = side.adapter
-    c = a.config
-    reader, get = side.getter(dtype, device)
-    in_name, post_name = a.norm_names(layer)
-
-    stage("attention")
-    in_norm = get(in_name)
-    wq, wk, wv, wo = (get(a.attention_name(layer, r) + ".weight") for r in ("q", "k", "v", "o"))
-    for xc in torch.split(x, batch):
-        xc += F.linear(a.attention(a.norm(xc, in_norm), wq, wk, wv, cos, sin), wo)
-    del wq, wk, wv, wo
-
-    stage("routing")
-    flat = x.view(-1, c.hidden_size)
-    rows = batch * x.shape[1]
-    post_norm, gate = get(post_name), get(a.router_name(layer) + ".weight")
-    h2 = torch.empty_like(flat)
-    top_ids = torch.empty(flat.shape[0], c.top_k, dtype=torch.int64, device=device)
-    top_w = torch.empty(flat.shape[0], c.top_k, dtype=torch.float32, device=device)
-    for start in range(0, flat.shape[0], rows):
-        sl = slice(start, start + rows)
-        h2[sl] = a.norm(flat[sl], post_norm)
-        _, top_ids[sl], top_w[sl] = a.route(h2[sl], gate)
-
-    stage("experts")
-    expert_rows = max(1, _ACT_BUDGET // (4 * c.intermediate_size))
-    for e in range(c.num_experts):
-        token, slot = torch.where(top_ids == e)
-        if token.numel() == 0:
-            continue
-        expert_reader, get_expert = side.getter(dtype, device)
-        weights = ExpertWeights(*(get_expert(a.expert_name(layer, e, r) + ".weight") for r in ("w1", "w3", "w2")))
-        for start in range(0, token.numel(), expert_rows):
-            t, s = token[start : start + expert_rows], slot[start : start + expert_rows]
-            flat.index_add_(0, t, a.expert_mlp(h2[t], weights) * top_w[t, s, None].to(dtype))
-        del weights, expert_reader, get_expert
-    del reader, get
+    c = side.adapter.config
+    _, get = side.getter(dtype, device)
+    chunking = Chunking(windows=batch, route_rows=batch * x.shape[1],
+                        expert_rows=max(1, _ACT_BUDGET // (4 * c.intermediate_size)))
+    top_ids = side.adapter.layer_forward(x, layer, get, cos, sin, chunking, observer=_Stages(stage))
     return top_ids.to(device="cpu", dtype=torch.int16)
 
 
@@ -266,7 +241,7 @@ def _head(side: _Model, dtype: torch.dtype, device: torch.device) -> tuple[torch
     return get(side.adapter.final_norm_name), get(side.adapter.lm_head_name)
 
 
-def _logits(adapter: MixtralAdapter, x: torch.Tensor, norm: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+def _logits(adapter: Architecture, x: torch.Tensor, norm: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
     """Float32 logits ``[B, L, V]`` of final hidden states ``x [B, L, H]``."""
     return F.linear(adapter.norm(x, norm), head).float()
 

@@ -4,21 +4,42 @@ import pytest
 import torch
 from transformers import MixtralForCausalLM
 
-from moequant.arch.mixtral import MixtralAdapter, load_layer_weights, parse_mixtral_config
+from moequant.arch.base import Chunking, LayerObserver
+from moequant.arch.mixtral import MixtralAdapter, parse_mixtral_config
 from moequant.arch.registry import adapter_for
 from moequant.checkpoint.reader import CheckpointReader
 from moequant.errors import MoequantError
 from tests.conftest import make_mixtral
 
 
-def explicit_logits(path, ids: torch.Tensor) -> torch.Tensor:
+class Settling(LayerObserver):
+    """Takes the path compression takes (o_proj's inputs kept, every expert read), changing no weight,
+    and counts what it was shown."""
+
+    settles_weights = True
+
+    def __init__(self) -> None:
+        self.shared: list[list[str]] = []
+        self.experts_seen: list[int] = []
+
+    def shared_input(self, names, weights, inputs):
+        assert all(x.shape[-1] == weights[0].shape[1] for x in inputs)
+        self.shared.append(names)
+        return weights
+
+    def experts(self, experts):
+        self.experts_seen += list(experts)
+
+
+def explicit_logits(path, ids: torch.Tensor, observer: LayerObserver | None = None) -> torch.Tensor:
     reader = CheckpointReader(path)
     adapter = adapter_for(reader.config)
     get = lambda name: reader.get(name, dtype=torch.float32)  # noqa: E731
     x = get(adapter.embed_name)[ids]
     cos, sin = adapter.rotary(ids.shape[1])
     for layer in range(adapter.config.num_layers):
-        x, _ = adapter.layer_forward(x, load_layer_weights(adapter, get, layer), cos, sin)
+        adapter.layer_forward(x, layer, get, cos, sin, Chunking(windows=1, route_rows=7, expert_rows=5),
+                              expert_batch=3, observer=observer)
     x = adapter.norm(x, get(adapter.final_norm_name))
     return x @ get(adapter.lm_head_name).T
 
@@ -37,6 +58,19 @@ def test_explicit_forward_matches_transformers(tmp_path, overrides):
     ref = hf_logits(path, ids)
     rel = (ours - ref).norm() / ref.norm()
     assert rel < 1e-5
+
+
+def test_forward_compression_takes_matches_transformers(tmp_path):
+    path = make_mixtral(tmp_path / "m", seed=4, num_hidden_layers=2)
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
+    observer = Settling()
+    ours = explicit_logits(path, ids, observer)
+    ref = hf_logits(path, ids)
+    assert (ours - ref).norm() / ref.norm() < 1e-5
+    assert torch.equal(ours, explicit_logits(path, ids))
+    attn = [[f"model.layers.{i}.self_attn.{r}_proj" for r in roles] for i in range(2) for roles in ("qkv", "o")]
+    assert observer.shared == attn
+    assert observer.experts_seen == list(range(4)) * 2
 
 
 def test_both_config_styles_parse_the_same(tiny_mixtral):

@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 from moequant.arch.registry import adapter_for
 from moequant.checkpoint.against_config import check_tensors
 from moequant.checkpoint.reader import CheckpointReader
+from moequant.compression import compress
 from moequant.errors import MoequantError
-from moequant.pipeline import compress
 from tests.conftest import make_mixtral
 
 NORM = "model.layers.0.input_layernorm.weight"

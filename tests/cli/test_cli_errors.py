@@ -124,8 +124,8 @@ def test_numeric_options_are_checked_before_any_work(tmp_path, tiny_mixtral_tok,
     ({}, {"seed": True}, "--seed must be a whole number"),
 ])
 def test_library_compress_checks_numbers_like_the_command(tmp_path, tiny_mixtral_tok, kwargs, calib, message):
+    from moequant.compression import CalibSettings, compress
     from moequant.errors import MoequantError
-    from moequant.pipeline import CalibSettings, compress
 
     with pytest.raises(MoequantError, match=message) as info:
         compress(tiny_mixtral_tok, tmp_path / "o", calib=CalibSettings(**calib), **kwargs)

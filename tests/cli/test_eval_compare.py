@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from moequant.pipeline import compress
+from moequant.compression import compress
 from moequant_cli.main import app
 from tests.conftest import make_mixtral
 from tests.evals.test_run import add_tokenizer

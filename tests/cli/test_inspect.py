@@ -7,9 +7,9 @@ import pytest
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from moequant.compression import compress
 from moequant.errors import MoequantError
 from moequant.inspection import describe
-from moequant.pipeline import compress
 from moequant_cli.main import app
 
 runner = CliRunner()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from moequant.checkpoint.reader import CheckpointReader
+from moequant.compression import compress
 from moequant.errors import MoequantError
 from moequant.evals.perplexity import perplexity
 from moequant.evals.report import (
@@ -18,7 +19,6 @@ from moequant.evals.report import (
     write_report,
 )
 from moequant.evals.streamed import evaluate_windows
-from moequant.pipeline import compress
 from tests.conftest import make_mixtral
 
 

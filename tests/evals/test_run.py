@@ -49,7 +49,7 @@ def test_text_file_dataset_and_all_windows(model_with_tokenizer, tmp_path):
 
 
 def test_compressed_model_uses_its_copied_tokenizer(model_with_tokenizer, tmp_path):
-    from moequant.pipeline import compress
+    from moequant.compression import compress
 
     out = compress(model_with_tokenizer, tmp_path / "q", method="rtn").path
     report = evaluate(out, baseline=model_with_tokenizer, seqlen=16, max_windows=2, device="cpu")

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import MixtralForCausalLM
 
+from moequant.compression import compress
 from moequant.errors import MoequantError
 from moequant.evals.perplexity import next_token_nll, perplexity
 from moequant.evals.streamed import evaluate_windows
-from moequant.pipeline import compress
 from tests.conftest import make_mixtral
 
 

@@ -204,8 +204,8 @@ def test_moe_decode_in_two_launches_is_exact_every_time(kernels, tokens, weights
 
 
 def test_loaded_model_matches_torch_backend(tmp_path):
+    from moequant.compression import compress
     from moequant.loading import load
-    from moequant.pipeline import compress
     from moequant.recipe import parse_recipe
     from tests.conftest import make_mixtral
 

@@ -9,8 +9,8 @@ import torch
 import moequant
 from moequant.checkpoint.reader import CheckpointReader
 from moequant.checkpoint.weights import tensor_getter
+from moequant.compression import CalibSettings, compress
 from moequant.errors import MoequantError
-from moequant.pipeline import CalibSettings, compress
 from moequant.quant.pack import unpack_qzeros
 from moequant.quant.rtn import rtn
 from moequant.recipe import parse_recipe
@@ -231,7 +231,7 @@ def test_failure_before_any_layer_leaves_nothing(tmp_path, tiny_mixtral):
 KILLABLE = """
 import sys, time
 from pathlib import Path
-from moequant.pipeline import CalibSettings, compress
+from moequant.compression import CalibSettings, compress
 from moequant.progress import Progress
 
 class PauseMidLayer(Progress):

@@ -1,0 +1,41 @@
+"""From a recipe to the storage spec of every linear module, checked against the model's shapes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from moequant.arch.base import Architecture, LinearInfo
+from moequant.errors import MoequantError
+from moequant.kernels.packed import stored_group_size
+from moequant.quant.pack import check_packable
+from moequant.quant.types import QuantSpec
+from moequant.recipe import Recipe
+
+
+def plan(arch: Architecture, recipe: Recipe, method: str | None = None) -> dict[str, QuantSpec | None]:
+    """The spec of every linear module by name (``None``: kept 16-bit); ``method`` overrides the recipe's solver."""
+    specs: dict[str, QuantSpec | None] = {}
+    infos = [i for layer in range(arch.config.num_layers) for i in arch.layer_linears(layer)]
+    for info in infos + arch.global_linears():
+        spec = recipe.spec_for(info.name, method)
+        if spec is not None:
+            spec = replace(spec, group_size=stored_group_size(spec.group_size, info.in_features))
+            _check_spec(info, spec, recipe)
+        specs[info.name] = spec
+    return specs
+
+
+def _check_spec(info: LinearInfo, spec: QuantSpec, recipe: Recipe) -> None:
+    rule = recipe.rule_for(info.name)
+    where = f"recipe {recipe.name}, rule {rule[0] + 1} ({rule[1].match!r})" if rule else f"recipe {recipe.name}"
+    if info.kind == "router":
+        raise MoequantError(f"{where} would quantise the router {info.name}; routers stay 16-bit, narrow the match")
+    if info.kind == "embedding":
+        raise MoequantError(f"{where} would quantise {info.name}; embeddings stay 16-bit in the GPTQ layout")
+    try:
+        check_packable(info.out_features, info.in_features, spec.bits, spec.group_size)
+    except MoequantError as exc:
+        raise MoequantError(
+            f"{where}: {info.name} cannot be packed: {exc}; keep such modules 16-bit with a rule "
+            "'bits: 16' placed before this one"
+        ) from exc
