@@ -48,12 +48,8 @@ IN_FLIGHT_BYTES = 16 * 1024
 
 def pipeline_depth(bits: int, block_n: int, block_k: int, most: int = 5) -> int:
     """Software-pipeline stages (3 to ``most``) that keep about ``IN_FLIGHT_BYTES`` of packed codes
-    loading ahead of each program: ``stages - 1`` tiles of ``block_k x block_n`` codes.
-
-    Decode reads at full bandwidth only with bandwidth x latency bytes in flight, about 25 KB per
-    SM on an H200 (4.8 TB/s, ~0.7 us, 132 SMs); the one-row weights-left programs fit three to an
-    SM (evals/kernel_sass.py), so 16 KB each keeps twice that. 128 x 128 tiles: 3 stages at 4 and
-    8 bits, 4 at 3 bits, 5 at 2 bits.
+    loading ahead of each program (``stages - 1`` tiles of ``block_k x block_n`` codes): decode reads
+    at full bandwidth only with enough bytes in flight per SM.
     """
     tile = block_n * block_k * bits // 8
     return min(most, max(3, 1 + -(-IN_FLIGHT_BYTES // tile)))

