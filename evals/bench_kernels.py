@@ -171,7 +171,9 @@ def matmul_candidates(m: int, n: int, k: int, device: torch.device) -> list:
     more, weights-left dot tiles up to 64 rows (one row too)."""
     import triton
 
-    from moequant.kernels.triton_matmul import MatmulConfig, device_programs, split_for
+    from moequant.kernels.triton_launch import device_programs
+    from moequant.kernels.triton_matmul import MatmulConfig
+    from moequant.kernels.triton_split import split_for
 
     out = []
     programs = device_programs(device)
@@ -263,8 +265,9 @@ def moe_candidates(slots: int, experts: int, hidden: int, inter: int, device: to
     """MoE kernel configurations to try for ``slots`` routed slots."""
     import triton
 
-    from moequant.kernels.triton_matmul import device_programs, split_for
+    from moequant.kernels.triton_launch import device_programs
     from moequant.kernels.triton_moe import MoeConfig
+    from moequant.kernels.triton_split import split_for
 
     programs = device_programs(device)
     out = []

@@ -55,17 +55,19 @@ def record_launches(bits_list: list[int]) -> dict[tuple, tuple]:
     """``{(kernel name, stages, constants): (kernel, argument kinds, stages, constants)}``."""
     launches: dict[tuple, tuple] = {}
 
-    def note(kernel, args, stages, consts):
+    def note(kernel, args: dict, stages, consts):
         key = (kernel.fn.__name__, stages, tuple(sorted((k, str(v)) for k, v in consts.items())))
-        launches.setdefault(key, (kernel, tuple(_arg(a) for a in args), stages, consts))
+        launches.setdefault(key, (kernel, {name: _arg(a) for name, a in args.items()}, stages, consts))
 
     class Dequant:
         def __getitem__(self, grid):
-            def launch(*args, num_stages=1, **consts):
-                note(real_dequant, args, num_stages, consts)
+            def launch(num_stages=1, **kwargs):
+                consts = {k: v for k, v in kwargs.items() if k in dequant_consts}
+                note(real_dequant, {k: v for k, v in kwargs.items() if k not in consts}, num_stages, consts)
             return launch
 
     real_dequant = tm._dequant_kernel
+    dequant_consts = {p.name for p in real_dequant.params if p.is_constexpr} | {"num_warps"}
     rules = {
         "launch_fitting": lambda kernel, grid, args, stages, device, **consts: note(kernel, args, stages, consts),
         "inline_asm": lambda device: True,
@@ -111,23 +113,22 @@ def _experts(e: int, n: int, k: int, bits: int, group: int) -> PackedExperts:
                          group, sorted_groups=True)
 
 
-def compile_launch(kernel, args: tuple, stages: int, consts: dict, arch: int):
-    """Compile one recorded launch for ``sm_<arch>`` as the JIT would specialise it."""
+def compile_launch(kernel, kinds: dict, stages: int, consts: dict, arch: int):
+    """Compile one recorded launch (``kinds``: each runtime argument's kind by name, see :func:`_arg`)
+    for ``sm_<arch>`` as the JIT would specialise it."""
     consts = dict(consts)
     warps = consts.pop("num_warps", 4)
     fn = kernel  # the JIT function: Triton's ahead-of-time compiler takes it as it is
     if "STAGES" in fn.arg_names and kernel is not tm._dequant_kernel:
         consts["STAGES"] = stages
-    runtime = [p for p in fn.arg_names if p not in consts]
     signature, attrs, constexprs = {}, {}, dict(consts)
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             signature[name] = "constexpr"
             continue
-        j = runtime.index(name)
-        if j >= len(args):
+        if name not in kinds:
             continue  # a defaulted argument
-        kind = args[j]
+        kind = kinds[name]
         if kind[0] == "ptr":
             signature[name] = POINTER[kind[1]]
             attrs[(i,)] = [["tt.divisibility", 16]]

@@ -34,24 +34,13 @@ from triton.compiler import ASTSource  # noqa: E402
 
 POINTER_TYPES = {
     "x_ptr": "*bf16",
-    "h_ptr": "*bf16",
     "s_ptr": "*fp16",
     "out_ptr": "*fp32",
     "weight_ptr": "*fp32",
 }
 # Triton's JIT compiles a separate kernel for integer arguments equal to 1 and marks pointers and
 # integers divisible by 16; a launch on contiguous tensors with Mixtral's sizes gets both.
-UNIT_STRIDES = {
-    "stride_xk",
-    "stride_qn",
-    "stride_zn",
-    "stride_sn",
-    "stride_on",
-    "stride_xh",
-    "stride_hi",
-    "stride_oi",
-    "stride_oh",
-}
+UNIT_STRIDES = {"stride_xk", "stride_qn", "stride_zn", "stride_sn", "stride_on"}
 UNALIGNED_INTS = {"M", "num_slots", "top_k", "stride_ge", "splits"}
 
 
@@ -138,6 +127,7 @@ def variants(kernels: set[str], bits_list: list[int]):
     """``(label, fn, constexprs, warps, stages, weights per loop iteration)`` to compile."""
     from moequant.kernels import triton_matmul as tm
     from moequant.kernels import triton_moe as tmoe
+    from moequant.kernels.triton_launch import pipeline_depth
 
     for bits in bits_list:
         forms = {  # the dense kernel's forms and their (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
@@ -145,7 +135,7 @@ def variants(kernels: set[str], bits_list: list[int]):
             "dot": [(16, 64, 128, 4, 4), (64, 128, 64, 4, 3)],
             "wleft": [(16, 128, 128, 4, 3), (16, 128, 128, 4, 1), (32, 128, 128, 4, 3), (64, 128, 128, 4, 3)],
             # one activation row: unpipelined, 3 stages, pick_config's depth, 5 stages
-            "wleft1": [(16, 128, 128, 4, st) for st in sorted({1, 3, tm.pipeline_depth(bits, 128, 128), 5})],
+            "wleft1": [(16, 128, 128, 4, st) for st in sorted({1, 3, pipeline_depth(bits, 128, 128), 5})],
         }
         for form, tiles in forms.items():
             if form not in kernels:
@@ -180,7 +170,7 @@ def variants(kernels: set[str], bits_list: list[int]):
                 ("down", tmoe._moe_gemv_down_kernel),
             ]:
                 for left, bn in [(False, 64), (True, 128)]:
-                    stages = tm.pipeline_depth(bits, bn, 128) if left else 3  # as pick_moe_config sets them
+                    stages = pipeline_depth(bits, bn, 128) if left else 3  # as pick_moe_config sets them
                     yield (
                         f"moe {name}{' wleft' if left else ''} {bits}-bit n{bn} k128 w4 s{stages}",
                         fn,

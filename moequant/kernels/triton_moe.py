@@ -10,7 +10,7 @@ expert and each expert's run is padded to a multiple of ``BLOCK_M``, so that eve
    atomically), and the ``k`` slots of each token are summed afterwards.
 
 When experts see at most two tokens each (decode), the same two steps run without sorting, one
-routed slot per program with the GEMV inner loop of :mod:`moequant.kernels.triton_matmul`; split-K
+routed slot per program with the GEMV inner loop of :mod:`moequant.kernels.triton_gemv`; split-K
 parts and a token's ``k`` slots meet in a float32 workspace, summed in order by the last program
 to arrive, which writes the output in the activation dtype (two launches in all).
 
@@ -27,24 +27,22 @@ import triton.language as tl
 
 from moequant.kernels.packed import PackedExperts
 from moequant.kernels.reference import check_moe_shapes
-from moequant.kernels.triton_matmul import (
+from moequant.kernels.triton_dot import decode_row, rows_dot
+from moequant.kernels.triton_launch import (
     check_tiles,
-    decode_row,
     device_programs,
     dot_dtype,
-    group_mode,
     inline_asm,
-    k_split,
-    last_to_arrive,
     launch_fitting,
+    packed_args,
     pick_block_k,
     pipeline_depth,
-    rows_dot,
-    split_counters,
-    split_for,
+    rows_args,
     stages_for,
     weights_left_applies,
 )
+from moequant.kernels.triton_split import k_split, last_to_arrive, split_counters, split_for
+from moequant.kernels.triton_unpack import group_mode
 
 
 def moe_align(
@@ -109,8 +107,8 @@ def _moe_gate_up_kernel(
     inter,
     k_words,
     n_words,
-    stride_xt,
-    stride_xh,
+    stride_xm,
+    stride_xk,
     stride_qe,
     stride_qk,
     stride_qn,
@@ -121,8 +119,8 @@ def _moe_gate_up_kernel(
     stride_sg,
     stride_sn,
     stride_ge,
-    stride_os,
-    stride_oi,
+    stride_om,
+    stride_on,
     group_size,
     BITS: tl.constexpr,
     GROUP_MODE: tl.constexpr,
@@ -153,14 +151,14 @@ def _moe_gate_up_kernel(
     s_e = s_ptr + e * stride_se
     g_e = g_ptr + e * stride_ge
     acc_gate, acc_up = rows_dot(
-        x_ptr + tok * stride_xt, valid, stride_xh, qw_e, qz_e, s_e, g_e, offs_n, mask_n, 0, H,
+        x_ptr + tok * stride_xm, valid, stride_xk, qw_e, qz_e, s_e, g_e, offs_n, mask_n, 0, H,
         k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
         BITS, GROUP_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, IEEE_FP32, WEIGHTS_LEFT, STAGES, ASM,
         inter, True, False, EVEN,
     )  # fmt: skip
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
     tl.store(
-        out_ptr + slot[:, None] * stride_os + offs_n[None, :] * stride_oi,
+        out_ptr + slot[:, None] * stride_om + offs_n[None, :] * stride_on,
         h.to(out_ptr.dtype.element_ty),
         mask=valid[:, None] & mask_n[None, :],
     )
@@ -168,7 +166,7 @@ def _moe_gate_up_kernel(
 
 @triton.jit
 def _moe_down_kernel(
-    h_ptr,
+    x_ptr,
     qw_ptr,
     qz_ptr,
     s_ptr,
@@ -183,8 +181,8 @@ def _moe_down_kernel(
     H,
     k_words,
     n_words,
-    stride_hs,
-    stride_hi,
+    stride_xm,
+    stride_xk,
     stride_qe,
     stride_qk,
     stride_qn,
@@ -195,8 +193,8 @@ def _moe_down_kernel(
     stride_sg,
     stride_sn,
     stride_ge,
-    stride_os,
-    stride_oh,
+    stride_om,
+    stride_on,
     group_size,
     k_per_split,
     BITS: tl.constexpr,
@@ -213,8 +211,8 @@ def _moe_down_kernel(
     EVEN: tl.constexpr = False,
 ):
     """One block of ``BLOCK_M`` sorted slots of one expert, one split of K: the routing-weighted
-    down projection into float32 ``[T*k, H]`` (``WEIGHTS_LEFT`` and ``EVEN`` as for the gate/up
-    kernel)."""
+    down projection of the intermediate ``x [T*k, I]`` into float32 ``[T*k, H]`` (``WEIGHTS_LEFT``
+    and ``EVEN`` as for the gate/up kernel)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -232,14 +230,14 @@ def _moe_down_kernel(
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, inter)
     acc = rows_dot(
-        h_ptr + slot * stride_hs, valid, stride_hi, qw_e, qz_e, s_e, g_e, offs_n, mask_n,
+        x_ptr + slot * stride_xm, valid, stride_xk, qw_e, qz_e, s_e, g_e, offs_n, mask_n,
         k_lo, k_hi, k_words, n_words, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
         group_size, BITS, GROUP_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, IEEE_FP32, WEIGHTS_LEFT, STAGES,
         ASM, 0, False, False, EVEN,
     )  # fmt: skip
     route_w = tl.load(weight_ptr + slot, mask=valid, other=0.0).to(tl.float32)
     acc = acc * route_w[:, None]
-    out_ptrs = out_ptr + slot[:, None] * stride_os + offs_n[None, :] * stride_oh
+    out_ptrs = out_ptr + slot[:, None] * stride_om + offs_n[None, :] * stride_on
     out_mask = valid[:, None] & mask_n[None, :]
     if ATOMIC_ADD:
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
@@ -263,8 +261,8 @@ def _moe_gemv_gate_up_kernel(
     inter,
     k_words,
     n_words,
-    stride_xt,
-    stride_xh,
+    stride_xm,
+    stride_xk,
     stride_qe,
     stride_qk,
     stride_qn,
@@ -275,8 +273,8 @@ def _moe_gemv_gate_up_kernel(
     stride_sg,
     stride_sn,
     stride_ge,
-    stride_os,
-    stride_oi,
+    stride_om,
+    stride_on,
     group_size,
     k_per_split,
     splits,
@@ -298,7 +296,7 @@ def _moe_gemv_gate_up_kernel(
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     e = tl.load(ids_ptr + slot).to(tl.int64)
-    x_row = x_ptr + (slot // top_k) * stride_xt
+    x_row = x_ptr + (slot // top_k) * stride_xm
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < inter
     k_lo = pid_k * k_per_split
@@ -308,11 +306,11 @@ def _moe_gemv_gate_up_kernel(
     s_e = s_ptr + e * stride_se
     g_e = g_ptr + e * stride_ge
     gate, up = decode_row(
-        x_row, stride_xh, qw_e, qz_e, s_e, g_e, offs_n, inter, k_lo, k_hi, k_words, n_words,
+        x_row, stride_xk, qw_e, qz_e, s_e, g_e, offs_n, inter, k_lo, k_hi, k_words, n_words,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
         BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES, WEIGHTS_LEFT, DOT_DTYPE, inter, True,
     )  # fmt: skip
-    out_ptrs = out_ptr + slot * stride_os + offs_n * stride_oi
+    out_ptrs = out_ptr + slot * stride_om + offs_n * stride_on
     if splits == 1:
         tl.store(out_ptrs, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=mask_n)
     else:
@@ -334,7 +332,7 @@ def _moe_gemv_gate_up_kernel(
 
 @triton.jit
 def _moe_gemv_down_kernel(
-    h_ptr,
+    x_ptr,
     qw_ptr,
     qz_ptr,
     s_ptr,
@@ -349,8 +347,8 @@ def _moe_gemv_down_kernel(
     H,
     k_words,
     n_words,
-    stride_hs,
-    stride_hi,
+    stride_xm,
+    stride_xk,
     stride_qe,
     stride_qk,
     stride_qn,
@@ -361,8 +359,8 @@ def _moe_gemv_down_kernel(
     stride_sg,
     stride_sn,
     stride_ge,
-    stride_ot,
-    stride_oh,
+    stride_om,
+    stride_on,
     group_size,
     k_per_split,
     splits,
@@ -376,8 +374,8 @@ def _moe_gemv_down_kernel(
     WEIGHTS_LEFT: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    """Decode form of the down kernel: one routed slot per program (grid ``[T*k, H blocks,
-    splits]``), the routing weight applied. A token's ``k`` slots and their splits meet in the
+    """Decode form of the down kernel on the intermediate ``x [T*k, I]``: one routed slot per
+    program (grid ``[T*k, H blocks, splits]``), the routing weight applied. A token's ``k`` slots and their splits meet in the
     float32 workspace ``[splits, T*k, H]``; the last of them to arrive adds the parts (slots, then
     splits, in order) and stores the token's output row in its dtype."""
     slot = tl.program_id(0)
@@ -389,14 +387,14 @@ def _moe_gemv_down_kernel(
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, inter)
     acc = decode_row(
-        h_ptr + slot * stride_hs, stride_hi, qw_ptr + e * stride_qe, qz_ptr + e * stride_ze,
+        x_ptr + slot * stride_xm, stride_xk, qw_ptr + e * stride_qe, qz_ptr + e * stride_ze,
         s_ptr + e * stride_se, g_ptr + e * stride_ge, offs_n, H, k_lo, k_hi, k_words, n_words,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, group_size,
         BITS, GROUP_MODE, BLOCK_N, BLOCK_K, ASM, EVEN, STAGES, WEIGHTS_LEFT, DOT_DTYPE,
     )  # fmt: skip
     acc = acc * tl.load(weight_ptr + slot).to(tl.float32)
     token = slot // top_k
-    out_ptrs = out_ptr + token * stride_ot + offs_n * stride_oh
+    out_ptrs = out_ptr + token * stride_om + offs_n * stride_on
     if top_k * splits == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
     else:
@@ -418,7 +416,7 @@ class MoeConfig:
 
     ``gemv=True`` selects the decode kernels (one routed slot per program, no ``tl.dot``, no
     sorting); they take ``block_m=1``. ``weights_left=True``: the kernels take the weight tile
-    as the left operand of a dot (:func:`~moequant.kernels.triton_matmul.dot_weights_left`; the
+    as the left operand of a dot (:func:`~moequant.kernels.triton_weights_left.dot_weights_left`; the
     decode kernels on a 16-row block holding their one row) where the activations are 16-bit and a
     K tile lies in one group.
     """
@@ -465,13 +463,11 @@ def pick_moe_config(
     bits: int = 4,
 ) -> MoeConfig:
     """Tiles for ``slots = T * k`` routed slots: the decode kernels while experts see two tokens
-    or fewer each (re-reading an expert per slot beat 16-row tiles in the H200 sweeps; 2, 3 and
-    4-bit codes with the weights on a dot's left and 128 columns, 8-bit ones on the GEMV loop
-    with 32 columns for a single token, else 128; both projections split along K to about four
-    programs per SM; weights-left ones pipelined by ``pipeline_depth``), then 16 to 64-row blocks
-    by tokens per expert with the weights on the dots' left (128 x 128 tiles). The weights-left
-    forms take fewer instructions per weight than the GEMV loop and the plain tiles the sweeps
-    chose; they are not yet timed on a GPU."""
+    or fewer each, since re-reading an expert per slot costs less there than filling 16-row tiles
+    (2, 3 and 4-bit codes on the weights-left dot with 128 columns, 8-bit ones on the GEMV with 32
+    columns for a single token, else 128; both projections split along K to about four programs
+    per SM; weights-left ones pipelined by :func:`pipeline_depth`); then weights-left blocks of 16
+    to 64 slots by tokens per expert (128 x 128 tiles)."""
     per_expert = slots / max(num_experts, 1)
     if per_expert <= MOE_GEMV_MAX_SLOTS_PER_EXPERT:
         bk13 = pick_block_k(group_w13, 128)
@@ -495,10 +491,14 @@ def pick_moe_config(
     return MoeConfig(block_m, 128, bk13, bk2, split, weights_left=True)
 
 
-def _groups(w: PackedExperts, block_k: int) -> tuple[int, torch.Tensor, int]:
-    """``(GROUP_MODE, g_idx, expert stride of g_idx)`` for a launch over ``w``."""
-    stride = w.g_idx.stride(0) if w.g_idx.dim() == 2 else 0
-    return group_mode(w.has_sorted_groups(), w.group_size, block_k, w.in_features), w.g_idx, stride
+def _group_mode(w: PackedExperts, block_k: int) -> int:
+    """The ``GROUP_MODE`` of a launch over ``w`` with ``block_k``-deep K tiles."""
+    return group_mode(w.has_sorted_groups(), w.group_size, block_k, w.in_features)
+
+
+def _weights_args(w: PackedExperts) -> dict[str, torch.Tensor | int]:
+    """The launch arguments of the packed experts ``w`` (see :func:`packed_args`)."""
+    return packed_args(w.qweight, w.qzeros, w.scales, w.g_idx, w.group_size)
 
 
 def fused_moe_triton(
@@ -539,16 +539,14 @@ def fused_moe_triton(
     sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, w13.num_experts, cfg.block_m)
     num_blocks = expert_ids.numel()
 
-    mode13, g13, gs13 = _groups(w13, cfg.block_k_gate_up)
+    mode13 = _group_mode(w13, cfg.block_k_gate_up)
     h = x.new_empty(slots, inter)
-    launch_fitting(_moe_gate_up_kernel, (num_blocks, triton.cdiv(inter, cfg.block_n)), (
-        x, w13.qweight, w13.qzeros, w13.scales, g13, h, sorted_ids, expert_ids, num_post_pad,
-        slots, top_k, hidden, inter, w13.qweight.shape[1], w13.qzeros.shape[2],
-        x.stride(0), x.stride(1),
-        w13.qweight.stride(0), w13.qweight.stride(1), w13.qweight.stride(2),
-        w13.qzeros.stride(0), w13.qzeros.stride(1), w13.qzeros.stride(2),
-        w13.scales.stride(0), w13.scales.stride(1), w13.scales.stride(2),
-        gs13, h.stride(0), h.stride(1), w13.group_size),
+    args13 = {
+        **rows_args(x, h), **_weights_args(w13), "sorted_ptr": sorted_ids, "expert_ptr": expert_ids,
+        "npad_ptr": num_post_pad, "num_slots": slots, "top_k": top_k, "H": hidden, "inter": inter,
+    }  # fmt: skip
+    launch_fitting(
+        _moe_gate_up_kernel, (num_blocks, triton.cdiv(inter, cfg.block_n)), args13,
         stages_for(mode13, cfg.num_stages), x.device,
         BITS=w13.bits, GROUP_MODE=mode13, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k_gate_up, DOT_DTYPE=dtype, IEEE_FP32=ieee,
@@ -558,18 +556,16 @@ def fused_moe_triton(
         num_warps=cfg.num_warps,
     )  # fmt: skip
 
-    mode2, g2, gs2 = _groups(w2, cfg.block_k_down)
+    mode2 = _group_mode(w2, cfg.block_k_down)
     k_per_split, split = k_split(inter, cfg.split_k, cfg.block_k_down)
     y = torch.zeros(slots, hidden, device=x.device, dtype=torch.float32)
-    weights = topk_weights.reshape(-1)
-    launch_fitting(_moe_down_kernel, (num_blocks, triton.cdiv(hidden, cfg.block_n), split), (
-        h, w2.qweight, w2.qzeros, w2.scales, g2, y, weights, sorted_ids, expert_ids, num_post_pad,
-        slots, inter, hidden, w2.qweight.shape[1], w2.qzeros.shape[2],
-        h.stride(0), h.stride(1),
-        w2.qweight.stride(0), w2.qweight.stride(1), w2.qweight.stride(2),
-        w2.qzeros.stride(0), w2.qzeros.stride(1), w2.qzeros.stride(2),
-        w2.scales.stride(0), w2.scales.stride(1), w2.scales.stride(2),
-        gs2, y.stride(0), y.stride(1), w2.group_size, k_per_split),
+    args2 = {
+        **rows_args(h, y), **_weights_args(w2), "weight_ptr": topk_weights.reshape(-1), "sorted_ptr": sorted_ids,
+        "expert_ptr": expert_ids, "npad_ptr": num_post_pad, "num_slots": slots, "inter": inter, "H": hidden,
+        "k_per_split": k_per_split,
+    }  # fmt: skip
+    launch_fitting(
+        _moe_down_kernel, (num_blocks, triton.cdiv(hidden, cfg.block_n), split), args2,
         stages_for(mode2, cfg.num_stages), x.device,
         BITS=w2.bits, GROUP_MODE=mode2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k_down, ATOMIC_ADD=split > 1, DOT_DTYPE=dtype, IEEE_FP32=ieee,
@@ -598,47 +594,40 @@ def _fused_moe_gemv(
     asm = inline_asm(x.device)
     dtype, _ = dot_dtype(x.dtype, x.device)
 
-    mode13, g13, gs13 = _groups(w13, cfg.block_k_gate_up)
+    mode13 = _group_mode(w13, cfg.block_k_gate_up)
     h = x.new_empty(slots, inter)
     kps13, split13 = k_split(hidden, cfg.split_k_gate_up, cfg.block_k_gate_up)
     grid13 = (slots, triton.cdiv(inter, cfg.block_n), split13)
     ws13 = torch.empty(split13, slots, 2 * inter, device=x.device, dtype=torch.float32) if split13 > 1 else h
     counts13 = split_counters(x.device, slots * grid13[1]) if split13 > 1 else ids
-    even13 = hidden % cfg.block_k_gate_up == 0 and inter % cfg.block_n == 0
-    launch_fitting(_moe_gemv_gate_up_kernel, grid13, (
-        x, w13.qweight, w13.qzeros, w13.scales, g13, h, ids, ws13, counts13,
-        top_k, hidden, inter, w13.qweight.shape[1], w13.qzeros.shape[2],
-        x.stride(0), x.stride(1),
-        w13.qweight.stride(0), w13.qweight.stride(1), w13.qweight.stride(2),
-        w13.qzeros.stride(0), w13.qzeros.stride(1), w13.qzeros.stride(2),
-        w13.scales.stride(0), w13.scales.stride(1), w13.scales.stride(2),
-        gs13, h.stride(0), h.stride(1), w13.group_size, kps13, split13),
-        stages_for(mode13, cfg.num_stages), x.device,
+    args13 = {
+        **rows_args(x, h), **_weights_args(w13), "ids_ptr": ids, "ws_ptr": ws13, "count_ptr": counts13,
+        "top_k": top_k, "H": hidden, "inter": inter, "k_per_split": kps13, "splits": split13,
+    }  # fmt: skip
+    launch_fitting(
+        _moe_gemv_gate_up_kernel, grid13, args13, stages_for(mode13, cfg.num_stages), x.device,
         BITS=w13.bits, GROUP_MODE=mode13, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k_gate_up,
-        ASM=asm, EVEN=even13,
+        ASM=asm, EVEN=hidden % cfg.block_k_gate_up == 0 and inter % cfg.block_n == 0,
         WEIGHTS_LEFT=weights_left_applies(cfg.weights_left, mode13, x.dtype), DOT_DTYPE=dtype,
         num_warps=cfg.num_warps,
     )  # fmt: skip
 
-    mode2, g2, gs2 = _groups(w2, cfg.block_k_down)
+    mode2 = _group_mode(w2, cfg.block_k_down)
     kps2, split2 = k_split(inter, cfg.split_k, cfg.block_k_down)
     grid2 = (slots, triton.cdiv(hidden, cfg.block_n), split2)
     y = x.new_empty(t, hidden)
     parts = top_k * split2 > 1
     ws2 = torch.empty(split2, slots, hidden, device=x.device, dtype=torch.float32) if parts else y
     counts2 = split_counters(x.device, t * grid2[1]) if parts else ids
-    even2 = inter % cfg.block_k_down == 0 and hidden % cfg.block_n == 0
-    launch_fitting(_moe_gemv_down_kernel, grid2, (
-        h, w2.qweight, w2.qzeros, w2.scales, g2, y, topk_weights.reshape(-1), ids, ws2, counts2,
-        top_k, inter, hidden, w2.qweight.shape[1], w2.qzeros.shape[2],
-        h.stride(0), h.stride(1),
-        w2.qweight.stride(0), w2.qweight.stride(1), w2.qweight.stride(2),
-        w2.qzeros.stride(0), w2.qzeros.stride(1), w2.qzeros.stride(2),
-        w2.scales.stride(0), w2.scales.stride(1), w2.scales.stride(2),
-        gs2, y.stride(0), y.stride(1), w2.group_size, kps2, split2),
-        stages_for(mode2, cfg.num_stages), x.device,
+    args2 = {
+        **rows_args(h, y), **_weights_args(w2), "weight_ptr": topk_weights.reshape(-1), "ids_ptr": ids,
+        "ws_ptr": ws2, "count_ptr": counts2, "top_k": top_k, "inter": inter, "H": hidden,
+        "k_per_split": kps2, "splits": split2,
+    }  # fmt: skip
+    launch_fitting(
+        _moe_gemv_down_kernel, grid2, args2, stages_for(mode2, cfg.num_stages), x.device,
         BITS=w2.bits, GROUP_MODE=mode2, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k_down,
-        ASM=asm, EVEN=even2,
+        ASM=asm, EVEN=inter % cfg.block_k_down == 0 and hidden % cfg.block_n == 0,
         WEIGHTS_LEFT=weights_left_applies(cfg.weights_left, mode2, x.dtype), DOT_DTYPE=dtype,
         num_warps=cfg.num_warps,
     )  # fmt: skip

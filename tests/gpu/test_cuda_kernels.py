@@ -121,6 +121,8 @@ def test_zero_point_of_two_to_the_bits(kernels, bits, m):
 def test_split_k_in_one_launch_is_exact_every_time(kernels, gemv):
     """Many programs meet at each tile's counter: every call must give the same bits (the parts are
     added in split order by whichever program arrives last) and leave the counters at zero."""
+    from moequant.kernels import triton_split
+
     tm, _ = kernels
     k, n = 4096, 2048
     lin = packed(n, k, 4, 128, seed=3)
@@ -131,18 +133,20 @@ def test_split_k_in_one_launch_is_exact_every_time(kernels, gemv):
         again = tm.dequant_matmul_triton(x, **lin, bits=4, group_size=128, sorted_groups=True, config=cfg)
         assert torch.equal(again, first)
     torch.cuda.synchronize()
-    assert not any(buf.any() for buf in tm._SPLIT_COUNTERS.values())
+    assert not any(buf.any() for buf in triton_split._SPLIT_COUNTERS.values())
     assert rel(first, dequant_matmul_ref(x.float(), **lin, bits=4)) < TOL[torch.bfloat16]
 
 
 def test_split_k_counters_per_stream(kernels):
     """Each stream keeps its own counters (concurrent launches never share one), at most
     ``MAX_COUNTER_STREAMS`` buffers kept."""
+    from moequant.kernels import triton_split
+
     tm, _ = kernels
     lin = packed(512, 2048, 4, 128, seed=7)
     x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
     want = tm.dequant_matmul_triton(x, **lin, bits=4, group_size=128, sorted_groups=True)
-    streams = [torch.cuda.Stream() for _ in range(tm.MAX_COUNTER_STREAMS + 8)]
+    streams = [torch.cuda.Stream() for _ in range(triton_split.MAX_COUNTER_STREAMS + 8)]
     outs = []
     for stream in streams:
         stream.wait_stream(torch.cuda.current_stream())
@@ -150,7 +154,7 @@ def test_split_k_counters_per_stream(kernels):
             outs.append(tm.dequant_matmul_triton(x, **lin, bits=4, group_size=128, sorted_groups=True))
     torch.cuda.synchronize()
     assert all(torch.equal(out, want) for out in outs)
-    assert len(tm._SPLIT_COUNTERS) <= tm.MAX_COUNTER_STREAMS
+    assert len(triton_split._SPLIT_COUNTERS) <= triton_split.MAX_COUNTER_STREAMS
 
 
 def test_split_k_under_cuda_graph_replay(kernels):

@@ -62,8 +62,10 @@ def test_one_group_over_inputs_the_tile_does_not_divide(triton_kernels, make_lin
     """K = 160 in one group (group_size -1): 128-deep tiles, the last one partial, take the group's
     single scale row per tile (one row with 16-bit activations: the weights-left dot)."""
     tm, _ = triton_kernels
+    from moequant.kernels import triton_launch as launch
+    from moequant.kernels import triton_unpack as unpack
     k, n = 160, 64
-    assert tm.group_mode(True, k, tm.pick_block_k(k, 128), k) == tm.GROUPS_PER_TILE
+    assert unpack.group_mode(True, k, launch.pick_block_k(k, 128), k) == unpack.GROUPS_PER_TILE
     lin = make_linear(n, k, bits, -1, seed=bits + m)
     x = _x(m, k, seed=m).to(dtype)
     got = tm.dequant_matmul_triton(x, **lin, bits=bits, group_size=-1, sorted_groups=True)
@@ -164,14 +166,15 @@ def test_weights_left_falls_back_where_it_does_not_apply(triton_kernels, make_li
 
 def test_weights_left_is_the_default_up_to_64_rows(triton_kernels):
     tm, _ = triton_kernels
+    from moequant.kernels import triton_launch as launch
     cpu = torch.device("cpu")
     for bits, stages in [(2, 5), (3, 4), (4, 3)]:  # one row too, for codes paired into 16-bit floats
         one = tm.pick_config(1, 4096, 4096, 128, cpu, bits=bits)
         assert one.weights_left and one.block_m == 16 and not one.gemv
         assert one.num_stages == stages  # 16 KB of codes or more in flight per program
-        assert (stages - 1) * 128 * 128 * bits // 8 >= tm.IN_FLIGHT_BYTES > (stages - 2) * 128 * 128 * bits // 8
+        assert (stages - 1) * 128 * 128 * bits // 8 >= launch.IN_FLIGHT_BYTES > (stages - 2) * 128 * 128 * bits // 8
     assert tm.pick_config(64, 4096, 4096, 128, cpu, bits=2).num_stages == 3
-    assert tm.pipeline_depth(2, 128, 32) == 5 and tm.pipeline_depth(8, 128, 128) == 3
+    assert launch.pipeline_depth(2, 128, 32) == 5 and launch.pipeline_depth(8, 128, 128) == 3
     for bits, half in [(8, True), (4, False)]:
         assert tm.pick_config(1, 4096, 4096, 128, cpu, bits=bits, half=half).gemv
     assert tm.pick_config(1, 4096, 4096, 128, cpu, sorted_groups=False).gemv  # g_idx read: the GEMV
@@ -215,28 +218,31 @@ def test_config_rejects_tiles_the_kernels_cannot_unpack(triton_kernels):
 
 def test_split_for_fills_the_device(triton_kernels):
     tm, _ = triton_kernels
+    from moequant.kernels import triton_split as split_k
     # 16 tiles of N on a device that wants 264 programs: split K until the programs suffice.
-    split = tm.split_for(4096, 128, tiles=16, target_programs=264)
+    split = split_k.split_for(4096, 128, tiles=16, target_programs=264)
     assert split * 16 >= 264 and (split - 1) * 16 < 264
     # Never more splits than K blocks, and none when the tiles alone fill the device.
-    assert tm.split_for(256, 128, tiles=1, target_programs=264) == 2
-    assert tm.split_for(4096, 128, tiles=512, target_programs=264) == 1
+    assert split_k.split_for(256, 128, tiles=1, target_programs=264) == 2
+    assert split_k.split_for(4096, 128, tiles=512, target_programs=264) == 1
 
 
 def test_pick_block_k_keeps_a_tile_in_one_group(triton_kernels):
     tm, _ = triton_kernels
-    assert tm.pick_block_k(32, 128) == 32
-    assert tm.pick_block_k(16, 128) == 128  # tiles stay whole 32-value blocks deep
-    assert tm.pick_block_k(128, 64) == 64
-    assert tm.pick_block_k(48, 64) == 64  # not a power of two: rows look up their group
-    assert tm.group_mode(True, 48, 64, 4096) == tm.GROUPS_BY_DIVISION
-    assert tm.group_mode(True, 128, 64, 4096) == tm.GROUPS_PER_TILE
+    from moequant.kernels import triton_launch as launch
+    from moequant.kernels import triton_unpack as unpack
+    assert launch.pick_block_k(32, 128) == 32
+    assert launch.pick_block_k(16, 128) == 128  # tiles stay whole 32-value blocks deep
+    assert launch.pick_block_k(128, 64) == 64
+    assert launch.pick_block_k(48, 64) == 64  # not a power of two: rows look up their group
+    assert unpack.group_mode(True, 48, 64, 4096) == unpack.GROUPS_BY_DIVISION
+    assert unpack.group_mode(True, 128, 64, 4096) == unpack.GROUPS_PER_TILE
     # One group over K = 2880 (45 x 64): tiles of 128 cross no group boundary.
-    assert tm.group_mode(True, 2880, 128, 2880) == tm.GROUPS_PER_TILE
-    assert tm.group_mode(True, 2880, 128, 5760) == tm.GROUPS_BY_DIVISION
-    assert tm.group_mode(False, 128, 64, 4096) == tm.GROUPS_FROM_G_IDX
+    assert unpack.group_mode(True, 2880, 128, 2880) == unpack.GROUPS_PER_TILE
+    assert unpack.group_mode(True, 2880, 128, 5760) == unpack.GROUPS_BY_DIVISION
+    assert unpack.group_mode(False, 128, 64, 4096) == unpack.GROUPS_FROM_G_IDX
     # Beyond the K where tile_group's float quotient is proven exact, rows divide instead.
-    assert tm.group_mode(True, 128, 64, tm.TILE_GROUP_MAX_K + 64) == tm.GROUPS_BY_DIVISION
+    assert unpack.group_mode(True, 128, 64, unpack.TILE_GROUP_MAX_K + 64) == unpack.GROUPS_BY_DIVISION
 
 
 @pytest.mark.parametrize(
@@ -247,10 +253,11 @@ def test_tile_group_is_the_integer_quotient_up_to_the_largest_k(triton_kernels, 
     at 1312, 1 / group_size rounds down, so that without its half-tile margin the quotient would
     fall short of an integer."""
     tm, _ = triton_kernels
+    from moequant.kernels import triton_unpack as unpack
     from tests.kernels.tile_group_probe import tile_group_kernel
 
-    for gs in (group_size, tm.TILE_GROUP_MAX_K):
-        k0 = torch.arange(0, tm.TILE_GROUP_MAX_K, block_k, dtype=torch.int32)
+    for gs in (group_size, unpack.TILE_GROUP_MAX_K):
+        k0 = torch.arange(0, unpack.TILE_GROUP_MAX_K, block_k, dtype=torch.int32)
         out = torch.empty_like(k0)
         tile_group_kernel[(k0.numel() // 1024 + 1,)](k0, out, k0.numel(), gs, BLOCK=1024)
         assert torch.equal(out, k0 // gs)
@@ -352,20 +359,40 @@ class _SharedMemoryLimit:
 
 def test_launches_drop_stages_the_gpu_cannot_hold(triton_kernels, make_linear, monkeypatch):
     tm, tmoe = triton_kernels
+    from moequant.kernels import triton_launch as launch
+
     lin = make_linear(64, 128, 2, 32, seed=3)
     x = torch.randn(1, 128, generator=torch.Generator().manual_seed(4)).to(torch.float16)
     cfg = tm.MatmulConfig(16, 64, 32, 1, 4, 5, weights_left=True)
     want = tm.dequant_matmul_triton(x, **lin, bits=2, group_size=32, sorted_groups=True, config=cfg)
     limited = _SharedMemoryLimit(tm._dequant_matmul_kernel, fits=2)
     monkeypatch.setattr(tm, "_dequant_matmul_kernel", limited)
-    monkeypatch.setattr(tm, "_FITTING_STAGES", {})
+    monkeypatch.setattr(launch, "_FITTING_STAGES", {})
     got = tm.dequant_matmul_triton(x, **lin, bits=2, group_size=32, sorted_groups=True, config=cfg)
     assert limited.tried == [5, 4, 3, 2] and torch.equal(got, want)
     tm.dequant_matmul_triton(x, **lin, bits=2, group_size=32, sorted_groups=True, config=cfg)
     assert limited.tried[4:] == [2]  # the depth that fits is remembered
 
     limited.fits = 0
-    monkeypatch.setattr(tm, "_FITTING_STAGES", {})
+    monkeypatch.setattr(launch, "_FITTING_STAGES", {})
     with pytest.raises(MoequantError, match=r"_dequant_matmul_kernel kernel needs more shared memory than cpu "
                                             r"has \(1000 bytes, limit 0\) even without pipelining; .*backend='torch'"):
         tm.dequant_matmul_triton(x, **lin, bits=2, group_size=32, sorted_groups=True, config=cfg)
+
+
+def test_packed_args_name_a_linear_and_stacked_experts(triton_kernels, make_linear, make_experts):
+    """One packed linear ``[N=64, K=128]`` at 3 bits (12 qweight rows, 6 qzeros words per group),
+    and three of them stacked: the stack adds its expert strides, a shared ``g_idx`` stride 0."""
+    from moequant.kernels.triton_launch import packed_args
+
+    lin = make_linear(64, 128, 3, 32, seed=0)
+    args = packed_args(**lin, group_size=32)
+    assert (args["k_words"], args["n_words"], args["group_size"]) == (12, 6, 32)
+    assert (args["stride_qk"], args["stride_qn"], args["stride_zg"], args["stride_sg"]) == (64, 1, 6, 64)
+    assert args["g_ptr"] is lin["g_idx"] and "stride_qe" not in args
+    assert packed_args(**{**lin, "g_idx": None}, group_size=32)["g_ptr"] is lin["qweight"]  # never read
+    w = make_experts(3, 64, 128, 3, 32, seed=0)
+    stacked = packed_args(w.qweight, w.qzeros, w.scales, w.g_idx, w.group_size)
+    assert (stacked["k_words"], stacked["n_words"], stacked["stride_qk"]) == (12, 6, 64)
+    assert (stacked["stride_qe"], stacked["stride_ze"], stacked["stride_se"]) == (12 * 64, 4 * 6, 4 * 64)
+    assert w.g_idx.dim() == 1 and stacked["stride_ge"] == 0

@@ -252,6 +252,7 @@ def test_decode_kernels_only_for_few_tokens_per_expert(triton_kernels):
 
 @pytest.mark.parametrize("decode", [True, False])
 def test_moe_launches_drop_stages_the_gpu_cannot_hold(triton_kernels, make_experts, monkeypatch, decode):
+    from moequant.kernels import triton_launch
     from tests.kernels.test_triton_matmul import _SharedMemoryLimit
 
     tm, tmoe = triton_kernels
@@ -265,7 +266,7 @@ def test_moe_launches_drop_stages_the_gpu_cannot_hold(triton_kernels, make_exper
         cfg = tmoe.MoeConfig(16, 64, 32, 64, 1, num_stages=4, weights_left=True)
         names = ("_moe_gate_up_kernel", "_moe_down_kernel")
     want = tmoe.fused_moe_triton(x, ids, weights, w13, w2, config=cfg)
-    monkeypatch.setattr(tm, "_FITTING_STAGES", {})
+    monkeypatch.setattr(triton_launch, "_FITTING_STAGES", {})
     limited = {}
     for name in names:
         limited[name] = _SharedMemoryLimit(getattr(tmoe, name), fits=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moequant.kernels.triton_matmul import tile_group
+from moequant.kernels.triton_unpack import tile_group
 
 
 @triton.jit
