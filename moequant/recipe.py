@@ -33,7 +33,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from moequant.errors import MoequantError
 from moequant.quant.types import QuantSpec
 
-ALLOWED_BITS = (2, 3, 4, 8, 16)
 CLIP_GRID = 20  # shrink factors 1.00, 0.98, ..., 0.62 of each group's range
 KEEP_BITS = 16
 
