@@ -13,10 +13,10 @@ from moequant.checkpoint.gptq_config import quantization_config_of
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
 from moequant.checkpoint.weights import PACKED_KEYS
 from moequant.checkpoint.weights import packed_bits as packed_code_bits
+from moequant.engine_limits import Stored, engine_limits
 from moequant.errors import MoequantError
 from moequant.loading import check_loadable, linear_specs
 from moequant.quant.pack import unpack_qzeros
-from moequant.serving import Stored, engine_limits
 from moequant.sizes import packed_bits
 
 _QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")

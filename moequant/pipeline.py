@@ -48,6 +48,7 @@ from moequant.checkpoint.writer import (
     writing,
 )
 from moequant.device import resolve_device
+from moequant.engine_limits import engine_limits
 from moequant.errors import MoequantError
 from moequant.kernels.packed import stored_group_size
 from moequant.numeric import SEED_MAX, check_int
@@ -58,7 +59,6 @@ from moequant.quant.pack import check_packable, pack_result
 from moequant.quant.rtn import rtn
 from moequant.quant.types import QuantSpec
 from moequant.recipe import Recipe, load_recipe
-from moequant.serving import engine_limits
 from moequant.sizes import packed_bits
 
 RECORD_FILE = "moequant.json"
