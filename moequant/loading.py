@@ -299,10 +299,7 @@ def _build(path: str | os.PathLike, device: str | torch.device | None, dtype: st
     raw = reader.config
     dev = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, raw, dev)
-    if backend not in dispatch.BACKENDS:
-        raise MoequantError(f"unknown kernel backend {backend!r}: use one of {', '.join(dispatch.BACKENDS)}")
-    if backend == "triton":
-        dispatch.resolve_backend(backend, dev)
+    dispatch.resolve_backend(backend, dev)
     adapter, model, fills = _prepare(reader, backend, dequantize)
     if dequantize:
         get = tensor_getter(reader, dtype=torch.float32)
