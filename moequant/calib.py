@@ -80,8 +80,8 @@ def load_tokenizer(model_dir: Path):
     except Exception as exc:
         _refuse_config_if_unreadable(model_dir)
         raise MoequantError(
-            f"no usable tokenizer in {model_dir} ({_first_line(exc)}); calibration and evaluation need the "
-            "tokenizer files beside the weights"
+            f"no usable tokenizer in {model_dir} ({_first_line(exc)}); calibration, evaluation and generation "
+            "need the tokenizer files beside the weights"
         ) from exc
 
 
