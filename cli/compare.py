@@ -11,7 +11,7 @@ from rich.table import Table
 
 from moequant.errors import MoequantError
 from moequant.evals.report import load_report
-from moequant_cli.common import console, out, user_errors
+from moequant_cli.common import console, out
 
 SAME_DATA = ("dataset", "seqlen", "windows", "windows_hash")
 
@@ -80,7 +80,6 @@ def _num(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-@user_errors
 def compare(
     reports: list[Path] = typer.Argument(..., help="Report JSON files written by moequant eval."),
     plot: Path = typer.Option(None, "--plot", help="Write a chart of perplexity against size (PNG)."),

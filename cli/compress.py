@@ -10,10 +10,9 @@ from rich.table import Table
 
 from moequant.pipeline import CalibSettings
 from moequant.pipeline import compress as run_compress
-from moequant_cli.common import RichProgress, out, print_engine_limits, user_errors
+from moequant_cli.common import RichProgress, out, print_engine_limits
 
 
-@user_errors
 def compress(
     model: str = typer.Argument(..., help="Checkpoint folder (config.json + safetensors) or hub id."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder (must not exist unless --overwrite)."),

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from moequant.evals.report import write_report
 from moequant.evals.run import evaluate
-from moequant_cli.common import RichProgress, console, out, user_errors
+from moequant_cli.common import RichProgress, console, out
 
 
 class EvalProgress(RichProgress):
@@ -26,7 +26,6 @@ class EvalProgress(RichProgress):
             self._bar.update(self._task, advance=1, stage="")
 
 
-@user_errors
 def eval_command(
     model: str = typer.Argument(..., help="Checkpoint folder (original or compressed) or hub id."),
     baseline: str = typer.Option(None, "--baseline", "-b", help="The original checkpoint to compare against."),

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import typer
 
-from moequant_cli.common import console, out, user_errors
+from moequant_cli.common import console, out
 
 
-@user_errors
 def generate(
     path: str = typer.Argument(..., help="Checkpoint folder (compressed or original) or hub id."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),

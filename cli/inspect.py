@@ -11,12 +11,11 @@ from rich.table import Table
 
 from moequant.errors import MoequantError
 from moequant.inspection import describe
-from moequant_cli.common import console, out, print_engine_limits, user_errors
+from moequant_cli.common import console, out, print_engine_limits
 
 MAX_SHOWN = 20
 
 
-@user_errors
 def inspect(
     path: str = typer.Argument(..., help="Checkpoint folder (original or compressed) or hub id."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
