@@ -13,7 +13,7 @@ import torch
 
 from moequant.arch.base import TensorView
 from moequant.arch.registry import fused_views
-from moequant.errors import MoequantError
+from moequant.errors import MoequantError, first_line
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -44,9 +44,8 @@ def resolve_source(model: str | os.PathLike, revision: str | None = None) -> Pat
     try:
         local = snapshot_download(text, revision=revision, allow_patterns=_HUB_PATTERNS)
     except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for the user
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MoequantError(
-            f"could not fetch {text} from the hub ({reason}); when offline, pass a local checkpoint folder"
+            f"could not fetch {text} from the hub ({first_line(exc)}); when offline, pass a local checkpoint folder"
         ) from exc
     return Path(local)
 
@@ -278,7 +277,7 @@ class CheckpointReader:
             try:
                 part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:
-                raise MoequantError(f"cannot read {file.name}: {str(exc).splitlines()[0]}") from exc
+                raise MoequantError(f"cannot read {file.name}: {first_line(exc)}") from exc
             self._pickled.update(part)
             for name in part:
                 self._weight_map[name] = file
