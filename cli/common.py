@@ -1,18 +1,18 @@
-"""What every command shares: turning user errors into one line and rendering progress."""
+"""What every command shares: user errors as one line, and progress rendered as a bar."""
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichBar
+from typer.core import TyperGroup
 
 from moequant.errors import MoequantError
 from moequant.progress import Progress
@@ -21,16 +21,15 @@ console = Console(stderr=True)
 out = Console()
 
 
-def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a :class:`MoequantError` or an ``OSError`` as one line and exit 1.
+class UserErrors(TyperGroup):
+    """The command group: a :class:`MoequantError` or an ``OSError`` from any command is one line and exit 1.
 
-    ``MOEQUANT_DEBUG=1`` shows the traceback instead.
+    ``MOEQUANT_DEBUG=1`` shows the traceback instead; Ctrl-C exits 130.
     """
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def invoke(self, ctx: click.Context) -> Any:
         try:
-            return fn(*args, **kwargs)
+            return super().invoke(ctx)
         except (MoequantError, OSError) as exc:
             if os.environ.get("MOEQUANT_DEBUG"):
                 raise
@@ -39,8 +38,6 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             console.print("interrupted (an interrupted compress continues with --resume)", highlight=False)
             sys.exit(130)
-
-    return wrapper
 
 
 def _one_line(exc: Exception) -> str:
@@ -86,11 +83,3 @@ class RichProgress(Progress):
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"

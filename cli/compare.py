@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich import box
+from rich import box, filesize
 from rich.markup import escape
 from rich.table import Table
 
 from moequant.errors import MoequantError
 from moequant.evals.report import load_report
-from moequant_cli.common import console, human_bytes, out, user_errors
+from moequant_cli.common import console, out
 
 SAME_DATA = ("dataset", "seqlen", "windows", "windows_hash")
 
@@ -80,7 +80,6 @@ def _num(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-@user_errors
 def compare(
     reports: list[Path] = typer.Argument(..., help="Report JSON files written by moequant eval."),
     plot: Path = typer.Option(None, "--plot", help="Write a chart of perplexity against size (PNG)."),
@@ -111,7 +110,7 @@ def compare(
         if change is None and r.get("baseline_perplexity"):
             change = 100.0 * (r["perplexity"] / r["baseline_perplexity"] - 1.0)
         kl = r.get("kl_divergence") or {}
-        table.add_row(escape(path.stem if label == "report" else Path(r["model"]).name), human_bytes(r["size_bytes"]),
+        table.add_row(escape(path.stem if label == "report" else Path(r["model"]).name), filesize.decimal(r["size_bytes"]),
                       _num(r["bits_per_weight"], ".2f"), _num(r["perplexity"], ".4f"),
                       "-" if change is None else f"{change:+.2f}%", _num(kl.get("mean"), ".5f"),
                       _num(r.get("top1_agreement"), ".4f"), _num(r.get("router_agreement"), ".4f"))

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich import filesize
 from rich.table import Table
 
 from moequant.compression import CalibSettings
 from moequant.compression import compress as run_compress
-from moequant_cli.common import RichProgress, human_bytes, out, print_engine_limits, user_errors
+from moequant_cli.common import RichProgress, out, print_engine_limits
 
 
-@user_errors
 def compress(
     model: str = typer.Argument(..., help="Checkpoint folder (config.json + safetensors) or hub id."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder (must not exist unless --overwrite)."),
@@ -49,7 +49,7 @@ def render_summary(record: dict, path: Path) -> None:
         table.add_row(name, str(g["modules"]), f"{g['parameters']:,}", bits, err)
     out.print(table)
     out.print(
-        f"size {human_bytes(totals['source_bytes'])} -> {human_bytes(totals['bytes'])} "
+        f"size {filesize.decimal(totals['source_bytes'])} -> {filesize.decimal(totals['bytes'])} "
         f"({totals['compression_ratio']:.2f}x), {totals['bits_per_weight']:.2f} bits per weight overall, "
         f"{totals['bits_per_weight_quantised']:.2f} in quantised modules, {record['timing']['total_s']:.1f} s",
         highlight=False,

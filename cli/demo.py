@@ -7,12 +7,11 @@ from pathlib import Path
 import typer
 
 from moequant.demo import run_demo
-from moequant_cli.common import RichProgress, console, user_errors
+from moequant_cli.common import RichProgress, console
 from moequant_cli.compare import compare
 from moequant_cli.compress import render_summary
 
 
-@user_errors
 def demo(
     workdir: Path = typer.Option(Path("moequant-demo"), "--workdir", "-w", help="Where outputs and reports go."),
     recipe: str = typer.Option("mixtral-a4e3", "--recipe", "-r", help="Built-in recipe name or YAML path."),

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich import filesize
 from rich.markup import escape
 from rich.table import Table
 
 from moequant.evals.report import write_report
 from moequant.evals.run import evaluate
-from moequant_cli.common import RichProgress, console, human_bytes, out, user_errors
+from moequant_cli.common import RichProgress, console, out
 
 
 class EvalProgress(RichProgress):
@@ -25,7 +26,6 @@ class EvalProgress(RichProgress):
             self._bar.update(self._task, advance=1, stage="")
 
 
-@user_errors
 def eval_command(
     model: str = typer.Argument(..., help="Checkpoint folder (original or compressed) or hub id."),
     baseline: str = typer.Option(None, "--baseline", "-b", help="The original checkpoint to compare against."),
@@ -65,12 +65,12 @@ def render_summary(report: dict) -> None:
     table.add_column("value", justify="right")
     stderr = report["perplexity_stderr"]
     table.add_row("perplexity", f"{report['perplexity']:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
-    table.add_row("size", f"{human_bytes(report['size_bytes'])} ({report['bits_per_weight']:.2f} bits/weight)")
+    table.add_row("size", f"{filesize.decimal(report['size_bytes'])} ({report['bits_per_weight']:.2f} bits/weight)")
     if report.get("baseline") is not None:
         kl = report["kl_divergence"]
         table.add_row("baseline perplexity", f"{report['baseline_perplexity']:.4f}")
         table.add_row("perplexity change", f"{report['perplexity_change_pct']:+.2f} %")
-        table.add_row("baseline size", human_bytes(report["baseline_size_bytes"]))
+        table.add_row("baseline size", filesize.decimal(report["baseline_size_bytes"]))
         table.add_row("KL mean / median / p99", f"{kl['mean']:.5f} / {kl['median']:.5f} / {kl['p99']:.5f}")
         table.add_row("top-1 agreement", f"{report['top1_agreement']:.4f}")
         table.add_row("router agreement", f"{report['router_agreement']:.4f}")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import typer
 
-from moequant_cli.common import console, out, user_errors
+from moequant_cli.common import console, out
 
 
-@user_errors
 def generate(
     path: str = typer.Argument(..., help="Checkpoint folder (compressed or original) or hub id."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
@@ -24,6 +24,7 @@ def generate(
     """Continue PROMPT with the model at PATH and report the decoding speed."""
     import torch
 
+    from moequant.calib import load_tokenizer
     from moequant.device import resolve_device
     from moequant.errors import MoequantError
     from moequant.kernels.dispatch import resolve_backend
@@ -35,7 +36,7 @@ def generate(
     check_int(seed, "--seed", 0, SEED_MAX)
     dev = resolve_device(device)
     model = load(path, device=dev, dtype=dtype, backend=backend)
-    tokenizer = _tokenizer(model.config._name_or_path)
+    tokenizer = load_tokenizer(Path(model.config._name_or_path))
     enc = tokenizer(prompt, return_tensors="pt")
     ids = enc["input_ids"].to(dev)
     if ids.shape[1] == 0:
@@ -62,20 +63,6 @@ def generate(
         f"({dev}, {model.dtype}, {used} kernels)",
         highlight=False,
     )
-
-
-def _tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    from moequant.errors import MoequantError
-
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MoequantError(
-            f"no usable tokenizer in {path} ({reason}); generating text needs the tokenizer files beside the weights"
-        ) from exc
 
 
 def _sync(device) -> None:

@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 
 import typer
+from rich import filesize
 from rich.markup import escape
 from rich.table import Table
 
 from moequant.errors import MoequantError
 from moequant.inspection import describe
-from moequant_cli.common import console, human_bytes, out, print_engine_limits, user_errors
+from moequant_cli.common import console, out, print_engine_limits
 
 MAX_SHOWN = 20
 
 
-@user_errors
 def inspect(
     path: str = typer.Argument(..., help="Checkpoint folder (original or compressed) or hub id."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
@@ -45,7 +45,7 @@ def render(info: dict) -> None:
     out.print(
         f"{info['layers']} layers, {info['experts']} experts (top-{info['experts_per_token']}), hidden "
         f"{info['hidden_size']}, intermediate {info['intermediate_size']}, heads {info['attention_heads']}/"
-        f"{info['kv_heads']}; {info['parameters']:,} parameters, {human_bytes(info['size_bytes'])}, "
+        f"{info['kv_heads']}; {info['parameters']:,} parameters, {filesize.decimal(info['size_bytes'])}, "
         f"{info['bits_per_weight']:.2f} bits per weight",
         highlight=False,
     )
@@ -54,6 +54,6 @@ def render(info: dict) -> None:
         table.add_column(col)
     for name, g in info["groups"].items():
         bits = ", ".join(f"{b}-bit x{n}" for b, n in g["bits"].items())
-        table.add_row(name, str(g["modules"]), f"{g['parameters']:,}", bits, human_bytes(g["stored_bytes"]))
+        table.add_row(name, str(g["modules"]), f"{g['parameters']:,}", bits, filesize.decimal(g["stored_bytes"]))
     out.print(table)
     print_engine_limits(info.get("engine_limits") or [])

@@ -5,9 +5,11 @@ from __future__ import annotations
 import typer
 
 from moequant_cli import compare, compress, demo, eval_cmd, generate, inspect, recipes
+from moequant_cli.common import UserErrors
 
 app = typer.Typer(
     name="moequant",
+    cls=UserErrors,
     help="Compress Mixture-of-Experts language models to low bits with GPTQ, and measure what it cost.",
     no_args_is_help=True,
     add_completion=False,

@@ -6,10 +6,9 @@ from rich.table import Table
 
 from moequant.recipe import builtin_names, load_recipe
 from moequant.sizes import MIXTRAL_8X7B, estimate_bits
-from moequant_cli.common import out, user_errors
+from moequant_cli.common import out
 
 
-@user_errors
 def recipes() -> None:
     """List built-in recipes with estimated bits per weight and size for Mixtral-8x7B."""
     table = Table(title="built-in recipes (estimates for Mixtral-8x7B)")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from moequant.errors import MoequantError
+from moequant.errors import MoequantError, first_line
 from moequant.numeric import check_int
 from moequant.progress import Progress
 
@@ -62,7 +62,7 @@ def _dataset_text(name: str, split: str) -> str:
         return "\n\n".join(data[field])
     except Exception as exc:
         raise MoequantError(
-            f"could not load dataset {name} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            f"could not load dataset {name} ({first_line(exc)}); "
             "when offline, pass a text file instead"
         ) from exc
 
@@ -80,8 +80,8 @@ def load_tokenizer(model_dir: Path):
     except Exception as exc:
         _refuse_config_if_unreadable(model_dir)
         raise MoequantError(
-            f"no usable tokenizer in {model_dir} ({_first_line(exc)}); calibration and evaluation need the "
-            "tokenizer files beside the weights"
+            f"no usable tokenizer in {model_dir} ({first_line(exc)}); calibration, evaluation and generation "
+            "need the tokenizer files beside the weights"
         ) from exc
 
 
@@ -92,15 +92,9 @@ def _refuse_config_if_unreadable(model_dir: Path) -> None:
         AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as exc:
         raise MoequantError(
-            f"transformers refuses {Path(model_dir) / 'config.json'} ({_first_line(exc)}), so it cannot load the "
+            f"transformers refuses {Path(model_dir) / 'config.json'} ({first_line(exc)}), so it cannot load the "
             "tokenizer beside it; fix config.json"
         ) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first non-empty line of ``exc``'s message, or its type's name."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 def tokenize(tokenizer, text: str, progress: Progress | None = None) -> torch.Tensor:

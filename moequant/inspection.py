@@ -13,10 +13,10 @@ from moequant.checkpoint.gptq_config import quantization_config_of
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
 from moequant.checkpoint.weights import PACKED_KEYS
 from moequant.checkpoint.weights import packed_bits as packed_code_bits
-from moequant.errors import MoequantError
+from moequant.engine_limits import Stored, engine_limits
+from moequant.errors import MoequantError, first_line
 from moequant.loading import check_loadable, linear_specs
 from moequant.quant.pack import unpack_qzeros
-from moequant.serving import Stored, engine_limits
 from moequant.sizes import packed_bits
 
 _QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -101,7 +101,7 @@ def read_record(path: Path) -> dict | None:
     try:
         rec = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MoequantError(f"{path} is not valid JSON ({_first_line(exc)}); restore it or delete it") from exc
+        raise MoequantError(f"{path} is not valid JSON ({first_line(exc)}); restore it or delete it") from exc
     if not isinstance(rec, dict):
         raise MoequantError(f"{path} must hold a JSON object, got {type(rec).__name__}; restore it or delete it")
     recipe = rec.get("recipe") or {}
@@ -118,11 +118,6 @@ def read_record(path: Path) -> dict | None:
 
 
 _JSON_KIND = {dict: "JSON object", str: "string", list: "list"}
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _problems_by_module(reader: CheckpointReader, adapter, qcfg: dict | None) -> dict[str, list[str]]:

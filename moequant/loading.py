@@ -3,8 +3,8 @@
 :func:`load` builds ``MixtralForCausalLM`` on the meta device, swaps every quantised linear for
 a :class:`~moequant.nn.quant_linear.QuantLinear` and every layer's experts for a
 :class:`~moequant.nn.quant_experts.QuantExperts`, allocates the model once on the target device
-and copies each tensor from the memory-mapped shards into place. Packed weights stay packed:
-no full-precision copy of a quantised weight is ever made. A checkpoint without
+and reads each tensor from the shards (positional reads, one tensor at a time) into place.
+Packed weights stay packed: no full-precision copy of a quantised weight is ever made. A checkpoint without
 ``quantization_config`` loads the same way, into a plain model.
 
 :func:`dequantized_model` gives the plain model whose weights are the dequantised codes, the
@@ -299,10 +299,7 @@ def _build(path: str | os.PathLike, device: str | torch.device | None, dtype: st
     raw = reader.config
     dev = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, raw, dev)
-    if backend not in dispatch.BACKENDS:
-        raise MoequantError(f"unknown kernel backend {backend!r}: use one of {', '.join(dispatch.BACKENDS)}")
-    if backend == "triton":
-        dispatch.resolve_backend(backend, dev)
+    dispatch.resolve_backend(backend, dev)
     adapter, model, fills = _prepare(reader, backend, dequantize)
     if dequantize:
         get = tensor_getter(reader, dtype=torch.float32)

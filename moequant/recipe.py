@@ -30,10 +30,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from moequant.errors import MoequantError
+from moequant.errors import MoequantError, first_line
 from moequant.quant.types import QuantSpec
 
-ALLOWED_BITS = (2, 3, 4, 8, 16)
 CLIP_GRID = 20  # shrink factors 1.00, 0.98, ..., 0.62 of each group's range
 KEEP_BITS = 16
 
@@ -163,9 +162,9 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise MoequantError(f"{source}: not valid YAML ({_first_line(exc)})") from exc
+        raise MoequantError(f"{source}: not valid YAML ({first_line(exc)})") from exc
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # from YAML's value constructors
-        raise MoequantError(f"{source}: YAML that holds an unreadable value ({_first_line(exc)})") from exc
+        raise MoequantError(f"{source}: YAML that holds an unreadable value ({first_line(exc)})") from exc
     if not isinstance(data, dict):
         raise MoequantError(f"{source}: expected a mapping with name, rules and settings, got "
                             f"{type(data).__name__}")
@@ -176,11 +175,6 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
         where = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
         where = where if len(where) <= 80 else where[:77] + "..."
         raise MoequantError(" ".join(f"{source}: {where}: {_describe(err)}".split())) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _short(value: object, limit: int = 60) -> str:

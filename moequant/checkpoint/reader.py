@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import torch
 
 from moequant.arch.base import TensorView
 from moequant.arch.registry import fused_views
-from moequant.errors import MoequantError
+from moequant.errors import MoequantError, first_line
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -43,9 +44,8 @@ def resolve_source(model: str | os.PathLike, revision: str | None = None) -> Pat
     try:
         local = snapshot_download(text, revision=revision, allow_patterns=_HUB_PATTERNS)
     except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for the user
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MoequantError(
-            f"could not fetch {text} from the hub ({reason}); when offline, pass a local checkpoint folder"
+            f"could not fetch {text} from the hub ({first_line(exc)}); when offline, pass a local checkpoint folder"
         ) from exc
     return Path(local)
 
@@ -114,9 +114,9 @@ class SafetensorsFile:
         """Tensor ``name``, or the contiguous part of it that ``part`` names."""
         dtype, shape, start, stop = self.entries[name]
         if part is not None:
-            size = _itemsize(dtype)
+            size = dtype.itemsize
             start, shape = start + part.offset * size, part.shape
-            stop = start + size * _numel(shape)
+            stop = start + size * math.prod(shape)
         buf = bytearray(stop - start)
         view = memoryview(buf)
         done = 0
@@ -147,7 +147,7 @@ def _entries(file: str, header: dict) -> dict[str, tuple[torch.dtype, tuple[int,
             shape = tuple(_natural_number(d) for d in info["shape"])
         except (KeyError, TypeError, ValueError) as exc:
             raise MoequantError(f"shard {file} has a malformed entry for {name}; re-download it") from exc
-        if stop - start != _numel(shape) * _itemsize(dtype):
+        if stop - start != math.prod(shape) * dtype.itemsize:
             raise MoequantError(f"shard {file} is corrupt: {name} does not fit its byte range")
         entries[name] = (dtype, shape, start, stop)
     end, last = 0, None
@@ -164,17 +164,6 @@ def _natural_number(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{value!r} is not a count of bytes or elements")
     return value
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class CheckpointReader:
@@ -288,7 +277,7 @@ class CheckpointReader:
             try:
                 part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:
-                raise MoequantError(f"cannot read {file.name}: {str(exc).splitlines()[0]}") from exc
+                raise MoequantError(f"cannot read {file.name}: {first_line(exc)}") from exc
             self._pickled.update(part)
             for name in part:
                 self._weight_map[name] = file
@@ -304,7 +293,7 @@ class CheckpointReader:
         for name, view in views.items():
             if view.source not in self._weight_map or view.source in self._views:
                 raise MoequantError(f"view {name} lies in {view.source}, which the checkpoint does not hold")
-            if view.offset < 0 or view.offset + _numel(view.shape) > self.numel(view.source):
+            if view.offset < 0 or view.offset + math.prod(view.shape) > self.numel(view.source):
                 raise MoequantError(f"{name} would lie past the end of {view.source} {list(self.shape(view.source))}")
         for name, view in views.items():
             self._views[name] = view
@@ -342,7 +331,7 @@ class CheckpointReader:
         return self._handles[self._weight_map[name]].entries[source][0]
 
     def numel(self, name: str) -> int:
-        return _numel(self.shape(name))
+        return math.prod(self.shape(name))
 
     def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
             check_finite: bool = False) -> torch.Tensor:
@@ -353,7 +342,7 @@ class CheckpointReader:
         if self._pickled is not None:
             tensor = self._pickled[source]
             if view is not None:
-                tensor = tensor.reshape(-1)[view.offset:view.offset + _numel(view.shape)].reshape(view.shape)
+                tensor = tensor.reshape(-1)[view.offset:view.offset + math.prod(view.shape)].reshape(view.shape)
         else:
             tensor = self._handles[self._weight_map[name]].get(source, view)
         if self._zeros_v2 and name.endswith(".qzeros"):

@@ -10,8 +10,8 @@ from moequant.checkpoint.gptq_config import quantization_config
 from moequant.checkpoint.reader import QUANT_CONFIG_FILES
 from moequant.checkpoint.writer import CheckpointWriter
 from moequant.compression.job import Job
+from moequant.engine_limits import engine_limits
 from moequant.quant.types import QuantSpec
-from moequant.serving import engine_limits
 from moequant.sizes import packed_bits
 
 RECORD_FILE = "moequant.json"

@@ -38,12 +38,6 @@ def router_agreement(ids_a: torch.Tensor, ids_b: torch.Tensor) -> float:
     return float(topk_sets_equal(ids_a, ids_b).double().mean())
 
 
-def relative_error(model: torch.Tensor, base: torch.Tensor) -> float:
-    """``||model - base|| / ||base||`` (Frobenius, over all elements), computed in float64."""
-    diff = (model.double() - base.double()).norm()
-    return float(diff / base.double().norm().clamp_min(1e-300))
-
-
 def summarize(values: torch.Tensor) -> dict[str, float]:
     """``mean``, ``median`` and ``p99`` of all elements of ``values`` (any shape)."""
     arr = values.detach().double().flatten().cpu().numpy()

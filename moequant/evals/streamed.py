@@ -6,10 +6,9 @@ Two engines produce the same :class:`EvalResult`:
 baseline side by side, with the hidden states of all windows (``[W, L, H]`` per model, in the
 compute dtype on the compute device) as the only state kept between layers. Within a layer the
 attention weights are read once and applied to the windows in chunks; then every token is routed
-and the experts are read one at a time, each applied to all tokens routed to it. The checkpoint is
-reopened for every layer and every expert, so the memory-mapped pages of weights already used are
-released. Peak memory is therefore about one layer's attention plus one expert plus the hidden
-states, whatever the depth of the model, so models larger than memory can be evaluated. Original
+and the experts are read one at a time, each applied to all tokens routed to it. Tensors are read
+with positional reads, one at a time, and dropped once applied, so peak memory is about one
+layer's attention plus one expert plus the hidden states, whatever the depth of the model, so models larger than memory can be evaluated. Original
 and compressed checkpoints run through the same code: packed GPTQ modules are dequantised as they
 are read. This is the default because it works for every size; the ``memory`` engine is faster
 only where whole models fit.

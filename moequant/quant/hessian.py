@@ -69,39 +69,6 @@ class HessianAccumulator:
         self._tokens[index] += t
         self._weight_sum[index] += w.sum(dtype=torch.float64)
 
-    def add_batched(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        """Add routed tokens to every expert they were sent to.
-
-        Args:
-            x: ``[T, K]`` inputs.
-            index: int ``[T]`` (one matrix per row) or ``[T, k]`` (top-k experts per row).
-            weight: optional non-negative weights, same shape as ``index``.
-        """
-        self._check_open()
-        x = self._rows(x)
-        index = index.to(self.device)
-        if index.dim() == 1:
-            index = index[:, None]
-            weight = None if weight is None else weight.reshape(-1, 1)
-        if index.shape[0] != x.shape[0]:
-            raise ValueError(f"index has {index.shape[0]} rows but x has {x.shape[0]}")
-        if weight is not None and weight.shape != index.shape:
-            raise ValueError(
-                f"weight shape {tuple(weight.shape)} does not match index shape {tuple(index.shape)}"
-            )
-        if index.numel() and (index.min() < 0 or index.max() >= self.num):
-            raise IndexError(f"expert index out of range for {self.num} matrices")
-        counts = torch.bincount(index.flatten(), minlength=self.num).tolist()
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            hit = index == e  # [T, k]
-            rows = hit.any(dim=-1)
-            w = None
-            if weight is not None:
-                w = (weight.to(self.device) * hit).sum(dim=-1)[rows]
-            self.add(x[rows], e, w)
-
     def hessian(self, inplace: bool = False) -> torch.Tensor:
         """The normalised Hessians ``H = 2 S / Σ w``, ``[num, K, K]``.
 

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-METHODS = ("gptq", "rtn")
 BITS = (2, 3, 4, 8)
 
 

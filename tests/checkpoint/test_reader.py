@@ -82,6 +82,23 @@ def test_pickle_refused_unless_allowed(tmp_path):
     assert torch.equal(CheckpointReader(path, allow_pickle=True).get("x.weight"), torch.ones(2))
 
 
+@pytest.mark.parametrize("error, reason", [(RuntimeError(), "RuntimeError"),
+                                           (RuntimeError("\n  unpickling stopped\nmore"), "unpickling stopped")])
+def test_unreadable_pickle_names_its_first_non_empty_reason(tmp_path, monkeypatch, error, reason):
+    path = tmp_path / "m"
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    torch.save({"x.weight": torch.ones(2)}, path / "pytorch_model.bin")
+
+    def refuse(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(MoequantError) as info:
+        CheckpointReader(path, allow_pickle=True)
+    assert str(info.value) == f"cannot read pytorch_model.bin: {reason}"
+
+
 def test_offline_hub_id_is_clear(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MoequantError, match="when offline, pass a local checkpoint folder"):

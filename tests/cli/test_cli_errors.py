@@ -89,6 +89,16 @@ def test_real_process_exit_status_and_debug_variable(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, tmp_path, tiny_mixtral):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("moequant_cli.compress.run_compress", interrupted)
+    code, output = run("compress", str(tiny_mixtral), "-o", str(tmp_path / "o"))
+    assert code == 130, output
+    assert output.strip() == "interrupted (an interrupted compress continues with --resume)"
+
+
 @pytest.mark.parametrize("args", [["compress", "--help"], ["inspect", "--help"]])
 def test_help(args):
     code, output = run(*args)

@@ -53,37 +53,6 @@ def test_unit_weights_equal_unweighted():
     assert torch.allclose(a.hessian(), b.hessian(), rtol=1e-6, atol=1e-6)
 
 
-def test_add_batched_top_k_routing():
-    gen = torch.Generator().manual_seed(2)
-    t, k, e = 120, 24, 4
-    x = torch.randn(t, k, generator=gen)
-    idx = torch.stack([torch.randperm(e, generator=gen)[:2] for _ in range(t)])  # [T, 2], distinct per row
-    idx[idx == 3] = 0  # expert 3 gets no tokens
-    idx[:, 1] = torch.where(idx[:, 1] == idx[:, 0], (idx[:, 0] + 1) % 3, idx[:, 1])
-    wt = torch.rand(t, 2, generator=gen)
-    acc = HessianAccumulator(e, k)
-    acc.add_batched(x, idx, wt)
-    h = acc.hessian()
-    for ex in range(e):
-        hit = idx == ex
-        rows = hit.any(dim=1)
-        assert acc.tokens[ex].item() == int(rows.sum())
-        if rows.any():
-            w_ex = (wt * hit).sum(dim=1)[rows]
-            assert torch.allclose(h[ex].double(), _ref(x[rows], w_ex), rtol=1e-4, atol=1e-5)
-        else:
-            assert torch.equal(h[ex], torch.zeros(k, k))
-
-
-def test_add_batched_one_expert_per_row():
-    x = torch.randn(30, 8)
-    idx = torch.arange(30) % 3
-    acc = HessianAccumulator(3, 8)
-    acc.add_batched(x, idx)
-    assert acc.tokens.tolist() == [10, 10, 10]
-    assert torch.allclose(acc.hessian()[2].double(), _ref(x[idx == 2]), rtol=1e-5, atol=1e-5)
-
-
 def test_inplace_hessian_closes_accumulator():
     x = torch.randn(20, 8)
     acc = HessianAccumulator(1, 8)

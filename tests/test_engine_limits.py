@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moequant.arch.mixtral import MixtralAdapter
-from moequant.serving import engine_limits
+from moequant.engine_limits import engine_limits
 from tests.conftest import TINY
 
 ADAPTER = MixtralAdapter({**TINY, "model_type": "mixtral", "num_hidden_layers": 6})
