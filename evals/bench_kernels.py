@@ -414,9 +414,9 @@ def bench_matmul(args, device, timer: Timer, copy_bw: float, gen: torch.Generato
 
 
 def bench_moe(args, device, timer: Timer, copy_bw: float, gen: torch.Generator) -> list[dict]:
-    from moequant.kernels.packed import PackedExperts
     from moequant.kernels.reference import fused_moe_ref
     from moequant.kernels.triton_moe import fused_moe_triton, pick_moe_config
+    from moequant.packed.experts import PackedExperts
 
     e, top_k, hidden, inter = args.moe["experts"], args.moe["top_k"], args.moe["hidden"], args.moe["inter"]
     dtype = torch.float32 if args.smoke else torch.bfloat16

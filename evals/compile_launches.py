@@ -31,7 +31,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from moequant.kernels import triton_matmul as tm  # noqa: E402
 from moequant.kernels import triton_moe as tmoe  # noqa: E402
-from moequant.kernels.packed import PackedExperts  # noqa: E402
+from moequant.packed.experts import PackedExperts  # noqa: E402
 
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block, opt-in maximum
 DENSE = [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096), (2880, 2880), (1408, 2048), (2048, 1408)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from moequant.arch.mixtral import MixtralAdapter
+from moequant.arch.base import Architecture
 
 # How one linear module is stored: (bits, group size, symmetric), or None for a 16-bit weight.
 Stored = tuple[int, int, bool] | None
@@ -21,7 +21,7 @@ Stored = tuple[int, int, bool] | None
 ENGINE_EXPERT_BITS = (4, 8)
 
 
-def engine_limits(adapter: MixtralAdapter, stored: Mapping[str, Stored]) -> list[str]:
+def engine_limits(adapter: Architecture, stored: Mapping[str, Stored]) -> list[str]:
     """One line per limit of fused-MoE GPTQ engines (vLLM) that the checkpoint runs into.
 
     ``stored`` maps module names (``model.layers.0.block_sparse_moe.experts.3.w1``) to how each

@@ -11,13 +11,12 @@ from moequant.arch.registry import adapter_for
 from moequant.checkpoint.against_config import check_tensors
 from moequant.checkpoint.gptq_config import quantization_config_of
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
-from moequant.checkpoint.weights import PACKED_KEYS
-from moequant.checkpoint.weights import packed_bits as packed_code_bits
 from moequant.engine_limits import Stored, engine_limits
 from moequant.errors import MoequantError, first_line
 from moequant.loading import check_loadable, linear_specs
-from moequant.quant.pack import unpack_qzeros
-from moequant.sizes import packed_bits
+from moequant.packed.bitstream import unpack_qzeros
+from moequant.packed.shapes import bits_of, stored_bits
+from moequant.packed.widths import PACKED_KEYS
 
 _QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 RECORD_FILE = "moequant.json"
@@ -160,10 +159,10 @@ def _module_problems(reader: CheckpointReader, name: str, k: int, spec) -> list[
 def _module_bits(reader: CheckpointReader, info) -> tuple[int, int]:
     """``(bits per weight code, stored bits)`` of one linear module."""
     if reader.has(info.name + ".qweight"):
-        bits = packed_code_bits(reader, info.name, info.in_features)
+        bits = bits_of(info.name, reader.shape(info.name + ".qweight")[0], info.in_features)
         groups = reader.shape(info.name + ".scales")[0]
         group_size = info.in_features // groups
-        return bits, packed_bits(info.out_features, info.in_features, bits, group_size)
+        return bits, stored_bits(info.out_features, info.in_features, bits, group_size)
     if reader.has(info.weight):
         width = _width(reader, info.weight)
         return width, width * info.numel
@@ -172,7 +171,7 @@ def _module_bits(reader: CheckpointReader, info) -> tuple[int, int]:
 
 def _stored(reader: CheckpointReader, info) -> Stored:
     """``(bits, group size, symmetric)`` of a packed module, read from its tensors."""
-    bits = packed_code_bits(reader, info.name, info.in_features)
+    bits = bits_of(info.name, reader.shape(info.name + ".qweight")[0], info.in_features)
     groups = reader.shape(info.name + ".scales")[0]
     group = info.in_features
     if groups > 1:  # the largest group: the last one is shorter where the size does not divide K

@@ -22,18 +22,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moequant.arch.mixtral import MixtralAdapter
+from moequant.arch.base import Architecture
 from moequant.arch.registry import adapter_for
 from moequant.checkpoint.against_config import check_tensors
 from moequant.checkpoint.gptq_config import modules_in_block, quantization_config_of
 from moequant.checkpoint.reader import QUANT_CONFIG_FILES, CheckpointReader, resolve_source
-from moequant.checkpoint.weights import PACKED_KEYS, tensor_getter
+from moequant.checkpoint.weights import tensor_getter
 from moequant.device import resolve_device
 from moequant.errors import MoequantError
 from moequant.kernels import dispatch
-from moequant.kernels.packed import stored_group_size
 from moequant.nn.quant_experts import LinearSpec, QuantExperts, stacked_specs
-from moequant.nn.quant_linear import QuantLinear, packed_shapes
+from moequant.nn.quant_linear import QuantLinear
+from moequant.packed.shapes import packed_shapes
+from moequant.packed.widths import PACKED_KEYS, stored_group_size
 
 _DTYPE_NAMES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -70,7 +71,7 @@ def module_spec(qcfg: dict | None, name: str) -> LinearSpec | None:
     return spec
 
 
-def linear_specs(adapter: MixtralAdapter, qcfg: dict | None) -> dict[str, LinearSpec | None]:
+def linear_specs(adapter: Architecture, qcfg: dict | None) -> dict[str, LinearSpec | None]:
     """The storage spec of every attention, expert and ``lm_head`` linear (on-disk module names).
 
     GPTQ quantises attention and expert projections by default, ``lm_head`` only when the config
@@ -112,7 +113,7 @@ def _plain_or_packed(disk_module: str, target_module: str, spec: LinearSpec | No
     return _packed_fills(disk_module, target_module)
 
 
-def _experts_layout(reader: CheckpointReader, adapter: MixtralAdapter, layer: int,
+def _experts_layout(reader: CheckpointReader, adapter: Architecture, layer: int,
                     specs: dict[str, LinearSpec | None]) -> tuple[str, list[dict[str, LinearSpec | None]]]:
     """``("plain" | "stacked" | "per-expert", per-expert role specs)`` of one layer's experts."""
     c = adapter.config
@@ -129,7 +130,7 @@ def _experts_layout(reader: CheckpointReader, adapter: MixtralAdapter, layer: in
     return "stacked", roles
 
 
-def _expert_fills(adapter: MixtralAdapter, layer: int, layout: str,
+def _expert_fills(adapter: Architecture, layer: int, layout: str,
                   roles: list[dict[str, LinearSpec | None]]) -> list[_Fill]:
     c = adapter.config
     inter = c.intermediate_size
@@ -196,7 +197,7 @@ def _hf_config(raw: dict, keep_quant: bool):
         raise MoequantError(f"config.json does not describe a Mixtral model transformers accepts ({exc})") from exc
 
 
-def _skeleton(raw: dict, adapter: MixtralAdapter, specs: dict[str, LinearSpec | None],
+def _skeleton(raw: dict, adapter: Architecture, specs: dict[str, LinearSpec | None],
               layouts: list[tuple[str, list]], backend: str, keep_quant: bool) -> nn.Module:
     """``MixtralForCausalLM`` on the meta device with packed modules in place."""
     from transformers import MixtralForCausalLM
@@ -225,7 +226,7 @@ def _skeleton(raw: dict, adapter: MixtralAdapter, specs: dict[str, LinearSpec | 
     return model
 
 
-def _plan(reader: CheckpointReader, adapter: MixtralAdapter, specs: dict[str, LinearSpec | None]
+def _plan(reader: CheckpointReader, adapter: Architecture, specs: dict[str, LinearSpec | None]
           ) -> tuple[list[tuple[str, list]], list[_Fill]]:
     a, c = adapter, adapter.config
     fills = [_Fill(a.embed_name, "model.embed_tokens.weight"), _Fill(a.final_norm_name, "model.norm.weight")]
@@ -336,7 +337,7 @@ def _build(path: str | os.PathLike, device: str | torch.device | None, dtype: st
 
 
 def _prepare(reader: CheckpointReader, backend: str, dequantize: bool
-             ) -> tuple[MixtralAdapter, nn.Module, list[_Fill]]:
+             ) -> tuple[Architecture, nn.Module, list[_Fill]]:
     """The model on the meta device and the tensors that fill it, after every check that needs no weights."""
     raw = reader.config
     adapter = adapter_for(raw)
@@ -395,7 +396,7 @@ def _check_finite(reader: CheckpointReader, name: str, stored: torch.Tensor, slo
                         "dtype=float32 or bfloat16")
 
 
-def _shape_of(adapter: MixtralAdapter, name: str) -> tuple[int, int]:
+def _shape_of(adapter: Architecture, name: str) -> tuple[int, int]:
     c = adapter.config
     if name == "lm_head":
         return c.vocab_size, c.hidden_size

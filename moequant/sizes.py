@@ -1,10 +1,9 @@
-"""Size arithmetic: bits a module takes in the GPTQ layout, and estimates for whole models."""
+"""Estimated sizes of whole models under a recipe."""
 
 from __future__ import annotations
 
-import math
-
 from moequant.arch.registry import adapter_for
+from moequant.packed.shapes import stored_bits
 from moequant.recipe import Recipe
 
 MIXTRAL_8X7B = {
@@ -13,13 +12,6 @@ MIXTRAL_8X7B = {
     "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000, "max_position_embeddings": 32768,
     "rms_norm_eps": 1e-5, "rope_theta": 1e6, "tie_word_embeddings": False,
 }
-
-
-def packed_bits(n: int, k: int, bits: int, group_size: int) -> int:
-    """Bits of qweight, qzeros, scales (fp16) and g_idx (int32) for a ``[N, K]`` weight."""
-    g = k if group_size == -1 else group_size
-    groups = math.ceil(k / g)
-    return n * k * bits + groups * n * bits + groups * n * 16 + 32 * k
 
 
 def estimate_bits(recipe: Recipe, config: dict) -> dict:
@@ -40,14 +32,14 @@ def estimate_bits(recipe: Recipe, config: dict) -> dict:
                 total_bits += 16 * info.numel
                 seen.get(info.kind, set()).add(16)
             else:
-                total_bits += packed_bits(info.out_features, info.in_features, spec.bits, spec.group_size)
+                total_bits += stored_bits(info.out_features, info.in_features, spec.bits, spec.group_size)
                 seen[info.kind].add(spec.bits)
         params += 2 * c.hidden_size
         total_bits += 32 * c.hidden_size
     for info in adapter.global_linears():
         spec = recipe.spec_for(info.name)
         params += info.numel
-        total_bits += 16 * info.numel if spec is None or info.kind == "embedding" else packed_bits(
+        total_bits += 16 * info.numel if spec is None or info.kind == "embedding" else stored_bits(
             info.out_features, info.in_features, spec.bits, spec.group_size)
     params += c.hidden_size
     total_bits += 16 * c.hidden_size

@@ -287,7 +287,7 @@ def test_quantize_config_file_stands_in_for_the_config_entry(stacked, tmp_path):
 def _as_gptq_v2(folder, zero_at=None):
     """Rewrite a v1 checkpoint as format gptq_v2 (qzeros hold the zero points themselves); with
     ``zero_at``, that module's first zero point becomes 0, which v2 can hold and v1 cannot."""
-    from moequant.quant.pack import pack_rows, unpack_qzeros
+    from moequant.packed.bitstream import pack_rows, unpack_qzeros
 
     for shard in folder.glob("*.safetensors"):
         tensors = load_file(shard)

@@ -29,7 +29,6 @@ from moequant.arch.base import (
 from moequant.errors import MoequantError
 
 ATTN_ROLES = ("q", "k", "v", "o")
-EXPERT_ROLES = ("w1", "w2", "w3")
 
 
 def parse_mixtral_config(raw: Mapping) -> MoEConfig:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import re
 
-from moequant.arch.base import LinearInfo
-from moequant.arch.mixtral import MixtralAdapter
+from moequant.arch.base import Architecture, LinearInfo
 from moequant.checkpoint.reader import CheckpointReader
 from moequant.errors import MoequantError
 
@@ -26,7 +25,7 @@ _FIELDS = {
 }
 
 
-def check_tensors(reader: CheckpointReader, adapter: MixtralAdapter, missing_modules_ok: bool = False) -> None:
+def check_tensors(reader: CheckpointReader, adapter: Architecture, missing_modules_ok: bool = False) -> None:
     """Refuse a checkpoint whose tensors do not fit ``adapter.config``, naming the tensor and the field.
 
     Every linear of every layer (attention, experts, router), both norms of every layer, the

@@ -8,6 +8,7 @@ import re
 from collections import Counter
 
 from moequant.errors import MoequantError
+from moequant.packed.widths import BITS
 from moequant.quant.types import QuantSpec
 
 
@@ -114,7 +115,6 @@ def _wildcard(name: str) -> list[str]:
 
 
 # -- reading: what a checkpoint's quantization_config says, checked before anything uses it --------
-READ_BITS = (2, 3, 4, 8)
 
 
 def quantization_config_of(config: dict) -> dict | None:
@@ -166,8 +166,8 @@ def check_quantization_config(qcfg: object) -> None:
 def _check_storage(settings: dict, where: str) -> None:
     """``bits``, ``group_size`` and ``sym`` of ``settings``, where present, have values GPTQ readers take."""
     bits = settings.get("bits")
-    if bits is not None and (_not_int(bits) or bits not in READ_BITS):
-        raise MoequantError(f"{where}.bits must be one of {', '.join(map(str, READ_BITS))}, got {bits!r}")
+    if bits is not None and (_not_int(bits) or bits not in BITS):
+        raise MoequantError(f"{where}.bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
     group = settings.get("group_size")
     if group is not None and (_not_int(group) or (group != -1 and group < 1)):
         raise MoequantError(f"{where}.group_size must be -1 (one group per row) or a positive whole number, "

@@ -358,7 +358,7 @@ class CheckpointReader:
 
     def _v2_zeros_as_v1(self, name: str, qzeros: torch.Tensor) -> torch.Tensor:
         """``qzeros`` of format ``gptq_v2`` (zero points as they are) in the v1 layout (``z - 1``)."""
-        from moequant.quant.pack import pack_qzeros, unpack_qzeros
+        from moequant.packed.bitstream import pack_qzeros, unpack_qzeros
 
         scales = name[: -len("qzeros")] + "scales"
         columns = self.shape(scales)[-1] if self.has(scales) else 0

@@ -8,18 +8,9 @@ import torch
 
 from moequant.checkpoint.reader import CheckpointReader
 from moequant.errors import MoequantError
-from moequant.quant.pack import dequantize_packed
-
-PACKED_KEYS = ("qweight", "qzeros", "scales", "g_idx")
-
-
-def packed_bits(reader: CheckpointReader, module: str, in_features: int) -> int:
-    """Code width of a packed module, from its ``qweight`` rows: ``K * bits / 32``."""
-    rows = reader.shape(module + ".qweight")[0]
-    bits, rem = divmod(rows * 32, in_features)
-    if rem or bits not in (2, 3, 4, 8):
-        raise MoequantError(f"{module}.qweight has {rows} rows, which fits no bit width for {in_features} inputs")
-    return bits
+from moequant.packed.bitstream import dequantize_packed
+from moequant.packed.shapes import bits_of, check_packed
+from moequant.packed.widths import PACKED_KEYS
 
 
 def read_packed(reader: CheckpointReader, module: str, in_features: int,
@@ -28,14 +19,9 @@ def read_packed(reader: CheckpointReader, module: str, in_features: int,
     missing = [f"{module}.{k}" for k in PACKED_KEYS if not reader.has(f"{module}.{k}")]
     if missing:
         raise MoequantError(f"compressed checkpoint lacks {', '.join(missing)}")
-    bits = packed_bits(reader, module, in_features)
+    bits = bits_of(module, reader.shape(module + ".qweight")[0], in_features)
     tensors = {k: reader.get(f"{module}.{k}", device=device) for k in PACKED_KEYS}
-    n = tensors["qweight"].shape[1]
-    groups = tensors["scales"].shape[0]
-    expected = {"qzeros": (groups, n * bits // 32), "scales": (groups, n), "g_idx": (in_features,)}
-    for key, shape in expected.items():
-        if tuple(tensors[key].shape) != shape:
-            raise MoequantError(f"{module}.{key} has shape {list(tensors[key].shape)}, expected {list(shape)}")
+    check_packed(*(tensors[k] for k in PACKED_KEYS), bits, in_features, module)
     return tensors, bits
 
 

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 from moequant.arch.base import Architecture, LinearInfo
 from moequant.errors import MoequantError
-from moequant.kernels.packed import stored_group_size
-from moequant.quant.pack import check_packable
+from moequant.packed.shapes import check_packable
+from moequant.packed.widths import stored_group_size
 from moequant.quant.types import QuantSpec
 from moequant.recipe import Recipe
 

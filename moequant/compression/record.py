@@ -11,8 +11,8 @@ from moequant.checkpoint.reader import QUANT_CONFIG_FILES
 from moequant.checkpoint.writer import CheckpointWriter
 from moequant.compression.job import Job
 from moequant.engine_limits import engine_limits
+from moequant.packed.shapes import stored_bits
 from moequant.quant.types import QuantSpec
-from moequant.sizes import packed_bits
 
 RECORD_FILE = "moequant.json"
 RECIPE_FILE = "recipe.yaml"
@@ -66,7 +66,7 @@ def finish_record(job: Job, record: Record, source: Path, calib_info: dict | Non
             modules[info.name] = {"kind": info.kind, **modules[info.name]}
     source_params = sum(job.reader.numel(n) for n in job.reader.names)
     quant_params = sum(i.numel for i in all_infos if job.specs.get(i.name) is not None)
-    quant_bits = sum(packed_bits(i.out_features, i.in_features, s.bits, s.group_size)
+    quant_bits = sum(stored_bits(i.out_features, i.in_features, s.bits, s.group_size)
                      for i in all_infos if (s := job.specs.get(i.name)) is not None)
     source_bytes = job.reader.total_bytes()
     starved = [{"layer": r["layer"], "expert": e, "tokens": r["routing_histogram"][e],

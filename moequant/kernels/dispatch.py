@@ -13,8 +13,9 @@ import os
 import torch
 
 from moequant.errors import MoequantError
-from moequant.kernels.packed import PackedExperts, monotone_g_idx
 from moequant.kernels.reference import dequant_matmul_ref, fused_moe_ref
+from moequant.packed.experts import PackedExperts
+from moequant.packed.widths import monotone_g_idx
 
 BACKENDS = ("auto", "torch", "triton")
 

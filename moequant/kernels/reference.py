@@ -1,10 +1,6 @@
 """Plain-torch kernels on any device: the truth the Triton kernels are checked against.
 
-Packed values form one little-endian bit stream per column (of ``qweight``) or row (of
-``qzeros``): value ``i`` occupies stream bits ``[i*b, i*b + b)`` and stream bit ``p`` is bit
-``p % 32`` of word ``p // 32``. For b in {2, 4, 8} no value straddles two words; the 3-bit
-"3 words per 32 values" layout is exactly this stream, with values 10 and 21 of every 32
-straddling a word boundary.
+Packed tensors are read with :mod:`moequant.packed.bitstream`, the one reading of the layout.
 """
 
 from __future__ import annotations
@@ -13,47 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from moequant.errors import MoequantError
-from moequant.kernels.packed import PackedExperts, check_bits
-
-
-def unpack_stream(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Unpack ``count`` values per column from packed words along dim 0.
-
-    Args:
-        words: int32 ``[R, C]``, ``R = ceil(count * bits / 32)``.
-        bits: value width.
-        count: values per column.
-
-    Returns:
-        int32 ``[count, C]`` in ``[0, 2**bits - 1]``.
-    """
-    check_bits(bits)
-    mask = (1 << bits) - 1
-    if 32 % bits == 0:
-        per_word = 32 // bits
-        shifts = torch.arange(0, 32, bits, device=words.device, dtype=torch.int32)
-        # An arithmetic shift is harmless here: the mask keeps bits that lie inside the word.
-        vals = (words.to(torch.int32).unsqueeze(1) >> shifts.view(1, per_word, 1)) & mask
-        return vals.reshape(-1, words.shape[-1])[:count]
-    idx = torch.arange(count, device=words.device, dtype=torch.int64) * bits
-    row = idx // 32
-    shift = (idx % 32).unsqueeze(1)
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    nxt = torch.clamp(row + 1, max=words.shape[0] - 1)
-    vals = ((w[row] >> shift) | (w[nxt] << (32 - shift))) & mask
-    return vals.to(torch.int32)
-
-
-def unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes of a packed weight: int32 ``[K*b/32, N]`` -> int32 ``[K, N]``."""
-    k = qweight.shape[0] * 32 // bits
-    return unpack_stream(qweight, bits, k)
-
-
-def unpack_zeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
-    """True zero points of packed v1 zeros: int32 ``[G, N*b/32]`` -> int32 ``[G, N]`` (stored + 1)."""
-    n = qzeros.shape[1] * 32 // bits
-    return unpack_stream(qzeros.t(), bits, n).t() + 1
+from moequant.packed.bitstream import unpack_qweight, unpack_qzeros
+from moequant.packed.experts import PackedExperts
 
 
 def dequantize_kn(
@@ -61,8 +18,8 @@ def dequantize_kn(
 ) -> torch.Tensor:
     """Dequantised weight, transposed: float32 ``[K, N]`` with ``W^T[k, n] = s[g, n] * (q[k, n] - z[g, n])``,
     ``g = g_idx[k]`` (any ``g_idx``, sorted or not)."""
-    q = unpack_codes(qweight, bits)
-    z = unpack_zeros(qzeros, bits)
+    q = unpack_qweight(qweight, bits)
+    z = unpack_qzeros(qzeros, bits)
     g = g_idx.to(device=qweight.device, dtype=torch.long)
     return (q - z.index_select(0, g)).float() * scales.float().index_select(0, g)
 
@@ -79,7 +36,7 @@ def dequant_matmul_ref(
 
     Args:
         x: ``[..., K]`` activations (any float dtype).
-        qweight, qzeros, scales, g_idx: the packed linear (see :mod:`moequant.kernels.packed`).
+        qweight, qzeros, scales, g_idx: the packed linear (see :mod:`moequant.packed`).
         bits: code width.
 
     Returns:

@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 
 from moequant.errors import MoequantError
-from moequant.kernels.packed import check_bits, effective_group_size
 from moequant.kernels.triton_dot import rows_dot
 from moequant.kernels.triton_gemv import gemv_row
 from moequant.kernels.triton_launch import (
@@ -47,6 +46,8 @@ from moequant.kernels.triton_launch import (
 )
 from moequant.kernels.triton_split import k_split, split_counters, split_for, store_split
 from moequant.kernels.triton_unpack import GROUPS_PER_TILE, dequant_tile, group_mode
+from moequant.packed.shapes import check_packed
+from moequant.packed.widths import effective_group_size
 
 GEMV_MAX_ROWS = 1  # up to this many rows, the gemv kernel where the weights-left dot does not apply
 # From this many activation rows on, dequant_matmul_triton writes W^T once in the activation dtype
@@ -250,24 +251,6 @@ def pick_config(
     return MatmulConfig(64, 128, pick_block_k(group_size, 64), 1, 4, 3)
 
 
-def check_packed_linear(
-    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bits: int, k: int
-) -> tuple[int, int]:
-    """Raise a MoequantError unless the packed tensors describe a ``[N, k]`` weight; returns ``(N, G)``."""
-    check_bits(bits)
-    if qweight.dim() != 2 or qweight.shape[0] * 32 != k * bits:
-        raise MoequantError(f"qweight {tuple(qweight.shape)} does not hold K={k} inputs at {bits} bits")
-    n = qweight.shape[1]
-    g = scales.shape[0]
-    if tuple(scales.shape) != (g, n) or tuple(qzeros.shape) != (g, n * bits // 32):
-        raise MoequantError(
-            f"scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not match qweight {tuple(qweight.shape)}"
-        )
-    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
-        raise MoequantError("qweight and qzeros must be int32 tensors")
-    return n, g
-
-
 def dequant_matmul_triton(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -295,7 +278,7 @@ def dequant_matmul_triton(
         ``[..., N]`` in ``x.dtype``.
     """
     k = x.shape[-1]
-    n, _ = check_packed_linear(qweight, qzeros, scales, bits, k)
+    n, _ = check_packed(qweight, qzeros, scales, None, bits, k)
     group_size = effective_group_size(group_size, k)
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -357,7 +340,7 @@ def dequantize_triton(
     """``W^T [K, N]`` in ``dtype`` from a packed ``W [N, K]`` (arguments as for
     :func:`dequant_matmul_triton`), in one pass over the packed tensors."""
     k = qweight.shape[0] * 32 // bits
-    n, _ = check_packed_linear(qweight, qzeros, scales, bits, k)
+    n, _ = check_packed(qweight, qzeros, scales, None, bits, k)
     group_size = effective_group_size(group_size, k)
     sorted_groups = sorted_groups or g_idx is None
     block_n, block_k = 64, pick_block_k(group_size, 64)

@@ -25,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from moequant.kernels.packed import PackedExperts
 from moequant.kernels.reference import check_moe_shapes
 from moequant.kernels.triton_dot import decode_row, rows_dot
 from moequant.kernels.triton_launch import (
@@ -43,6 +42,7 @@ from moequant.kernels.triton_launch import (
 )
 from moequant.kernels.triton_split import k_split, last_to_arrive, split_counters, split_for
 from moequant.kernels.triton_unpack import group_mode
+from moequant.packed.experts import PackedExperts
 
 
 def moe_align(
@@ -516,7 +516,7 @@ def fused_moe_triton(
         x: ``[T, H]`` float16, bfloat16 or float32 on the kernels' device.
         topk_ids: int ``[T, k]``; topk_weights: ``[T, k]``.
         w13: gate and up joined along N, ``W13_e [2I, H]``; w2: ``W2_e [H, I]`` (see
-            :class:`~moequant.kernels.packed.PackedExperts`). Whether their ``g_idx`` is sorted is
+            :class:`~moequant.packed.experts.PackedExperts`). Whether their ``g_idx`` is sorted is
             checked once per object (one synchronisation) unless ``sorted_groups`` is already set.
         config: tile sizes; picked from the shapes when None.
 

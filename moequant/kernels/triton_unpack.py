@@ -1,6 +1,6 @@
 """Triton device functions that read GPTQ-packed weights: codes, zero points, scales and groups.
 
-The layout is that of :mod:`moequant.kernels.packed`: ``qweight int32 [K*b/32, N]`` (value ``k`` of
+The layout is that of :mod:`moequant.packed`: ``qweight int32 [K*b/32, N]`` (value ``k`` of
 a column is stream bits ``[k*b, k*b + b)``; for 3 bits values 10 and 21 of every 32 continue into
 the next word), ``qzeros int32 [G, N*b/32]`` (``z - 1``), ``scales fp16 [G, N]``. A tile's packed
 words are loaded once and expanded in registers. ``GROUP_MODE`` says how a kernel finds the group

@@ -8,7 +8,7 @@ Two storage layouts:
 - **stacked** (every expert quantised, w1/w3 of an expert sharing bits, group size and
   ``g_idx``, all experts alike): buffers ``w13_*`` hold gate and up joined along N
   (``W13_e = [W1_e; W3_e]``, ``[2I, H]``) and ``w2_*`` the down projections, each with a
-  leading expert dimension as in :class:`~moequant.kernels.packed.PackedExperts`. The triton
+  leading expert dimension as in :class:`~moequant.packed.experts.PackedExperts`. The triton
   backend runs the fused MoE kernel on them.
 - **per-expert** (anything else: mixed bit widths, some experts kept 16-bit): ``experts[e]``
   holds ``w1``, ``w3``, ``w2`` as :class:`QuantLinear` or plain ``nn.Linear``, computed one
@@ -30,10 +30,11 @@ from transformers.activations import ACT2FN
 
 from moequant.errors import MoequantError
 from moequant.kernels import dispatch
-from moequant.kernels.packed import PackedExperts, effective_group_size, is_monotone_g_idx
-from moequant.nn.quant_linear import QuantLinear, keep_dtype_apply, packed_matmul, packed_shapes, shared_zero
+from moequant.nn.quant_linear import QuantLinear, keep_dtype_apply, packed_matmul, shared_zero
+from moequant.packed.experts import PackedExperts
+from moequant.packed.shapes import packed_shapes
+from moequant.packed.widths import PACKED_KEYS, effective_group_size, is_monotone_g_idx
 
-PACKED_KEYS = ("qweight", "qzeros", "scales", "g_idx")
 EXPERT_ROLES = ("w1", "w3", "w2")
 
 

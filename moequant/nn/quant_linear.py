@@ -16,28 +16,13 @@ from torch import nn
 
 from moequant.errors import MoequantError
 from moequant.kernels import dispatch
-from moequant.kernels.packed import check_bits, effective_group_size, is_monotone_g_idx
-from moequant.quant.pack import unpack_rows
+from moequant.packed.bitstream import unpack_cols, unpack_rows
+from moequant.packed.shapes import packed_shapes
+from moequant.packed.widths import effective_group_size, is_monotone_g_idx
 
 # Largest transient float32 block (elements) the torch path dequantises at once: 16 MiB.
 CHUNK_ELEMENTS = 1 << 22
 _SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def packed_shapes(out_features: int, in_features: int, bits: int, group_size: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of the packed tensors of a ``[N, K]`` weight: ``qweight``, ``qzeros``, ``scales``, ``g_idx``."""
-    check_bits(bits)
-    n, k = out_features, in_features
-    if k % 32 or n % 32:
-        raise MoequantError(f"a packed [{n}, {k}] weight needs both dimensions to be multiples of 32")
-    g = effective_group_size(group_size, k)
-    groups = -(-k // g)
-    return {"qweight": (k * bits // 32, n), "qzeros": (groups, n * bits // 32), "scales": (groups, n), "g_idx": (k,)}
-
-
-def unpack_cols(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Values packed along dim 1: int32 ``[R, C]`` -> integer ``[R, C*32/bits]``."""
-    return unpack_rows(words.t(), bits).t()
 
 
 def grouped_dequant_matmul(

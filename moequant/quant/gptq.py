@@ -35,8 +35,9 @@ import math
 import torch
 
 from moequant.errors import MoequantError
+from moequant.packed.widths import BITS
 from moequant.quant.grid import dequantize, find_params, quantize
-from moequant.quant.types import BITS, QuantResult, QuantSpec
+from moequant.quant.types import QuantResult, QuantSpec
 
 # Damping escalation when a Cholesky factorisation fails: ×10 steps capped at 1.0 of mean(diag H),
 # then one last, large value (close to plain rounding), then an error.

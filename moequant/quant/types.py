@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-BITS = (2, 3, 4, 8)
+from moequant.packed.widths import effective_group_size
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class QuantSpec:
     clip_grid: int = 0
 
     def effective_group_size(self, in_features: int) -> int:
-        return in_features if self.group_size == -1 else self.group_size
+        return effective_group_size(self.group_size, in_features)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from moequant.checkpoint.reader import CheckpointReader
 from moequant.checkpoint.weights import tensor_getter
 from moequant.compression import CalibSettings, compress
 from moequant.errors import MoequantError
-from moequant.quant.pack import unpack_qzeros
+from moequant.packed.bitstream import unpack_qzeros
 from moequant.quant.rtn import rtn
 from moequant.recipe import parse_recipe
 from tests.conftest import StopAfterLayers, add_tokenizer, make_mixtral

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from moequant.kernels import dispatch
-from moequant.kernels.packed import PackedExperts
 from moequant.kernels.reference import dequant_matmul_ref, fused_moe_ref
-from moequant.quant.pack import pack_qweight, pack_qzeros
+from moequant.packed.bitstream import pack_qweight, pack_qzeros
+from moequant.packed.experts import PackedExperts
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),

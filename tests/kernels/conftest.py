@@ -13,8 +13,8 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from moequant.kernels.packed import PackedExperts  # noqa: E402
-from moequant.quant.pack import pack_qweight, pack_qzeros  # noqa: E402
+from moequant.packed.bitstream import pack_qweight, pack_qzeros  # noqa: E402
+from moequant.packed.experts import PackedExperts  # noqa: E402
 
 
 def random_packed(

@@ -1,4 +1,4 @@
-"""The plain-torch kernels against quant.pack and against the layout spelled out word by word."""
+"""The plain-torch kernels, and the reading of the packed layout against it spelled out word by word."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ import torch
 import torch.nn.functional as F
 
 from moequant.errors import MoequantError
-from moequant.kernels.packed import PackedExperts, concat_out_features, is_monotone_g_idx
-from moequant.kernels.reference import (
-    dequant_matmul_ref,
-    fused_moe_ref,
-    unpack_codes,
-    unpack_stream,
-    unpack_zeros,
+from moequant.kernels.reference import dequant_matmul_ref, fused_moe_ref
+from moequant.packed.bitstream import (
+    dequantize_packed,
+    pack_qweight,
+    pack_qzeros,
+    unpack_qweight,
+    unpack_qzeros,
+    unpack_rows,
 )
-from moequant.quant.pack import dequantize_packed, pack_qweight, pack_qzeros
+from moequant.packed.experts import PackedExperts, concat_out_features
+from moequant.packed.widths import is_monotone_g_idx
 
 BITS = (2, 3, 4, 8)
 
@@ -33,7 +35,7 @@ def test_three_bit_unpack_matches_the_word_layout():
     cols = [torch.randint(0, 8, (32,), generator=gen).tolist() for _ in range(4)]
     cols.append([7] * 32)  # every bit set: straddling values and sign bits
     words = torch.tensor([_three_bit_words(c) for c in cols], dtype=torch.int32).t()  # [3, 5]
-    got = unpack_stream(words, 3, 32)
+    got = unpack_rows(words, 3)
     assert torch.equal(got, torch.tensor(cols, dtype=torch.int32).t())
 
 
@@ -43,7 +45,7 @@ def test_power_of_two_unpack_is_least_significant_first(bits):
     vals = [(3 * i + 1) % (2**bits) for i in range(per)]
     word = sum(v << (bits * i) for i, v in enumerate(vals))
     word = word - (1 << 32) if word >= 1 << 31 else word
-    got = unpack_stream(torch.tensor([[word]], dtype=torch.int32), bits, per)
+    got = unpack_rows(torch.tensor([[word]], dtype=torch.int32), bits)
     assert got.squeeze(1).tolist() == vals
 
 
@@ -52,8 +54,8 @@ def test_unpack_inverts_pack(bits):
     gen = torch.Generator().manual_seed(bits)
     codes = torch.randint(0, 2**bits, (64, 96), generator=gen, dtype=torch.int32)  # [N, K]
     zeros = torch.randint(1, 2**bits, (3, 64), generator=gen, dtype=torch.int32)
-    assert torch.equal(unpack_codes(pack_qweight(codes, bits), bits), codes.t())
-    assert torch.equal(unpack_zeros(pack_qzeros(zeros, bits), bits), zeros)
+    assert torch.equal(unpack_qweight(pack_qweight(codes, bits), bits), codes.t())
+    assert torch.equal(unpack_qzeros(pack_qzeros(zeros, bits), bits), zeros)
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -143,7 +145,7 @@ def test_packed_experts_rejects_bad_shapes(make_linear):
     a, b = make_linear(64, 128, 4, 32, seed=0), make_linear(32, 128, 4, 32, seed=1)
     with pytest.raises(MoequantError, match="share a shape"):
         PackedExperts.stack([a, b], bits=4, group_size=32)
-    with pytest.raises(MoequantError, match="qzeros has shape"):
+    with pytest.raises(MoequantError, match="scales hold 4 groups, not the 2 of group size 64"):
         PackedExperts.stack([a], bits=4, group_size=64)
     with pytest.raises(MoequantError, match="bits"):
         PackedExperts.stack([a], bits=5, group_size=32)

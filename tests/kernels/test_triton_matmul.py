@@ -91,7 +91,7 @@ def test_one_row_keeps_float32_accuracy_far_from_zero(triton_kernels, make_linea
     once per row (times ``sum(x)``): activations with a large common offset and zero points at
     both ends of their range must not lose float32 accuracy to that cancellation."""
     from moequant.kernels.reference import dequantize_kn
-    from moequant.quant.pack import pack_qzeros
+    from moequant.packed.bitstream import pack_qzeros
 
     tm, _ = triton_kernels
     k, n, group = 256, 64, 128

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from moequant.kernels import dispatch
 from moequant.nn.quant_experts import LinearSpec, QuantExperts
-from moequant.quant.pack import dequantize_packed, pack_result
+from moequant.packed.bitstream import dequantize_packed
+from moequant.quant.pack import pack_result
 from moequant.quant.rtn import rtn
 
 H, INTER, E = 64, 96, 4

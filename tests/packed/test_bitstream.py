@@ -6,19 +6,19 @@ import pytest
 import torch
 
 from moequant.errors import MoequantError
-from moequant.quant.pack import (
-    check_packable,
+from moequant.packed.bitstream import (
     dequantize_packed,
     pack_qweight,
     pack_qzeros,
-    pack_result,
     pack_rows,
     unpack_qweight,
     unpack_qzeros,
     unpack_rows,
 )
+from moequant.packed.shapes import check_packable
+from moequant.packed.widths import BITS
+from moequant.quant.pack import pack_result
 from moequant.quant.rtn import rtn
-from moequant.quant.types import BITS
 
 
 def signed(word: int) -> int:

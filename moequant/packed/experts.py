@@ -1,13 +1,4 @@
-"""Packed GPTQ weights as the kernels take them: one linear, or the experts of one MoE layer.
-
-One linear ``W [N, K]`` at ``b`` bits with ``G = ceil(K / g)`` groups is the dict
-``{"qweight": int32 [K*b/32, N], "qzeros": int32 [G, N*b/32], "scales": fp16 [G, N],
-"g_idx": int32 [K]}`` (the checkpoint layout, qzeros storing ``z - 1``).
-
-A Mixtral layer's experts go to the fused MoE kernels as two :class:`PackedExperts`:
-``w13 = PackedExperts.stack([concat_out_features([w1_e, w3_e]) for e in experts], bits, g)``
-(gate rows first, then up) and ``w2 = PackedExperts.stack([w2_e for e in experts], bits, g)``.
-"""
+"""Packed linears joined: along N (w1 and w3 into one w13), and the experts of a layer stacked."""
 
 from __future__ import annotations
 
@@ -17,45 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from moequant.errors import MoequantError
-
-BITS = (2, 3, 4, 8)
-PACKED_KEYS = ("qweight", "qzeros", "scales", "g_idx")
-
-
-def check_bits(bits: int) -> None:
-    """Raise unless ``bits`` is a width the packed layout supports."""
-    if bits not in BITS:
-        raise MoequantError(f"bits={bits} is not supported: use one of {', '.join(map(str, BITS))}")
-
-
-def effective_group_size(group_size: int, in_features: int) -> int:
-    """``group_size`` with -1 (one group over all of K) resolved to ``in_features``."""
-    if group_size == -1:
-        return in_features
-    if group_size <= 0:
-        raise MoequantError(f"group_size={group_size} is invalid: use a positive size or -1")
-    return group_size
-
-
-def stored_group_size(group_size: int, in_features: int) -> int:
-    """``group_size`` as a weight of ``in_features`` inputs stores it: -1 (one group) where the
-    group is wider than the input, since ``ceil(K / g)`` is then one row of scales."""
-    return -1 if group_size > in_features else group_size
-
-
-def monotone_g_idx(
-    in_features: int, group_size: int, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """The static-groups ``g_idx``: int32 ``[K]`` with ``g_idx[k] = k // group_size``."""
-    g = effective_group_size(group_size, in_features)
-    return torch.arange(in_features, device=device, dtype=torch.int32) // g
-
-
-def is_monotone_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
-    """Whether ``g_idx`` (``[K]`` or ``[E, K]``) equals ``k // group_size`` everywhere (synchronises)."""
-    k = g_idx.shape[-1]
-    expected = monotone_g_idx(k, group_size, device=g_idx.device)
-    return bool(torch.equal(g_idx.to(torch.int32), expected.expand_as(g_idx)))
+from moequant.packed.shapes import check_packed
+from moequant.packed.widths import PACKED_KEYS, check_bits, effective_group_size, is_monotone_g_idx
 
 
 def concat_out_features(parts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -106,26 +60,15 @@ class PackedExperts:
             raise MoequantError(
                 f"PackedExperts.qweight must be [E, K*b/32, N], got {tuple(self.qweight.shape)}"
             )
-        e, kw, n = self.qweight.shape
-        k = kw * 32 // self.bits
-        if kw * 32 % self.bits != 0 or k % 32 != 0:
-            raise MoequantError(f"qweight rows {kw} do not hold a multiple of 32 values at {self.bits} bits")
+        k = self.qweight.shape[1] * 32 // self.bits
+        if self.qweight.shape[1] * 32 % self.bits or k % 32:
+            raise MoequantError(f"qweight rows {self.qweight.shape[1]} do not hold a multiple of 32 values at "
+                                f"{self.bits} bits")
         self.group_size = effective_group_size(self.group_size, k)
-        g = -(-k // self.group_size)
-        expected = {
-            "qzeros": (e, g, n * self.bits // 32),
-            "scales": (e, g, n),
-        }
-        for name, shape in expected.items():
-            got = tuple(getattr(self, name).shape)
-            if got != shape:
-                raise MoequantError(
-                    f"PackedExperts.{name} has shape {got}, expected {shape} for K={k}, N={n}"
-                )
-        if self.g_idx.shape[-1] != k or self.g_idx.dim() not in (1, 2):
-            raise MoequantError(
-                f"PackedExperts.g_idx has shape {tuple(self.g_idx.shape)}, expected [{k}] or [{e}, {k}]"
-            )
+        _, groups = check_packed(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, k, "PackedExperts")
+        if groups != -(-k // self.group_size):
+            raise MoequantError(f"PackedExperts.scales hold {groups} groups, not the {-(-k // self.group_size)} "
+                                f"of group size {self.group_size} over K={k}")
 
     @property
     def num_experts(self) -> int:
