@@ -36,6 +36,7 @@ from moequant.checkpoint.writer import CheckpointWriter, check_output, partial_d
 from moequant.device import resolve_device
 from moequant.errors import MoequantError
 from moequant.kernels.packed import stored_group_size
+from moequant.memory import map_large_blocks, release_freed_memory
 from moequant.progress import Progress
 from moequant.quant.gptq import gptq_quantize, output_error
 from moequant.quant.hessian import HessianAccumulator
@@ -166,6 +167,7 @@ def compress(
     """
     progress = progress or Progress()
     calib = calib or CalibSettings()
+    map_large_blocks()
     if method is not None and method not in ("gptq", "rtn"):
         raise MoequantError(f"unknown method {method!r}; use gptq or rtn")
     started = time.perf_counter()
@@ -222,8 +224,10 @@ def compress(
             if run.phases:
                 layer_record["phases_s"] = {name: round(sec, 3) for name, sec in run.phases.items()}
             writer.write_shard(_layer_key(layer), tensors)
+            del tensors  # not held while the next layer is computed
             run.layers.append(layer_record)
             _save_state(partial, fingerprint, layer + 1, run, calib_info, hidden)
+            release_freed_memory()
             progress.advance(layer, layer_record)
             if stop_after_layers is not None and layer + 1 >= stop_after_layers and layer + 1 < n_layers:
                 raise MoequantError(f"stopped after {layer + 1} layers as asked; continue with --resume")
