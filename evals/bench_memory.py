@@ -109,7 +109,11 @@ def main() -> None:
     ap.add_argument("--recipe", default="mixtral-a4e3")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    moequant = shutil.which("moequant") or str(Path(sys.executable).parent / "moequant")
+    # The command installed beside this interpreter: another `moequant` on PATH may be another version.
+    beside = Path(sys.executable).parent / "moequant"
+    moequant = str(beside) if beside.is_file() else shutil.which("moequant")
+    if moequant is None:
+        raise SystemExit("no moequant command beside this Python or on PATH; pip install -e . first")
     results = {}
     layer_bytes = 0
     for layers in (1, 3):
@@ -138,6 +142,9 @@ def main() -> None:
         "peak_over_layer_bf16": round(vs_layer, 4),
         "targets": {"ratio_3_to_1_layers": "< 1.15", "peak_over_layer_bf16": "< 2.5"},
         "met": growth < 1.15 and vs_layer < 2.5,
+        "command": "moequant compress SRC -o OUT --method rtn --recipe RECIPE --device cpu --overwrite",
+        "measured": "peak resident memory (ru_maxrss) of the moequant process, run from a fresh parent",
+        "checkpoint": "bf16, one safetensors shard per layer plus one for the rest, model.safetensors.index.json",
         "machine": {"cpus": __import__("os").cpu_count(), "torch": torch.__version__},
     }
     print(f"\none layer bf16: {layer_bytes / 2**30:.2f} GiB")

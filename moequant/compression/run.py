@@ -35,6 +35,7 @@ from moequant.compression.record import Record, finish_record, write_metadata
 from moequant.compression.resume import fingerprint, layer_key, load_hidden, load_state, save_state
 from moequant.device import resolve_device
 from moequant.errors import MoequantError
+from moequant.memory import map_large_blocks, release_freed_memory
 from moequant.numeric import check_int
 from moequant.progress import Progress
 from moequant.recipe import Recipe, load_recipe
@@ -92,6 +93,7 @@ def compress(
     """
     progress = progress or Progress()
     calib = calib or CalibSettings()
+    map_large_blocks()
     if method is not None and method not in ("gptq", "rtn"):
         raise MoequantError(f"unknown method {method!r}; use gptq or rtn")
     check_int(expert_batch, "--expert-batch", 0, meaning="experts solved together; 0: all of a layer")
@@ -154,8 +156,10 @@ def compress(
             if job.phases.seconds:
                 layer_record["phases_s"] = {name: round(sec, 3) for name, sec in job.phases.seconds.items()}
             writer.write_shard(layer_key(layer), tensors)
+            del tensors  # not held while the next layer is computed
             record.layers.append(layer_record)
             save_state(writer, run_fingerprint, layer + 1, record, calib_info, hidden)
+            release_freed_memory()
             progress.advance(layer, layer_record)
     except BaseException:
         if not record.layers:  # nothing worth resuming: leave no partial folder behind
