@@ -5,7 +5,7 @@ shrinks, and raises that threshold up to 32 MB each time a larger block is freed
 layer-by-layer loop a layer's buffers are freed in another order than they were made, so holes
 stay resident between the blocks still in use, and each later layer adds more: resident memory
 grows with the number of layers although live memory does not. Two settings keep it that of one
-layer: blocks from 1 MiB up get their own mappings (returned to the system when freed, and the
+layer: blocks from 4 MiB up get their own mappings (returned to the system when freed, and the
 threshold no longer rises), and after each layer malloc hands back every free page it holds.
 Where the C library is not glibc (macOS, musl, Windows) both are no-ops.
 """
@@ -16,7 +16,7 @@ import ctypes
 import ctypes.util
 import functools
 
-MMAP_THRESHOLD = 1 << 20  # bytes; blocks of this size and more are mapped on their own
+MMAP_THRESHOLD = 4 << 20  # bytes; blocks of this size and more are mapped on their own
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 
 
