@@ -15,25 +15,12 @@ import torch.nn.functional as F
 
 from moequant.arch.base import ExpertWeights
 from moequant.compression.job import Job
+from moequant.compression.policy import ALL, AUGMENTED, NO_TOKENS, ROUTED, Policy
 from moequant.compression.record import Record
 from moequant.compression.solve import solve_modules
 from moequant.quant.hessian import HessianAccumulator
 
 _ROWS_PER_ADD = 1 << 16
-
-
-@dataclass(frozen=True)
-class Policy:
-    """How one expert was calibrated: its label in the record, and whether it had rows to calibrate on."""
-
-    label: str
-    calibrates: bool = True
-
-
-ROUTED = Policy("routed")
-NO_TOKENS = Policy("routed (no tokens: plain rounding)", calibrates=False)
-AUGMENTED = Policy("augmented")
-ALL = Policy("all")
 
 
 @dataclass

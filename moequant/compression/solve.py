@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from moequant.compression.job import Job
+from moequant.compression.policy import Policy
 from moequant.compression.record import Record, module_record
 from moequant.quant.gptq import gptq_quantize, output_error
 from moequant.quant.pack import pack_result
 from moequant.quant.rtn import rtn
 from moequant.quant.types import QuantSpec
-
-if TYPE_CHECKING:
-    from moequant.compression.experts import Policy
 
 
 def solve_modules(job: Job, record: Record, names: list[str], weights: torch.Tensor, hessians: torch.Tensor | None,
