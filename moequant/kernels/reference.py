@@ -9,19 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from moequant.errors import MoequantError
-from moequant.packed.bitstream import unpack_qweight, unpack_qzeros
+from moequant.packed.bitstream import dequantize_kn
 from moequant.packed.experts import PackedExperts
-
-
-def dequantize_kn(
-    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int
-) -> torch.Tensor:
-    """Dequantised weight, transposed: float32 ``[K, N]`` with ``W^T[k, n] = s[g, n] * (q[k, n] - z[g, n])``,
-    ``g = g_idx[k]`` (any ``g_idx``, sorted or not)."""
-    q = unpack_qweight(qweight, bits)
-    z = unpack_qzeros(qzeros, bits)
-    g = g_idx.to(device=qweight.device, dtype=torch.long)
-    return (q - z.index_select(0, g)).float() * scales.float().index_select(0, g)
 
 
 def dequant_matmul_ref(

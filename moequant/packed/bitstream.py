@@ -192,6 +192,18 @@ def dequantize_packed(
         g_idx: integer ``[K]``, or ``[..., K]`` with the same leading dims.
         bits: 2, 3, 4 or 8.
     """
+    return dequantize_kn(qweight, qzeros, scales, g_idx, bits).transpose(-1, -2).contiguous()
+
+
+def dequantize_kn(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+) -> torch.Tensor:
+    """The dequantised weight transposed, float32 ``[..., K, N]`` as the codes are stored (see
+    :func:`dequantize_packed`; any ``g_idx``, sorted or not)."""
     q = unpack_qweight(qweight, bits).float()  # [..., K, N]
     z = unpack_qzeros(qzeros, bits).float()  # [..., G, N]
     s = scales.float()
@@ -202,10 +214,10 @@ def dequantize_packed(
         raise ValueError(
             f"shapes disagree: qweight gives K={k}, N={n}; scales {tuple(s.shape)}; g_idx {tuple(g_idx.shape)}"
         )
-    idx = g_idx.long()
+    idx = g_idx.to(device=q.device, dtype=torch.long)
     if idx.dim() == 1:
         s_k, z_k = s.index_select(-2, idx), z.index_select(-2, idx)
     else:
         gather = idx[..., None].expand(*idx.shape, n)
         s_k, z_k = s.gather(-2, gather), z.gather(-2, gather)
-    return (s_k * (q - z_k)).transpose(-1, -2).contiguous()
+    return s_k * (q - z_k)
