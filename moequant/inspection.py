@@ -11,6 +11,7 @@ from moequant.arch.registry import adapter_for
 from moequant.checkpoint.against_config import check_tensors
 from moequant.checkpoint.gptq_config import quantization_config_of
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
+from moequant.compression.record import RECORD_FILE
 from moequant.engine_limits import Stored, engine_limits
 from moequant.errors import MoequantError, first_line
 from moequant.loading import check_loadable, linear_specs
@@ -19,7 +20,6 @@ from moequant.packed.shapes import bits_of, stored_bits
 from moequant.packed.widths import PACKED_KEYS
 
 _QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
-RECORD_FILE = "moequant.json"
 
 
 def describe(path: str | Path, allow_pickle: bool = False) -> dict:

@@ -12,6 +12,7 @@ import torch
 
 from moequant import __version__
 from moequant.checkpoint.reader import CheckpointReader
+from moequant.compression.record import RECORD_FILE
 from moequant.errors import MoequantError
 from moequant.evals.agreement import summarize
 from moequant.evals.perplexity import perplexity, perplexity_stderr
@@ -28,7 +29,6 @@ REPORT_KEYS = (
     "router_agreement_per_layer", "hidden_error_per_layer", "bits_per_weight", "size_bytes",
     "baseline_size_bytes", "recipe", "moequant_version",
 )
-RECORD_FILE = "moequant.json"
 _PACKED_AUX = (".qzeros", ".scales", ".g_idx")
 
 
