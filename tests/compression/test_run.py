@@ -69,7 +69,7 @@ def test_gptq_beats_rtn_and_records_every_expert(tmp_path, tiny_mixtral_tok):
     timing = gptq["timing"]
     for layer_s, phases in zip(timing["layers_s"], timing["layer_phases_s"], strict=True):
         assert set(phases) == {"read", "hessians", "forward", "solve", "pack"}
-        assert 0 < sum(phases.values()) <= layer_s
+        assert 0 < sum(phases.values()) <= layer_s + 0.0005 * len(phases)  # each rounded to the millisecond
 
 
 def test_tiny_calibration_leaves_no_expert_behind(tmp_path, tiny_mixtral_tok):
