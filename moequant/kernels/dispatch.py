@@ -55,10 +55,16 @@ def _triton_problem(device: torch.device) -> str | None:
     )
 
 
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """``"torch"`` or ``"triton"`` for tensors on ``device``; raises a MoequantError if triton cannot run."""
+def check_backend(backend: str) -> str:
+    """``backend`` if it names one of :data:`BACKENDS`, else a one-line MoequantError."""
     if backend not in BACKENDS:
         raise MoequantError(f"unknown kernel backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """``"torch"`` or ``"triton"`` for tensors on ``device``; raises a MoequantError if triton cannot run."""
+    check_backend(backend)
     device = torch.device(device)
     if backend == "torch":
         return "torch"

@@ -95,8 +95,7 @@ class QuantExperts(nn.Module):
         super().__init__()
         if len(specs) != num_experts:
             raise MoequantError(f"got specs for {len(specs)} experts, expected {num_experts}")
-        if backend not in dispatch.BACKENDS:
-            raise MoequantError(f"unknown kernel backend {backend!r}: use one of {', '.join(dispatch.BACKENDS)}")
+        dispatch.check_backend(backend)
         self.num_experts = num_experts
         self.hidden_dim = hidden_size
         self.intermediate_dim = intermediate_size

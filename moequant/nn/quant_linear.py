@@ -120,8 +120,7 @@ class QuantLinear(nn.Module):
                  backend: str = "auto", scales_dtype: torch.dtype = torch.float16,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
-        if backend not in dispatch.BACKENDS:
-            raise MoequantError(f"unknown kernel backend {backend!r}: use one of {', '.join(dispatch.BACKENDS)}")
+        dispatch.check_backend(backend)
         shapes = packed_shapes(out_features, in_features, bits, group_size)
         self.in_features = in_features
         self.out_features = out_features
