@@ -19,7 +19,7 @@ from moequant.checkpoint.reader import CheckpointReader, resolve_source
 from moequant.device import resolve_device
 from moequant.errors import MoequantError
 from moequant.evals.report import build_report
-from moequant.evals.streamed import ENGINES, check_batch, evaluate_windows
+from moequant.evals.streamed import check_batch, check_engine, evaluate_windows
 from moequant.numeric import check_int
 from moequant.progress import Progress
 
@@ -41,8 +41,7 @@ class EvalSettings:
         if self.max_windows is not None:
             check_int(self.max_windows, "--max-windows", 1)
         check_batch(self.batch)
-        if self.engine not in ENGINES:
-            raise MoequantError(f"unknown engine {self.engine!r}; use {' or '.join(ENGINES)}")
+        check_engine(self.engine)
         if self.dtype not in DTYPES:
             raise MoequantError(f"unknown dtype {self.dtype!r}; use {', '.join(DTYPES)}")
 

@@ -8,9 +8,9 @@ compute dtype on the compute device) as the only state kept between layers. With
 attention weights are read once and applied to the windows in chunks; then every token is routed
 and the experts are read one at a time, each applied to all tokens routed to it. Tensors are read
 with positional reads, one at a time, and dropped once applied, so peak memory is about one
-layer's attention plus one expert plus the hidden states, whatever the depth of the model, so models larger than memory can be evaluated. Original
-and compressed checkpoints run through the same code: packed GPTQ modules are dequantised as they
-are read. This is the default because it works for every size; the ``memory`` engine is faster
+layer's attention plus one expert plus the hidden states, whatever the depth of the model, and
+models larger than memory can be evaluated. Original and compressed checkpoints run through the
+same code: packed GPTQ modules are dequantised as they are read. This is the default because it works for every size; the ``memory`` engine is faster
 only where whole models fit.
 
 ``memory`` runs whole ``transformers`` models (``moequant.load`` for compressed checkpoints) on
@@ -90,19 +90,18 @@ class EvalResult:
 
 
 class _Model:
-    """One checkpoint under evaluation: its folder and adapter; readers are opened per use."""
+    """One checkpoint under evaluation: its folder, its reader (headers only; tensors are read as
+    needed) and its family."""
 
     def __init__(self, source: str | Path) -> None:
         self.path = resolve_source(source)
-        reader = CheckpointReader(self.path)
-        self.config = reader.config
-        self.adapter: Architecture = adapter_for(reader.config)
-        check_tensors(reader, self.adapter)
-        self.quantised = quantization_config_of(reader.config) is not None
+        self.reader = CheckpointReader(self.path)
+        self.adapter: Architecture = adapter_for(self.reader.config)
+        check_tensors(self.reader, self.adapter)
+        self.quantised = quantization_config_of(self.reader.config) is not None
 
-    def getter(self, dtype: torch.dtype, device: torch.device) -> tuple[CheckpointReader, Callable]:
-        reader = CheckpointReader(self.path)
-        return reader, tensor_getter(reader, dtype, device)
+    def getter(self, dtype: torch.dtype, device: torch.device) -> Callable[[str], torch.Tensor]:
+        return tensor_getter(self.reader, dtype, device)
 
 
 def check_pair(model: Architecture, base: Architecture) -> None:
@@ -114,6 +113,13 @@ def check_pair(model: Architecture, base: Architecture) -> None:
                 f"model and baseline differ in {field} ({getattr(a, field)} vs {getattr(b, field)}); "
                 "the baseline must be the checkpoint the model was compressed from"
             )
+
+
+def check_engine(engine: str) -> str:
+    """``engine`` if it is one of :data:`ENGINES`, else a one-line MoequantError."""
+    if engine not in ENGINES:
+        raise MoequantError(f"unknown engine {engine!r}; use {' or '.join(ENGINES)}")
+    return engine
 
 
 def check_batch(batch: int) -> int:
@@ -149,8 +155,7 @@ def evaluate_windows(
         engine: ``streamed`` (one layer at a time, the default) or ``memory`` (whole models).
         progress: receives one step per decoder layer, then one per scored chunk.
     """
-    if engine not in ENGINES:
-        raise MoequantError(f"unknown engine {engine!r}; use {' or '.join(ENGINES)}")
+    check_engine(engine)
     if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
         raise MoequantError("evaluation needs at least one window of at least 2 tokens")
     check_batch(batch)
@@ -212,8 +217,7 @@ def _streamed(sides: list[_Model], windows: torch.Tensor, device: torch.device, 
 
 
 def _embed(side: _Model, ids: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    reader = CheckpointReader(side.path)
-    table = reader.get(side.adapter.embed_name, device=device)
+    table = side.reader.get(side.adapter.embed_name, device=device)
     return table[ids].to(dtype)
 
 
@@ -228,7 +232,7 @@ def _layer(side: _Model, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: to
            device: torch.device, batch: int, stage: Callable[[str], None]) -> torch.Tensor:
     """Apply decoder layer ``layer`` to ``x [W, L, H]`` in place; return its top-k ids ``[W*L, k]`` (int16, CPU)."""
     c = side.adapter.config
-    _, get = side.getter(dtype, device)
+    get = side.getter(dtype, device)
     chunking = Chunking(windows=batch, route_rows=batch * x.shape[1],
                         expert_rows=max(1, _ACT_BUDGET // (4 * c.intermediate_size)))
     top_ids = side.adapter.layer_forward(x, layer, get, cos, sin, chunking, observer=_Stages(stage))
@@ -236,7 +240,7 @@ def _layer(side: _Model, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: to
 
 
 def _head(side: _Model, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    _, get = side.getter(dtype, device)
+    get = side.getter(dtype, device)
     return get(side.adapter.final_norm_name), get(side.adapter.lm_head_name)
 
 
