@@ -244,8 +244,8 @@ class CheckpointReader:
 
     def _read_index(self, index: Path) -> None:
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            weight_map = _read_json(index)["weight_map"]
+        except (KeyError, TypeError) as exc:
             raise MoequantError(f"{index} is not a valid safetensors index (needs a weight_map)") from exc
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise MoequantError(f"{index} is not a valid safetensors index: its weight_map must map tensor names to "
