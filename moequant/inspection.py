@@ -19,8 +19,6 @@ from moequant.packed.bitstream import unpack_qzeros
 from moequant.packed.shapes import bits_of, stored_bits
 from moequant.packed.widths import PACKED_KEYS
 
-_QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
-
 
 def describe(path: str | Path, allow_pickle: bool = False) -> dict:
     """A JSON-ready description of an original or a compressed checkpoint."""
@@ -50,7 +48,7 @@ def describe(path: str | Path, allow_pickle: bool = False) -> dict:
     linear_names = {i.weight for layer in range(c.num_layers) for i in adapter.layer_linears(layer)}
     linear_names |= {i.weight for i in adapter.global_linears()}
     for name in reader.names:
-        if name not in linear_names and not name.endswith(tuple("." + s for s in _QUANT_SUFFIXES)):
+        if name not in linear_names and not name.endswith(tuple("." + s for s in PACKED_KEYS)):
             params += reader.numel(name)
     size = reader.total_bytes()
     info = {
