@@ -1,4 +1,4 @@
-"""``moequant compress``: a checkpoint in, a GPTQ-layout checkpoint out."""
+"""``moequant compress``: a checkpoint in, a packed low-bit checkpoint out."""
 
 from __future__ import annotations
 
@@ -27,13 +27,15 @@ def compress(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last layer."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickled .bin weights (trusted files only)."),
+    output_format: str = typer.Option("gptq", "--format", help="gptq (qweight/qzeros/scales/g_idx) or compressed-tensors (pack-quantized; 2/4/8-bit)."),
+    layout: str = typer.Option(None, "--layout", help="Module names written: vllm (the family's published names; default) or gptqmodel (transformers' names, for GPTQModel 7)."),
 ) -> None:
-    """Quantise MODEL layer by layer and write packed safetensors in the GPTQ layout."""
+    """Quantise MODEL layer by layer and write packed safetensors (GPTQ or compressed-tensors)."""
     result = run_compress(
         model, output, recipe=recipe, method=method, device=device,
         calib=CalibSettings(source=calib, samples=samples, seqlen=seqlen, seed=seed),
         overwrite=overwrite, resume=resume, allow_pickle=allow_pickle, expert_batch=expert_batch,
-        progress=RichProgress(),
+        progress=RichProgress(), output_format=output_format, layout=layout,
     )
     render_summary(result.record, result.path)
 

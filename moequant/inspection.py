@@ -123,7 +123,7 @@ def _problems_by_module(reader: CheckpointReader, adapter, qcfg: dict | None) ->
     Tensors missing, packed where the config keeps 16-bit (or the reverse), code bits (``qweight
     [K*b/32, N]``) or a group count (``scales [ceil(K/g), N]``) other than the config's.
     """
-    specs = linear_specs(adapter, qcfg)
+    specs = linear_specs(adapter, qcfg, reader.stored_module)
     inputs = {i.name: i.in_features for layer in range(adapter.config.num_layers) for i in adapter.layer_linears(layer)}
     inputs["lm_head"] = adapter.config.hidden_size
     return {name: _module_problems(reader, name, inputs[name], spec) for name, spec in specs.items()}

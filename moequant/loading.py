@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,17 +72,20 @@ def module_spec(qcfg: dict | None, name: str) -> LinearSpec | None:
     return spec
 
 
-def linear_specs(adapter: Architecture, qcfg: dict | None) -> dict[str, LinearSpec | None]:
-    """The storage spec of every attention, expert and ``lm_head`` linear (on-disk module names).
+def linear_specs(adapter: Architecture, qcfg: dict | None,
+                 stored_name: Callable[[str], str] = str) -> dict[str, LinearSpec | None]:
+    """The storage spec of every attention, expert and ``lm_head`` linear (by canonical module name).
 
     GPTQ quantises attention and expert projections by default, ``lm_head`` only when the config
-    says ``"lm_head": true``; routers and embeddings never.
+    says ``"lm_head": true``; routers and embeddings never. The config's patterns are matched
+    against ``stored_name(module)``, the name the checkpoint stores it under.
     """
     specs: dict[str, LinearSpec | None] = {}
     for layer in range(adapter.config.num_layers):
         for info in adapter.layer_linears(layer):
             if info.kind in ("attention", "expert"):
-                specs[info.name] = _one_group_if_wider(module_spec(qcfg, info.name), info.in_features)
+                spec = module_spec(qcfg, stored_name(info.name))
+                specs[info.name] = _one_group_if_wider(spec, info.in_features)
     if not adapter.config.tie_word_embeddings:
         lm_head = module_spec(qcfg, "lm_head") if qcfg and qcfg.get("lm_head") else None
         specs["lm_head"] = _one_group_if_wider(lm_head, adapter.config.hidden_size)
@@ -351,7 +355,7 @@ def _prepare(reader: CheckpointReader, backend: str, dequantize: bool
                 f"group_size and sym it was packed with as quantization_config in config.json (or as "
                 f"{QUANT_CONFIG_FILES[0]})"
             )
-    specs = linear_specs(adapter, None if dequantize else qcfg)
+    specs = linear_specs(adapter, None if dequantize else qcfg, reader.stored_module)
     for name, spec in specs.items():
         if spec is not None:
             try:

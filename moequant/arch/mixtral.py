@@ -9,6 +9,7 @@ inputs.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +30,12 @@ from moequant.arch.base import (
 from moequant.errors import MoequantError
 
 ATTN_ROLES = ("q", "k", "v", "o")
+_HF_ROLE = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_ROLE_OF_HF = {v: k for k, v in _HF_ROLE.items()}
+_EXPERT_CANONICAL = re.compile(r"^(model\.layers\.\d+\.)block_sparse_moe\.experts\.(\d+)\.(w[123])(\.|$)")
+_ROUTER_CANONICAL = re.compile(r"^(model\.layers\.\d+\.)block_sparse_moe\.gate(\.|$)")
+_EXPERT_HF = re.compile(r"^(model\.layers\.\d+\.)mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)(\.|$)")
+_ROUTER_HF = re.compile(r"^(model\.layers\.\d+\.)mlp\.gate(\.|$)")
 
 
 def parse_mixtral_config(raw: Mapping) -> MoEConfig:
@@ -182,12 +189,18 @@ class MixtralAdapter:
     def router_name(self, layer: int) -> str:
         return f"model.layers.{layer}.block_sparse_moe.gate"
 
-    def fused_views(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, TensorView]:
-        """Per-expert weights over experts stored fused, as transformers writes them with
-        ``save_original_format=False``: ``mlp.experts.gate_up_proj [E, 2I, H]`` (each expert's w1
-        rows, then its w3 rows), ``mlp.experts.down_proj [E, H, I]``, and the router at ``mlp.gate``.
+    def canonical_views(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, TensorView]:
+        """The canonical per-module names over tensors stored under other names.
 
-        ``shapes`` maps the checkpoint's tensor names to their shapes; the result maps the per-expert
+        - experts stored fused, as transformers writes them with ``save_original_format=False``:
+          ``mlp.experts.gate_up_proj [E, 2I, H]`` (each expert's w1 rows, then its w3 rows),
+          ``mlp.experts.down_proj [E, H, I]``;
+        - experts stored one by one under transformers' module names
+          (``mlp.experts.E.gate_proj/up_proj/down_proj``, any tensor of them: ``weight``,
+          ``qweight``, ...), as the ``gptqmodel`` layout and GPTQModel write them;
+        - the router at ``mlp.gate``.
+
+        ``shapes`` maps the checkpoint's tensor names to their shapes; the result maps the canonical
         names that are missing to where they lie.
         """
         c = self.config
@@ -198,11 +211,11 @@ class MixtralAdapter:
             if name not in shapes:
                 views[name] = TensorView(source, offset, shape)
 
+        for name, shape in shapes.items():
+            if (canonical := self.canonical_name(name)) != name:
+                add(canonical, name, 0, tuple(shape))
         for layer in range(c.num_layers):
             base = f"model.layers.{layer}."
-            if base + "mlp.gate.weight" in shapes:
-                add(self.router_name(layer) + ".weight", base + "mlp.gate.weight", 0,
-                    tuple(shapes[base + "mlp.gate.weight"]))
             for block in ("mlp", "block_sparse_moe"):
                 gate_up, down = base + block + ".experts.gate_up_proj", base + block + ".experts.down_proj"
                 if gate_up in shapes:
@@ -217,6 +230,25 @@ class MixtralAdapter:
                     for e in range(n):
                         add(self.expert_name(layer, e, "w2") + ".weight", down, e * hidden * inter, (hidden, inter))
         return views
+
+    # -- layouts: the names a written checkpoint uses ------------------------------------------
+    layouts = {
+        "vllm": "Mixtral's published names (block_sparse_moe.experts.N.w1/w2/w3): vLLM, AutoGPTQ, optimum",
+        "gptqmodel": "transformers' module names (mlp.experts.N.gate_proj/up_proj/down_proj, mlp.gate): "
+                     "GPTQModel 7",
+    }
+
+    def disk_name(self, name: str, layout: str) -> str:
+        """The name under which ``layout`` stores the tensor or module canonically named ``name``."""
+        if layout == "vllm":
+            return name
+        name = _EXPERT_CANONICAL.sub(lambda m: f"{m[1]}mlp.experts.{m[2]}.{_HF_ROLE[m[3]]}{m[4]}", name)
+        return _ROUTER_CANONICAL.sub(r"\1mlp.gate\2", name)
+
+    def canonical_name(self, name: str) -> str:
+        """The canonical name of a tensor or module stored as ``name`` under any layout."""
+        name = _EXPERT_HF.sub(lambda m: f"{m[1]}block_sparse_moe.experts.{m[2]}.{_ROLE_OF_HF[m[3]]}{m[4]}", name)
+        return _ROUTER_HF.sub(r"\1block_sparse_moe.gate\2", name)
 
     def norm_names(self, layer: int) -> tuple[str, str]:
         p = self.layer_prefix(layer)

@@ -38,10 +38,11 @@ def _architectures(config: Mapping) -> list[str]:
     return archs
 
 
-def fused_views(config: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorView]:
-    """Per-module names over fused on-disk tensors, for the adapter of ``config`` (none if unsupported)."""
+def canonical_views(config: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorView]:
+    """Canonical per-module names over tensors stored fused or under other names, for the adapter of
+    ``config`` (none if unsupported)."""
     try:
         adapter = adapter_for(config)
     except MoequantError:
         return {}
-    return adapter.fused_views(shapes)
+    return adapter.canonical_views(shapes)

@@ -38,7 +38,7 @@ def quantization_config(specs: dict[str, QuantSpec | None], version: str, recipe
         if key != default:
             wanted[name] = key
     dynamic: dict[str, dict] = {}
-    for pattern, key in _compact_patterns(wanted, list(specs) + list(others)):
+    for pattern, key in compact_patterns(wanted, list(specs) + list(others)):
         if key == ("skip",):
             dynamic[f"-:{pattern}"] = {}
         else:
@@ -64,7 +64,7 @@ def quantization_config(specs: dict[str, QuantSpec | None], version: str, recipe
     return config
 
 
-def _compact_patterns(wanted: dict[str, tuple], all_names: list[str]) -> list[tuple[str, tuple]]:
+def compact_patterns(wanted: dict[str, tuple], all_names: list[str]) -> list[tuple[str, tuple]]:
     """Regexes covering exactly the modules of each override, as few as stay exact."""
     by_key: dict[tuple, list[str]] = {}
     for name, key in wanted.items():

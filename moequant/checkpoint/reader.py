@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from moequant.arch.base import TensorView
-from moequant.arch.registry import fused_views
+from moequant.arch.registry import canonical_views
+from moequant.checkpoint.compressed_tensors import is_compressed_tensors
 from moequant.errors import MoequantError, first_line
 
 SAFE_SINGLE = "model.safetensors"
@@ -190,11 +191,20 @@ class CheckpointReader:
         self._handles: dict[Path, SafetensorsFile] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         self._views: dict[str, TensorView] = {}
+        self._derived: dict[str, _Derived] = {}
+        self._zeros_v2 = False
+        self._consumed: dict[str, Path] = {}
         self._discover(allow_pickle)
-        self.add_views(fused_views(self.config, {n: self.shape(n) for n in self._weight_map}))
+        self.source_format = "compressed-tensors" if is_compressed_tensors(self.config.get("quantization_config")) \
+            else None
+        if self.source_format:
+            self._read_compressed_tensors()
+        self.add_views(canonical_views(self.config, {n: self.shape(n) for n in self._weight_map}))
         if not self.config.get("quantization_config") and any(n.endswith(".qweight") for n in self._weight_map):
             self._adopt_quant_config_file()
         qcfg = self.config.get("quantization_config")
+        if self.source_format is None and isinstance(qcfg, dict) and qcfg:
+            self.source_format = "gptq"
         self._zeros_v2 = isinstance(qcfg, dict) and str(qcfg.get("checkpoint_format", "")).lower() == "gptq_v2"
 
     def _adopt_quant_config_file(self) -> None:
@@ -211,6 +221,47 @@ class CheckpointReader:
                 raise MoequantError(f"{file} is not a JSON object of quantisation settings")
             self.config["quantization_config"] = qcfg
             return
+
+    def _read_compressed_tensors(self) -> None:
+        """Present the modules of a compressed-tensors ``pack-quantized`` checkpoint as GPTQ tensors, and
+        its ``quantization_config`` as the GPTQ config that gives every module the same storage."""
+        from moequant.checkpoint import compressed_tensors as ct
+        from moequant.checkpoint.gptq_config import quantization_config
+
+        qcfg = self.config["quantization_config"]
+        modules = sorted(n[: -len(".weight_packed")] for n in self._weight_map if n.endswith(".weight_packed"))
+        schemes = ct.module_schemes(qcfg, modules)
+        for module in modules:
+            scheme = schemes.get(module)
+            if scheme is None:
+                raise MoequantError(f"{module} is packed, but quantization_config gives it no scheme (it is "
+                                    "ignored, or no config group targets it)")
+            if not self.has(module + ".weight_shape"):
+                raise MoequantError(f"{module}.weight_shape is missing from the checkpoint at {self.path}")
+            shape = [int(v) for v in self.get(module + ".weight_shape").reshape(-1).tolist()]
+            if len(shape) != 2 or min(shape) < 1:
+                raise MoequantError(f"{module}.weight_shape is {shape}; it must be [out_features, in_features]")
+            n, k = shape
+            bits, group = scheme["bits"], scheme["group_size"]
+            n_groups = -(-k // (k if group == -1 else group))
+            if (k * bits) % 32 or (n * bits) % 32:
+                raise MoequantError(f"{module} is a [{n}, {k}] weight; moequant runs {bits}-bit weights whose "
+                                    "sizes are multiples of 32")
+            source = _Derived.Module(self, module, scheme, n, k)
+            shard = self._weight_map[module + ".weight_packed"]
+            for key, shp, dtype in (("qweight", (k * bits // 32, n), torch.int32),
+                                    ("qzeros", (n_groups, n * bits // 32), torch.int32),
+                                    ("scales", (n_groups, n), torch.float16), ("g_idx", (k,), torch.int32)):
+                self._derived[f"{module}.{key}"] = _Derived(source, key, shp, dtype)
+                self._weight_map[f"{module}.{key}"] = shard
+            for key in ct.KEYS:
+                if f"{module}.{key}" in self._weight_map:
+                    self._consumed[f"{module}.{key}"] = self._weight_map.pop(f"{module}.{key}")
+        linears = [n[: -len(".weight")] for n in self._weight_map
+                   if n.endswith(".weight") and len(self.shape(n)) == 2 and "embed" not in n]
+        specs = ct.gptq_specs(schemes, modules + linears)
+        self.config["quantization_config"] = quantization_config(
+            specs, "compressed-tensors", "", 0.01, False, lm_head=specs.get("lm_head") is not None)
 
     def _discover(self, allow_pickle: bool) -> None:
         index = self.path / SAFE_INDEX
@@ -288,6 +339,14 @@ class CheckpointReader:
     def _keys(self, shard: Path) -> set[str]:
         return set(self._handles[shard].keys())
 
+    def stored_module(self, module: str) -> str:
+        """The name under which the checkpoint stores module ``module`` (its canonical name)."""
+        for suffix in (".qweight", ".weight"):
+            view = self._views.get(module + suffix)
+            if view is not None and view.offset == 0 and view.source.endswith(suffix):
+                return view.source[: -len(suffix)]
+        return module
+
     def add_views(self, views: dict[str, TensorView]) -> None:
         """Present each view under its name, in place of the tensors the views lie in."""
         for name, view in views.items():
@@ -319,6 +378,8 @@ class CheckpointReader:
         self._require(name)
         if name in self._views:
             return self._views[name].shape
+        if name in self._derived:
+            return self._derived[name].shape
         if self._pickled is not None:
             return tuple(self._pickled[name].shape)
         return self._handles[self._weight_map[name]].entries[name][1]
@@ -326,6 +387,8 @@ class CheckpointReader:
     def dtype(self, name: str) -> torch.dtype:
         self._require(name)
         source = self._views[name].source if name in self._views else name
+        if source in self._derived:
+            return self._derived[source].dtype
         if self._pickled is not None:
             return self._pickled[source].dtype
         return self._handles[self._weight_map[name]].entries[source][0]
@@ -339,7 +402,11 @@ class CheckpointReader:
         self._require(name)
         view = self._views.get(name)
         source = view.source if view is not None else name
-        if self._pickled is not None:
+        if source in self._derived:
+            tensor = self._derived[source].read()
+            if view is not None and (view.offset or tuple(view.shape) != tuple(tensor.shape)):
+                tensor = tensor.reshape(-1)[view.offset:view.offset + math.prod(view.shape)].reshape(view.shape)
+        elif self._pickled is not None:
             tensor = self._pickled[source]
             if view is not None:
                 tensor = tensor.reshape(-1)[view.offset:view.offset + math.prod(view.shape)].reshape(view.shape)
@@ -355,6 +422,14 @@ class CheckpointReader:
             bad = "NaN" if torch.isnan(tensor).any() else "Inf"
             raise MoequantError(f"tensor {name} in {self._weight_map[name].name} contains {bad} values")
         return tensor
+
+    def read_consumed(self, name: str) -> torch.Tensor:
+        """A stored tensor that the checkpoint presents only through tensors derived from it."""
+        if name not in self._consumed:
+            raise MoequantError(f"tensor {name} is missing from the checkpoint at {self.path}")
+        if self._pickled is not None:
+            return self._pickled[name]
+        return self._handles[self._consumed[name]].get(name)
 
     def _v2_zeros_as_v1(self, name: str, qzeros: torch.Tensor) -> torch.Tensor:
         """``qzeros`` of format ``gptq_v2`` (zero points as they are) in the v1 layout (``z - 1``)."""
@@ -393,6 +468,33 @@ class CheckpointReader:
             self.close()
         except Exception:
             pass
+
+
+class _Derived:
+    """A tensor computed from others of the checkpoint when read (GPTQ tensors of another format)."""
+
+    class Module:
+        """One compressed-tensors module, converted once for all four of its GPTQ tensors."""
+
+        def __init__(self, reader: CheckpointReader, module: str, scheme: dict, n: int, k: int) -> None:
+            self.reader, self.module, self.scheme, self.n, self.k = reader, module, scheme, n, k
+            self._tensors: dict[str, torch.Tensor] | None = None
+
+        def tensor(self, key: str) -> torch.Tensor:
+            from moequant.checkpoint.compressed_tensors import from_compressed
+
+            if self._tensors is None or key not in self._tensors:
+                self._tensors = from_compressed(self.reader.read_consumed, self.module, self.scheme, self.n, self.k)
+            out = self._tensors.pop(key)
+            if not self._tensors:
+                self._tensors = None
+            return out
+
+    def __init__(self, source: _Derived.Module, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.source, self.key, self.shape, self.dtype = source, key, shape, dtype
+
+    def read(self) -> torch.Tensor:
+        return self.source.tensor(self.key)
 
 
 _ST_DTYPES = {

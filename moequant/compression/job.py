@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moequant.arch.base import Architecture, WeightGetter
+from moequant.checkpoint.output_form import OutputForm
 from moequant.checkpoint.reader import CheckpointReader
 from moequant.progress import Progress
 from moequant.quant.types import QuantSpec
@@ -44,7 +45,7 @@ class Job:
     """One compression run's settings: the source, its family, the recipe and the spec of every module.
 
     ``windows`` is the number of calibration windows per forward chunk; ``expert_batch`` the
-    number of experts read and solved together.
+    number of experts read and solved together; ``form`` how the output is stored.
     """
 
     reader: CheckpointReader
@@ -55,6 +56,7 @@ class Job:
     progress: Progress
     windows: int
     expert_batch: int
+    form: OutputForm = field(default_factory=OutputForm)
     phases: Phases = field(init=False)
 
     def __post_init__(self) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moequant import __version__
-from moequant.checkpoint.gptq_config import quantization_config
+from moequant.checkpoint.output_form import stored_quantization_config
 from moequant.checkpoint.reader import QUANT_CONFIG_FILES
 from moequant.checkpoint.writer import CheckpointWriter
 from moequant.compression.job import Job
@@ -75,8 +75,8 @@ def finish_record(job: Job, record: Record, source: Path, calib_info: dict | Non
     recipe = job.recipe
     return {
         "moequant_version": __version__,
-        "format": "gptq",
-        "checkpoint_format": "gptq",
+        "format": job.form.format,
+        "layout": job.form.layout,
         "source": str(source),
         "architecture": (job.reader.config.get("architectures") or [a.family])[0],
         "recipe": {"name": recipe.name, "fingerprint": recipe.fingerprint(), "file": RECIPE_FILE},
@@ -133,14 +133,11 @@ def _natural(name: str) -> list:
 def write_metadata(job: Job, writer: CheckpointWriter, source: Path, record: dict) -> None:
     """config.json with its ``quantization_config``, quantize_config.json, the record, the recipe, the tokenizer."""
     config = dict(job.reader.config)
-    quant_specs = {n: s for n, s in job.specs.items()
-                   if not n.endswith(".gate") and n != "model.embed_tokens" and (n != "lm_head" or s is not None)}
-    config["quantization_config"] = quantization_config(
-        quant_specs, __version__, job.recipe.name, job.recipe.damp, job.recipe.act_order,
-        lm_head=job.specs.get("lm_head") is not None, others=[n for n in job.specs if n not in quant_specs],
-    )
+    config["quantization_config"] = stored_quantization_config(
+        job.form, job.arch, job.specs, __version__, job.recipe.name, job.recipe.damp, job.recipe.act_order)
     writer.write_json("config.json", config)
-    writer.write_json(QUANT_CONFIG_FILES[0], config["quantization_config"])
+    if job.form.format == "gptq":
+        writer.write_json(QUANT_CONFIG_FILES[0], config["quantization_config"])
     writer.write_json(RECORD_FILE, record)
     writer.write_text(RECIPE_FILE, job.recipe.to_yaml())
     for name in _COPY_FILES:

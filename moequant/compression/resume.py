@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from moequant import __version__
+from moequant.checkpoint.output_form import OutputForm
 from moequant.checkpoint.reader import CheckpointReader
 from moequant.checkpoint.writer import (
     CheckpointWriter,
@@ -41,12 +42,14 @@ def layer_key(layer: int) -> str:
     return f"layer-{layer:05d}"
 
 
-def fingerprint(reader: CheckpointReader, recipe: Recipe, method: str | None, calib: CalibSettings | None) -> str:
+def fingerprint(reader: CheckpointReader, recipe: Recipe, method: str | None, calib: CalibSettings | None,
+                form: OutputForm) -> str:
     """What a run must share with the partial run it resumes: version, source files and config, recipe,
-    method and calibration settings."""
+    method, calibration settings and output form."""
     files = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in reader.files()]
     payload = json.dumps({"v": __version__, "config": reader.config, "files": files, "recipe": recipe.model_dump(),
-                          "method": method, "calib": None if calib is None else vars(calib)}, sort_keys=True,
+                          "method": method, "calib": None if calib is None else vars(calib),
+                          "form": [form.format, form.layout]}, sort_keys=True,
                          default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 

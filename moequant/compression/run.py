@@ -1,4 +1,4 @@
-"""The compression run: one decoder layer at a time, from a checkpoint to the GPTQ layout.
+"""The compression run: one decoder layer at a time, from a checkpoint to packed low-bit weights.
 
 For every layer: read its weights, quantise them (calibrated through the layer forward when any
 module is solved by GPTQ, else rounded one tensor at a time), write the layer's file and save the
@@ -19,6 +19,7 @@ import torch
 from moequant.arch.registry import adapter_for
 from moequant.calib import check_token_ids
 from moequant.checkpoint.against_config import check_tensors
+from moequant.checkpoint.output_form import output_form, stored_tensors
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
 from moequant.checkpoint.writer import (
     CheckpointWriter,
@@ -75,8 +76,10 @@ def compress(
     allow_pickle: bool = False,
     expert_batch: int = 0,
     progress: Progress | None = None,
+    output_format: str = "gptq",
+    layout: str | None = None,
 ) -> CompressResult:
-    """Compress the MoE checkpoint ``model`` into ``out`` (GPTQ layout).
+    """Compress the MoE checkpoint ``model`` into ``out``.
 
     Args:
         model: local checkpoint folder or hub id.
@@ -90,6 +93,8 @@ def compress(
         allow_pickle: accept pickled ``.bin`` weights (loaded with ``weights_only=True``).
         expert_batch: experts solved together (0: all experts of a layer at once).
         progress: receives progress events.
+        output_format: ``gptq`` or ``compressed-tensors`` (:data:`~moequant.checkpoint.output_form.FORMATS`).
+        layout: the module names written (the family's ``layouts``; None: its first, the one vLLM reads).
     """
     progress = progress or Progress()
     calib = calib or CalibSettings()
@@ -116,10 +121,11 @@ def compress(
     check_tensors(reader, arch)
     recipe_obj = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     specs = plan(arch, recipe_obj, method)
+    form = output_form(arch, output_format, layout, specs)
     dev = resolve_device(device)
     calibrate = any(s is not None and s.method == "gptq" for s in specs.values())
 
-    run_fingerprint = fingerprint(reader, recipe_obj, method, calib if calibrate else None)
+    run_fingerprint = fingerprint(reader, recipe_obj, method, calib if calibrate else None, form)
     n_layers = arch.config.num_layers
     shard_keys = [layer_key(i) for i in range(n_layers)] + [_GLOBALS_KEY]
     state = load_state(out_path, run_fingerprint, shard_keys, calibrate) if resume else None
@@ -132,7 +138,7 @@ def compress(
         hidden = reader.get(arch.embed_name, dtype=torch.float32, device=dev)[ids.to(dev)]
     writer = CheckpointWriter(out_path, shard_keys, fresh=state is None)
     job = Job(reader, arch, recipe_obj, specs, dev, progress, windows=windows_per_chunk(calib, arch),
-              expert_batch=expert_batch or arch.config.num_experts)
+              expert_batch=expert_batch or arch.config.num_experts, form=form)
     record = Record()
     if state is not None:
         start_layer = state["completed_layers"]
@@ -155,7 +161,7 @@ def compress(
             layer_record["time_s"] = round(time.perf_counter() - t0, 3)
             if job.phases.seconds:
                 layer_record["phases_s"] = {name: round(sec, 3) for name, sec in job.phases.seconds.items()}
-            writer.write_shard(layer_key(layer), tensors)
+            writer.write_shard(layer_key(layer), stored_tensors(form, arch, specs, tensors))
             del tensors  # not held while the next layer is computed
             record.layers.append(layer_record)
             save_state(writer, run_fingerprint, layer + 1, record, calib_info, hidden)
@@ -169,7 +175,7 @@ def compress(
     finally:
         progress.end()
 
-    writer.write_shard(_GLOBALS_KEY, global_tensors(job, record, hidden))
+    writer.write_shard(_GLOBALS_KEY, stored_tensors(form, arch, specs, global_tensors(job, record, hidden)))
     out_bytes = sum(writer.shard_path(k).stat().st_size for k in shard_keys)
     result = finish_record(job, record, source, calib_info, method, out_bytes, time.perf_counter() - started)
     write_metadata(job, writer, source, result)

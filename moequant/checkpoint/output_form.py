@@ -1,0 +1,85 @@
+"""How a compressed checkpoint is stored: its format (``gptq`` or ``compressed-tensors``) and its
+layout (the module names, per family: which readers find them).
+
+Compression produces every tensor under its canonical name in the GPTQ layout; :func:`stored_tensors`
+turns a layer's tensors into what the chosen form writes, and :func:`stored_quantization_config`
+gives the matching ``quantization_config``. The reader turns every form back into the canonical
+GPTQ view, so loading, evaluation and inspection read all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from moequant.arch.base import Architecture
+from moequant.checkpoint import compressed_tensors as ct
+from moequant.checkpoint.gptq_config import quantization_config as gptq_quantization_config
+from moequant.errors import MoequantError
+from moequant.quant.types import QuantSpec
+
+FORMATS = {
+    "gptq": "GPTQ v1 tensors (qweight, qzeros, scales, g_idx): vLLM, GPTQModel, AutoGPTQ, optimum",
+    "compressed-tensors": "compressed-tensors pack-quantized (weight_packed, weight_scale, ...): vLLM, "
+                          "llm-compressor, transformers",
+}
+
+
+@dataclass(frozen=True)
+class OutputForm:
+    """``format``: a key of :data:`FORMATS`; ``layout``: a key of the architecture's ``layouts``."""
+
+    format: str = "gptq"
+    layout: str = "vllm"
+
+
+def output_form(arch: Architecture, fmt: str = "gptq", layout: str | None = None,
+                specs: Mapping[str, QuantSpec | None] | None = None) -> OutputForm:
+    """The checked form for ``arch``: the format and layout exist, and every module of ``specs`` fits them."""
+    if fmt not in FORMATS:
+        raise MoequantError(f"unknown format {fmt!r}; use one of: {', '.join(FORMATS)}")
+    layouts = list(arch.layouts)
+    layout = layout or layouts[0]
+    if layout not in arch.layouts:
+        raise MoequantError(f"unknown layout {layout!r} for {arch.family}; use one of: {', '.join(layouts)}")
+    if fmt == "compressed-tensors":
+        for name, spec in (specs or {}).items():
+            if spec is not None:
+                ct.check_spec(name, spec)
+    return OutputForm(fmt, layout)
+
+
+def stored_tensors(form: OutputForm, arch: Architecture, specs: Mapping[str, QuantSpec | None],
+                   tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (canonical names, GPTQ layout) as ``form`` stores them."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        module, _, key = name.rpartition(".")
+        if form.format == "compressed-tensors" and key in ("qzeros", "scales", "g_idx"):
+            continue
+        if form.format == "compressed-tensors" and key == "qweight":
+            spec = specs[module]
+            packed = {k: tensors[f"{module}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+            in_features = tensor.shape[0] * 32 // spec.bits
+            for ct_key, value in ct.to_compressed(packed, spec, in_features).items():
+                out[f"{arch.disk_name(module, form.layout)}.{ct_key}"] = value
+            continue
+        out[arch.disk_name(name, form.layout)] = tensor
+    return out
+
+
+def stored_quantization_config(form: OutputForm, arch: Architecture, specs: Mapping[str, QuantSpec | None],
+                               version: str, recipe_name: str, damp: float, act_order: bool) -> dict:
+    """The ``quantization_config`` of a checkpoint of ``form`` whose modules got ``specs`` (canonical names)."""
+    linears = {n: s for n, s in specs.items() if n != "model.embed_tokens"}
+    routers = {arch.router_name(layer) for layer in range(arch.config.num_layers)}
+    quant = {arch.disk_name(n, form.layout): s for n, s in linears.items()
+             if n not in routers and (n != "lm_head" or s is not None)}
+    others = [arch.disk_name(n, form.layout) for n in linears if arch.disk_name(n, form.layout) not in quant]
+    if form.format == "compressed-tensors":
+        return ct.quantization_config(quant, others=others)
+    return gptq_quantization_config(quant, version, recipe_name, damp, act_order,
+                                    lm_head=specs.get("lm_head") is not None, others=others)
+
