@@ -56,4 +56,7 @@ def render(info: dict) -> None:
         bits = ", ".join(f"{b}-bit x{n}" for b, n in g["bits"].items())
         table.add_row(name, str(g["modules"]), f"{g['parameters']:,}", bits, filesize.decimal(g["stored_bytes"]))
     out.print(table)
+    if info.get("format"):
+        out.print(f"stored as {info['format']}, {info['layout']} layout; read by {', '.join(info['readers'])}",
+                  highlight=False)
     print_engine_limits(info.get("engine_limits") or [])

@@ -10,6 +10,7 @@ import torch
 from moequant.arch.registry import adapter_for
 from moequant.checkpoint.against_config import check_tensors
 from moequant.checkpoint.gptq_config import quantization_config_of
+from moequant.checkpoint.output_form import READERS, stored_form
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
 from moequant.compression.record import RECORD_FILE
 from moequant.engine_limits import Stored, engine_limits
@@ -70,6 +71,10 @@ def describe(path: str | Path, allow_pickle: bool = False) -> dict:
     }
     if stored:
         info["engine_limits"] = engine_limits(adapter, stored)
+    form = stored_form(reader, adapter)
+    if form is not None:
+        info["format"], info["layout"] = form.format, form.layout
+        info["readers"] = READERS.get((form.format, form.layout), ["moequant"])
     if quant is not None:
         info["quantization_config"] = {k: quant[k] for k in ("quant_method", "checkpoint_format", "bits",
                                                              "group_size", "sym", "desc_act") if k in quant}

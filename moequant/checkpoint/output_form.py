@@ -27,6 +27,15 @@ FORMATS = {
 }
 
 
+READERS = {
+    ("gptq", "vllm"): ["vLLM (4- and 8-bit modules)", "AutoGPTQ and optimum", "moequant"],
+    ("gptq", "gptqmodel"): ["GPTQModel 7", "moequant"],
+    ("compressed-tensors", "vllm"): ["vLLM (4- and 8-bit modules, symmetric experts)",
+                                     "transformers (dequantised to float on load)", "compressed-tensors", "moequant"],
+}
+"""Who reads each (format, layout): verified with the readers themselves, see README's interoperability section."""
+
+
 @dataclass(frozen=True)
 class OutputForm:
     """``format``: a key of :data:`FORMATS`; ``layout``: a key of the architecture's ``layouts``."""
@@ -45,10 +54,26 @@ def output_form(arch: Architecture, fmt: str = "gptq", layout: str | None = None
     if layout not in arch.layouts:
         raise MoequantError(f"unknown layout {layout!r} for {arch.family}; use one of: {', '.join(layouts)}")
     if fmt == "compressed-tensors":
+        if layout != layouts[0]:
+            raise MoequantError(f"--layout {layout} is for --format gptq (GPTQModel reads GPTQ tensors); "
+                                f"compressed-tensors readers (vLLM, transformers) take the {layouts[0]} layout")
         for name, spec in (specs or {}).items():
             if spec is not None:
                 ct.check_spec(name, spec)
     return OutputForm(fmt, layout)
+
+
+def stored_form(reader, arch: Architecture) -> OutputForm | None:
+    """The form a quantised checkpoint is stored in (``None`` for a 16-bit one); a layout of ``other``
+    where its names are none of the family's layouts."""
+    if reader.source_format is None:
+        return None
+    fmt = "compressed-tensors" if reader.source_format == "compressed-tensors" else "gptq"
+    probes = [i.name for i in arch.layer_linears(0) if i.kind == "expert"][:1]
+    for layout in arch.layouts:
+        if all(reader.stored_module(p) == arch.disk_name(p, layout) for p in probes):
+            return OutputForm(fmt, layout)
+    return OutputForm(fmt, "other")
 
 
 def stored_tensors(form: OutputForm, arch: Architecture, specs: Mapping[str, QuantSpec | None],

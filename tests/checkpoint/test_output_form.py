@@ -53,8 +53,7 @@ def mixed_outputs(tmp_path_factory):
     outs = {}
     for sym in (True, False):
         recipe = parse_recipe(MIXED.replace("method: rtn", f"method: rtn\nsym: {str(sym).lower()}"))
-        for fmt, layout in (("gptq", "vllm"), ("gptq", "gptqmodel"), ("compressed-tensors", "vllm"),
-                            ("compressed-tensors", "gptqmodel")):
+        for fmt, layout in (("gptq", "vllm"), ("gptq", "gptqmodel"), ("compressed-tensors", "vllm")):
             out = root / f"{fmt}-{layout}-{sym}"
             compress(source, out, recipe=recipe, output_format=fmt, layout=layout)
             outs[fmt, layout, sym] = out
@@ -110,13 +109,12 @@ def _shard_of(out, name):
 
 
 @pytest.mark.parametrize("sym", [True, False])
-@pytest.mark.parametrize("layout", ["vllm", "gptqmodel"])
-def test_compressed_tensors_package_decompresses_the_same_weights(mixed_outputs, sym, layout):
+def test_compressed_tensors_package_decompresses_the_same_weights(mixed_outputs, sym):
     """compressed-tensors' own config parsing, target matching and decompression against moequant's weights."""
     pytest.importorskip("compressed_tensors")
     from tests.compressed_tensors_reader import decompressed_weights
 
-    theirs = decompressed_weights(mixed_outputs["compressed-tensors", layout, sym])
+    theirs = decompressed_weights(mixed_outputs["compressed-tensors", "vllm", sym])
     reader = CheckpointReader(mixed_outputs["gptq", "vllm", sym])
     arch = moequant.arch.registry.adapter_for(reader.config)
     checked = 0
@@ -142,6 +140,8 @@ def test_compressed_tensors_refuses_3_bit_before_writing(tmp_path, tiny_mixtral)
 @pytest.mark.parametrize("kwargs, message", [
     ({"output_format": "awq"}, "unknown format 'awq'; use one of: gptq, compressed-tensors"),
     ({"layout": "sglang"}, "unknown layout 'sglang' for mixtral; use one of: vllm, gptqmodel"),
+    ({"output_format": "compressed-tensors", "layout": "gptqmodel"},
+     "--layout gptqmodel is for --format gptq .* take the vllm layout"),
 ])
 def test_unknown_format_or_layout(tmp_path, tiny_mixtral, kwargs, message):
     with pytest.raises(MoequantError, match=message):
@@ -159,3 +159,61 @@ def test_resume_refuses_another_form(tmp_path, tiny_mixtral):
                  output_format="compressed-tensors")
     result = compress(tiny_mixtral, out, recipe="mixtral-a4e4", method="rtn", resume=True)
     assert result.record["format"] == "gptq"
+
+
+def test_inspect_names_the_form_and_its_readers(mixed_outputs):
+    from moequant.inspection import describe
+
+    seen = {}
+    for (fmt, layout, sym), path in mixed_outputs.items():
+        if sym:
+            info = describe(path)
+            seen[fmt, layout] = (info["format"], info["layout"], info["readers"], info["loadable"])
+    assert seen["gptq", "gptqmodel"][:3] == ("gptq", "gptqmodel", ["GPTQModel 7", "moequant"])
+    assert seen["gptq", "vllm"][:2] == ("gptq", "vllm") and "AutoGPTQ and optimum" in seen["gptq", "vllm"][2]
+    assert seen["compressed-tensors", "vllm"][:2] == ("compressed-tensors", "vllm")
+    assert all(v[3] for v in seen.values())
+
+
+def test_reads_compressed_tensors_as_llm_compressor_writes_it(mixed_outputs, tmp_path):
+    """Linear targets, an ignore list, transformers' expert names, bfloat16 scales and act-order g_idx."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    source = mixed_outputs["compressed-tensors", "vllm", True]
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    reference = _logits(source, ids)
+    out = tmp_path / "llmc"
+    shutil.copytree(source, out)
+    arch = moequant.arch.registry.adapter_for(json.loads((out / "config.json").read_text()))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    weight_map = {}
+    for file in sorted(out.glob("*.safetensors")):
+        tensors = {}
+        for name, t in load_file(file).items():
+            new = arch.disk_name(name, "gptqmodel")
+            if name.endswith(".weight_scale"):
+                t = t.to(torch.bfloat16).to(torch.float16).to(torch.bfloat16)
+            tensors[new] = t
+            if name.endswith(".weight_packed"):
+                k = int(load_file(file)[name[: -len("packed")] + "shape"][1])
+                tensors[new[: -len("packed")] + "g_idx"] = torch.arange(k, dtype=torch.int32) // 64
+                weight_map[new[: -len("packed")] + "g_idx"] = file.name
+            weight_map[new] = file.name
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    index["weight_map"] = weight_map
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((out / "config.json").read_text())
+    qcfg = config["quantization_config"]
+    renames = {"block_sparse_moe\\.": "mlp\\.", "\\.w1": "\\.gate_proj", "\\.w3": "\\.up_proj",
+               "\\.w2": "\\.down_proj"}
+    for g in qcfg["config_groups"].values():
+        for old, new in renames.items():
+            g["targets"] = [t.replace(old, new) for t in g["targets"]]
+        g["weights"]["actorder"] = "group"
+    qcfg["ignore"] = ["lm_head", "re:.*mlp.gate$", "re:.*\\.layers\\.1\\.mlp\\.experts\\.0\\.down_proj$"]
+    (out / "config.json").write_text(json.dumps(config))
+    scales_rounded = _logits(out, ids)
+    assert (scales_rounded - reference).abs().max() < 1e-2
+    assert torch.equal(scales_rounded.argmax(-1), reference.argmax(-1))
