@@ -150,3 +150,23 @@ def test_huge_samples_refused_with_the_maximum_before_any_layer(tmp_path, tiny_m
                        "--samples", "100000000", "--seqlen", "64")
     assert_one_line_error(code, output, "distinct windows of 64 tokens")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--format", "awq"), "unknown format 'awq'"),
+    (("--layout", "sglang"), "unknown layout 'sglang'"),
+    (("--format", "compressed-tensors", "--recipe", "mixtral-a4e3"), "3-bit codes"),
+])
+def test_bad_output_form(tmp_path, tiny_mixtral, args, needle):
+    code, output = run("compress", str(tiny_mixtral), "-o", str(tmp_path / "out"), "--method", "rtn", *args)
+    assert_one_line_error(code, output, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_form_on_the_command_line(tmp_path, tiny_mixtral):
+    out = tmp_path / "out"
+    code, output = run("compress", str(tiny_mixtral), "-o", str(out), "--method", "rtn", "--recipe", "mixtral-a4e4",
+                       "--format", "compressed-tensors")
+    assert code == 0, output
+    code, output = run("inspect", str(out))
+    assert code == 0 and "stored as compressed-tensors, vllm layout" in " ".join(output.split()), output
