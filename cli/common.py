@@ -48,6 +48,15 @@ def _one_line(exc: Exception) -> str:
     return str(exc)
 
 
+def print_readers(info: dict) -> None:
+    """Which readers take a checkpoint's format and layout, and which do not."""
+    if info.get("format"):
+        out.print(f"stored as {info['format']}, {info['layout']} layout; read by {', '.join(info['readers'])}",
+                  highlight=False)
+    for reader in info.get("not_read_by") or []:
+        out.print(f"[yellow]not read by:[/] {escape(reader)}", highlight=False)
+
+
 def print_engine_limits(notes: list[str]) -> None:
     """The limits of other GPTQ engines a checkpoint runs into, one line each."""
     for note in notes:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from moequant.compression import CalibSettings
 from moequant.compression import compress as run_compress
-from moequant_cli.common import RichProgress, out, print_engine_limits
+from moequant_cli.common import RichProgress, out, print_engine_limits, print_readers
 
 
 def compress(
@@ -64,4 +64,5 @@ def render_summary(record: dict, path: Path) -> None:
         for s in starved:
             st.add_row(str(s["layer"]), str(s["expert"]), str(s["tokens"]), s["policy"])
         out.print(st)
+    print_readers(record)
     print_engine_limits(record.get("engine_limits") or [])

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from moequant.errors import MoequantError
 from moequant.inspection import describe
-from moequant_cli.common import console, out, print_engine_limits
+from moequant_cli.common import console, out, print_engine_limits, print_readers
 
 MAX_SHOWN = 20
 
@@ -56,7 +56,5 @@ def render(info: dict) -> None:
         bits = ", ".join(f"{b}-bit x{n}" for b, n in g["bits"].items())
         table.add_row(name, str(g["modules"]), f"{g['parameters']:,}", bits, filesize.decimal(g["stored_bytes"]))
     out.print(table)
-    if info.get("format"):
-        out.print(f"stored as {info['format']}, {info['layout']} layout; read by {', '.join(info['readers'])}",
-                  highlight=False)
+    print_readers(info)
     print_engine_limits(info.get("engine_limits") or [])

@@ -10,7 +10,7 @@ import torch
 from moequant.arch.registry import adapter_for
 from moequant.checkpoint.against_config import check_tensors
 from moequant.checkpoint.gptq_config import quantization_config_of
-from moequant.checkpoint.output_form import READERS, stored_form
+from moequant.checkpoint.output_form import NOT_READ_BY, READERS, stored_form
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
 from moequant.compression.record import RECORD_FILE
 from moequant.engine_limits import Stored, engine_limits
@@ -75,6 +75,7 @@ def describe(path: str | Path, allow_pickle: bool = False) -> dict:
     if form is not None:
         info["format"], info["layout"] = form.format, form.layout
         info["readers"] = READERS.get((form.format, form.layout), ["moequant"])
+        info["not_read_by"] = NOT_READ_BY.get((form.format, form.layout), [])
     if quant is not None:
         info["quantization_config"] = {k: quant[k] for k in ("quant_method", "checkpoint_format", "bits",
                                                              "group_size", "sym", "desc_act") if k in quant}

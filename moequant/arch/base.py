@@ -148,8 +148,9 @@ class Architecture(Protocol):
 
     def global_linears(self) -> list[LinearInfo]: ...
 
-    layouts: Mapping[str, str]
-    """The namings a checkpoint can be written in, each with the readers it suits; the first is the default."""
+    layouts: tuple[str, ...]
+    """The namings a checkpoint can be written in (``vllm``: the family's published names, the default;
+    ``gptqmodel``: transformers' module names, as GPTQModel reads them)."""
 
     def canonical_views(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, TensorView]: ...
 

@@ -232,11 +232,7 @@ class MixtralAdapter:
         return views
 
     # -- layouts: the names a written checkpoint uses ------------------------------------------
-    layouts = {
-        "vllm": "Mixtral's published names (block_sparse_moe.experts.N.w1/w2/w3): vLLM, AutoGPTQ, optimum",
-        "gptqmodel": "transformers' module names (mlp.experts.N.gate_proj/up_proj/down_proj, mlp.gate): "
-                     "GPTQModel 7",
-    }
+    layouts = ("vllm", "gptqmodel")
 
     def disk_name(self, name: str, layout: str) -> str:
         """The name under which ``layout`` stores the tensor or module canonically named ``name``."""

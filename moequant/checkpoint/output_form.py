@@ -20,25 +20,29 @@ from moequant.checkpoint.gptq_config import quantization_config as gptq_quantiza
 from moequant.errors import MoequantError
 from moequant.quant.types import QuantSpec
 
-FORMATS = {
-    "gptq": "GPTQ v1 tensors (qweight, qzeros, scales, g_idx): vLLM, GPTQModel, AutoGPTQ, optimum",
-    "compressed-tensors": "compressed-tensors pack-quantized (weight_packed, weight_scale, ...): vLLM, "
-                          "llm-compressor, transformers",
-}
+FORMATS = ("gptq", "compressed-tensors")
 
 
 READERS = {
-    ("gptq", "vllm"): ["vLLM (4- and 8-bit modules)", "AutoGPTQ and optimum", "moequant"],
+    ("gptq", "vllm"): ["vLLM (4- and 8-bit modules)", "AutoGPTQ and optimum with transformers 4", "moequant"],
     ("gptq", "gptqmodel"): ["GPTQModel 7", "moequant"],
     ("compressed-tensors", "vllm"): ["vLLM (4- and 8-bit modules, symmetric experts)",
                                      "transformers (dequantised to float on load)", "compressed-tensors", "moequant"],
 }
 """Who reads each (format, layout): verified with the readers themselves, see README's interoperability section."""
+NOT_READ_BY = {
+    ("gptq", "vllm"): ["GPTQModel 7 (use --layout gptqmodel)",
+                       "transformers 5 from_pretrained (its fused experts stay unquantised: use --format "
+                       "compressed-tensors)"],
+    ("gptq", "gptqmodel"): ["vLLM (use --layout vllm)", "transformers 5 from_pretrained (use --format "
+                            "compressed-tensors)"],
+    ("compressed-tensors", "vllm"): [],
+}
 
 
 @dataclass(frozen=True)
 class OutputForm:
-    """``format``: a key of :data:`FORMATS`; ``layout``: a key of the architecture's ``layouts``."""
+    """``format``: one of :data:`FORMATS`; ``layout``: one of the architecture's ``layouts``."""
 
     format: str = "gptq"
     layout: str = "vllm"

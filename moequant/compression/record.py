@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moequant import __version__
-from moequant.checkpoint.output_form import stored_quantization_config
+from moequant.checkpoint.output_form import NOT_READ_BY, READERS, stored_quantization_config
 from moequant.checkpoint.reader import QUANT_CONFIG_FILES
 from moequant.checkpoint.writer import CheckpointWriter
 from moequant.compression.job import Job
@@ -77,6 +77,8 @@ def finish_record(job: Job, record: Record, source: Path, calib_info: dict | Non
         "moequant_version": __version__,
         "format": job.form.format,
         "layout": job.form.layout,
+        "readers": READERS[job.form.format, job.form.layout],
+        "not_read_by": NOT_READ_BY[job.form.format, job.form.layout],
         "source": str(source),
         "architecture": (job.reader.config.get("architectures") or [a.family])[0],
         "recipe": {"name": recipe.name, "fingerprint": recipe.fingerprint(), "file": RECIPE_FILE},

@@ -170,7 +170,7 @@ def test_inspect_names_the_form_and_its_readers(mixed_outputs):
             info = describe(path)
             seen[fmt, layout] = (info["format"], info["layout"], info["readers"], info["loadable"])
     assert seen["gptq", "gptqmodel"][:3] == ("gptq", "gptqmodel", ["GPTQModel 7", "moequant"])
-    assert seen["gptq", "vllm"][:2] == ("gptq", "vllm") and "AutoGPTQ and optimum" in seen["gptq", "vllm"][2]
+    assert seen["gptq", "vllm"][:2] == ("gptq", "vllm") and "vLLM (4- and 8-bit modules)" in seen["gptq", "vllm"][2]
     assert seen["compressed-tensors", "vllm"][:2] == ("compressed-tensors", "vllm")
     assert all(v[3] for v in seen.values())
 
