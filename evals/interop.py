@@ -134,6 +134,33 @@ def compare(theirs: torch.Tensor, ours: torch.Tensor) -> dict:
             "top1_agreement": float((theirs.argmax(-1) == ours.argmax(-1)).float().mean())}
 
 
+def gptqmodel_output_read_by_moequant(python: Path, bundled: Path, ids: torch.Tensor, work: Path) -> list[dict]:
+    """GPTQModel quantises the bundled model itself; `moequant.load` reads that checkpoint, against GPTQModel."""
+    from moequant.builtin_data import builtin_text
+
+    calib = work / "calib.txt"
+    calib.write_text(builtin_text("calib"))
+    rows = []
+    for bits in (4, 8):
+        out = work / f"gptqmodel-own-{bits}"
+        done = subprocess.run([str(python), str(ROOT / "evals" / "interop_reader.py"), "--reader",
+                               "gptqmodel-quantize", "--model", str(bundled), "--out", str(out), "--calib-text",
+                               str(calib), "--bits", str(bits)], capture_output=True, text=True,
+                              env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
+        row = {"recipe": f"GPTQModel's own {bits}-bit output", "format": "gptq", "layout": "gptqmodel",
+               "reader": "moequant", "dtype": "float16"}
+        if done.returncode:
+            row["error"] = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:500]
+        else:
+            logits = work / f"{out.name}.safetensors"
+            row.update(run_reader(python, "gptqmodel", out, work / "ids.safetensors", logits, "float16"))
+            if "error" not in row:
+                row.update(compare(moequant_logits(out, ids, torch.float16), load_file(str(logits))["logits"]))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--venv", type=Path, default=ROOT / ".interop-venv")
@@ -181,6 +208,7 @@ def main() -> None:
                                                           .float().mean())
                 print(json.dumps(row), flush=True)
                 results.append(row)
+    results += gptqmodel_output_read_by_moequant(python, bundled, ids, work)
     report = {"versions": versions(python), "method": args.method, "windows": args.windows,
               "seqlen": args.seqlen, "results": results}
     args.output.parent.mkdir(parents=True, exist_ok=True)

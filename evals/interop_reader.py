@@ -7,7 +7,9 @@ and transformers, without moequant), so that each reader is the package itself:
 - ``compressed-tensors``: the package's own config parsing, target matching and decompression
   (`tests/compressed_tensors_reader.py`), the weights then run in transformers' float model;
 - ``transformers``: ``AutoModelForCausalLM.from_pretrained(path)`` as a user would call it;
-- ``vllm`` (CUDA): greedy tokens, saved instead of logits.
+- ``vllm`` (CUDA): greedy tokens, saved instead of logits;
+- ``gptqmodel-quantize``: no reading; GPTQModel quantises the model and writes its own checkpoint to
+  ``--out``, for moequant to read.
 
     READER_PYTHON evals/interop_reader.py --reader gptqmodel --model DIR --ids ids.safetensors \\
         --out logits.safetensors [--dtype float16]
@@ -75,6 +77,19 @@ READERS = {"gptqmodel": load_gptqmodel, "compressed-tensors": load_compressed_te
            "transformers": load_transformers}
 
 
+def gptqmodel_quantize(source: Path, out: Path, calib_text: str, bits: int) -> str:
+    """Quantise ``source`` with GPTQModel itself (GPTQ, ``bits``, groups of 128) and save it to ``out``."""
+    import gptqmodel
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    chunks = [calib_text[i:i + 600] for i in range(0, min(len(calib_text), 600 * 32), 600)]
+    model = GPTQModel.load(str(source), QuantizeConfig(bits=bits, group_size=128, sym=True, desc_act=False),
+                           device="cpu")
+    model.quantize(chunks, batch_size=4)
+    model.save(str(out))
+    return gptqmodel.__version__
+
+
 def vllm_greedy(path: Path, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, str]:
     """vLLM's greedy continuation ``[B, new_tokens]`` of each row of ``ids`` (CUDA, float16)."""
     import vllm
@@ -88,17 +103,23 @@ def vllm_greedy(path: Path, ids: torch.Tensor, new_tokens: int) -> tuple[torch.T
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reader", choices=[*READERS, "vllm"], required=True)
+    ap.add_argument("--reader", choices=[*READERS, "vllm", "gptqmodel-quantize"], required=True)
+    ap.add_argument("--calib-text", help="gptqmodel-quantize: a text file to calibrate on")
+    ap.add_argument("--bits", type=int, default=4, help="gptqmodel-quantize: code width")
     ap.add_argument("--new-tokens", type=int, default=32, help="vllm: greedy tokens generated per row")
     ap.add_argument("--model", required=True, type=Path)
-    ap.add_argument("--ids", required=True)
+    ap.add_argument("--ids", help="token ids to score (every reader but gptqmodel-quantize)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = ap.parse_args()
     torch.set_num_threads(2)
     dtype = getattr(torch, args.dtype)
-    ids = load_file(args.ids)["ids"]
     t0 = time.perf_counter()
+    if args.reader == "gptqmodel-quantize":
+        version = gptqmodel_quantize(args.model, Path(args.out), Path(args.calib_text).read_text(), args.bits)
+        print(json.dumps({"reader": args.reader, "version": version, "seconds": round(time.perf_counter() - t0, 2)}))
+        return
+    ids = load_file(args.ids)["ids"]
     if args.reader == "vllm":
         tokens, version = vllm_greedy(args.model, ids, args.new_tokens)
         save_file({"tokens": tokens.contiguous()}, args.out)
