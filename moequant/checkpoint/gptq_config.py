@@ -86,13 +86,15 @@ def compact_patterns(wanted: dict[str, tuple], all_names: list[str]) -> list[tup
 
 
 def _generalisations(name: str) -> list[str]:
-    """Patterns for ``name``, most general first: its ancestors (below the layer), then itself."""
+    """Patterns for ``name``, most general first: its ancestors (below the layer; each over every layer,
+    then over its own layer), then itself. An ancestor such as ``model.layers.3.block_sparse_moe.experts``
+    is what readers that fuse a layer's experts match against."""
     pieces = name.split(".")
     first = next((i + 2 for i, p in enumerate(pieces) if p.isdigit()), len(pieces))
     out = []
     for end in range(first, len(pieces)):
         if not pieces[end - 1].isdigit():
-            out.append(_wildcard(".".join(pieces[:end]))[0].removesuffix("$"))
+            out += [p.removesuffix("$") for p in _wildcard(".".join(pieces[:end]))]
     return out + _wildcard(name)
 
 

@@ -48,3 +48,15 @@ def test_patterns_reach_fused_module_names_of_serving_engines():
     config = quantization_config(attn_default, "0", "r", 0.01, True, False, routers[:1])
     assert config["bits"] == 4 and resolve(config, "model.layers.0.block_sparse_moe.experts") == (2, 64)
     assert not any(re.match(p[2:], "model.layers.0.block_sparse_moe.gate") for p in config["dynamic"])
+
+
+def test_experts_with_bits_per_layer_reach_the_fused_experts_of_their_layer():
+    """Engines that fuse a layer's experts look up ``model.layers.L.block_sparse_moe.experts``."""
+    specs, routers = mixtral_specs(QuantSpec(4, 128), lambda layer, e, w: QuantSpec(2 if layer == 1 else 3, 64))
+    config = quantization_config(specs, "0", "r", 0.01, True, False, routers)
+    assert config["bits"] == 3
+    assert resolve(config, "model.layers.1.block_sparse_moe.experts") == (2, 64)
+    assert resolve(config, "model.layers.0.block_sparse_moe.experts") == (3, 64)
+    assert resolve(config, "model.layers.1.self_attn.qkv_proj") == (4, 128)
+    for name, spec in specs.items():
+        assert resolve(config, name) == (spec.bits, spec.group_size), name
