@@ -3,7 +3,9 @@
 #   1. the compiled kernels against the torch reference (tests/gpu),
 #   2. kernel speed against bf16, with a sweep of tile configurations (kernels-<device>.json),
 #   3. with RUN_GPTQ=1, GPTQ on one Mixtral-8x7B-shaped layer with 128 x 512 calibration tokens
-#      (gptq-cuda.json).
+#      (gptq-cuda.json);
+#   4. where vLLM imports (VLLM_PYTHON, default $PYTHON), vLLM serves the bundled model's 4- and 8-bit
+#      outputs, GPTQ and compressed-tensors, against moequant's greedy tokens (interop-vllm.json).
 # Logs and JSON go to $RESULTS (default evals/results/gpu-run). Wheels of missing Python packages
 # may be put in .whl/ (installed into /tmp/site first). Each step has its own time limit.
 # Environment: SWEEP_BUDGET_S (default 120), RUN_GPTQ=1, SKIP_TESTS=1, BENCH_ARGS (extra arguments).
@@ -31,4 +33,11 @@ timeout 300 $PY evals/bench_kernels.py --sweep --sweep-budget-s "${SWEEP_BUDGET_
 if [ "${RUN_GPTQ:-0}" = 1 ]; then
     timeout 130 $PY evals/bench_gptq.py --parts layer --device cuda 2>&1 | tail -5 | tee "$RESULTS/gptq.log"
     cp evals/results/gptq-cuda.json "$RESULTS/" 2>/dev/null || true
+fi
+VLLM_PY=${VLLM_PYTHON:-$PY}
+if $VLLM_PY -c "import vllm" 2>/dev/null && [ -x .interop-venv/bin/python ]; then
+    timeout 240 $PY evals/interop.py --vllm-python "$(command -v "$VLLM_PY")" \
+        --output "$RESULTS/interop-vllm.json" 2>&1 | tail -20 | tee "$RESULTS/interop-vllm.log"
+else
+    echo "vLLM check skipped: needs vLLM importable by \$VLLM_PYTHON and .interop-venv (carry it)"
 fi
