@@ -35,9 +35,9 @@ if [ "${RUN_GPTQ:-0}" = 1 ]; then
     cp evals/results/gptq-cuda.json "$RESULTS/" 2>/dev/null || true
 fi
 VLLM_PY=${VLLM_PYTHON:-$PY}
-if $VLLM_PY -c "import vllm" 2>/dev/null && [ -x .interop-venv/bin/python ]; then
-    timeout 240 $PY evals/interop.py --vllm-python "$(command -v "$VLLM_PY")" \
+if $VLLM_PY -c "import vllm" 2>/dev/null; then
+    timeout 240 $PY evals/interop.py --only-vllm --vllm-python "$(command -v "$VLLM_PY")" \
         --output "$RESULTS/interop-vllm.json" 2>&1 | tail -20 | tee "$RESULTS/interop-vllm.log"
 else
-    echo "vLLM check skipped: needs vLLM importable by \$VLLM_PYTHON and .interop-venv (carry it)"
+    echo "vLLM check skipped: needs vLLM importable by \$VLLM_PYTHON"
 fi

@@ -170,12 +170,13 @@ def main() -> None:
     ap.add_argument("--output", type=Path, default=ROOT / "evals" / "results" / "interop.json")
     ap.add_argument("--vllm-python", type=Path, default=None,
                     help="python of an environment with vLLM (CUDA): serve the 4- and 8-bit outputs with it")
+    ap.add_argument("--only-vllm", action="store_true", help="skip the CPU readers (with --vllm-python)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     from moequant.builtin_data import bundled_model_path
     from moequant.compression import CalibSettings, compress
 
-    python = build_env(args.venv)
+    python = args.venv / "bin" / "python" if args.only_vllm else build_env(args.venv)
     bundled = bundled_model_path()
     ids = held_out_ids(bundled, args.windows, args.seqlen)
     work = Path(tempfile.mkdtemp(prefix="moequant-interop-"))
@@ -183,12 +184,13 @@ def main() -> None:
     results = []
     for recipe in RECIPES:
         for (fmt, layout), readers in FORMS.items():
-            if fmt == "compressed-tensors" and recipe not in CT_BITS:
+            if (fmt == "compressed-tensors" and recipe not in CT_BITS) or (args.only_vllm and (
+                    layout != "vllm" or recipe not in VLLM_RECIPES)):
                 continue
             out = work / f"{recipe}-{fmt}-{layout}"
             compress(bundled, out, recipe=recipe, method=args.method, output_format=fmt, layout=layout,
                      calib=CalibSettings(samples=32, seqlen=args.seqlen))
-            for reader, dtype in readers:
+            for reader, dtype in [] if args.only_vllm else readers:
                 row = {"recipe": recipe, "format": fmt, "layout": layout, "reader": reader, "dtype": dtype}
                 logits_file = work / f"{out.name}-{reader}.safetensors"
                 row.update(run_reader(python, reader, out, work / "ids.safetensors", logits_file, dtype))
@@ -208,8 +210,9 @@ def main() -> None:
                                                           .float().mean())
                 print(json.dumps(row), flush=True)
                 results.append(row)
-    results += gptqmodel_output_read_by_moequant(python, bundled, ids, work)
-    report = {"versions": versions(python), "method": args.method, "windows": args.windows,
+    if not args.only_vllm:
+        results += gptqmodel_output_read_by_moequant(python, bundled, ids, work)
+    report = {"versions": versions(python) if python.exists() else {}, "method": args.method, "windows": args.windows,
               "seqlen": args.seqlen, "results": results}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
