@@ -145,7 +145,7 @@ def gptqmodel_output_read_by_moequant(python: Path, bundled: Path, ids: torch.Te
         out = work / f"gptqmodel-own-{bits}"
         done = subprocess.run([str(python), str(ROOT / "evals" / "interop_reader.py"), "--reader",
                                "gptqmodel-quantize", "--model", str(bundled), "--out", str(out), "--calib-text",
-                               str(calib), "--bits", str(bits)], capture_output=True, text=True,
+                               str(calib), "--bits", str(bits)], capture_output=True, text=True, cwd=work,
                               env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
         row = {"recipe": f"GPTQModel's own {bits}-bit output", "format": "gptq", "layout": "gptqmodel",
                "reader": "moequant", "dtype": "float16"}
