@@ -71,10 +71,12 @@ def part_peer(peer_python: str | None, recipe: str, samples: int, seqlen: int, d
         return {"skipped": "no --peer-python"}
     model = bundled_model_path()
     rec = load_recipe(recipe)
-    attn = rec.spec_for("model.layers.0.self_attn.q_proj")
-    expert = rec.spec_for("model.layers.0.block_sparse_moe.experts.0.w1")
     from moequant.arch.registry import adapter_for
     from moequant.checkpoint.reader import CheckpointReader
+    from moequant.compression.plan import first_spec
+
+    arch = adapter_for(CheckpointReader(model).config)
+    attn, expert = first_spec(arch, rec, "attention"), first_spec(arch, rec, "expert")
 
     seqlen = min(seqlen, adapter_for(CheckpointReader(model).config).config.max_position_embeddings)
     tok = load_tokenizer(model)

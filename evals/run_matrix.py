@@ -34,6 +34,7 @@ from moequant.builtin_data import bundled_model_path
 from moequant.calib import load_text, load_tokenizer, random_windows, tokenize
 from moequant.checkpoint.reader import CheckpointReader
 from moequant.compression import CalibSettings, compress
+from moequant.compression.plan import first_spec
 from moequant.evals.report import write_report
 from moequant.evals.run import evaluate, evaluation_windows
 from moequant.recipe import load_recipe
@@ -67,9 +68,9 @@ def run_one(model: Path, out_root: Path, name: str, recipe: str, method: str, ca
 def run_peer(peer_python: str, model: Path, name: str, recipe: str, calib: CalibSettings, dataset: str,
              seqlen: int, max_windows: int | None, size_bytes: int) -> dict:
     rec = load_recipe(recipe)
-    attn = rec.spec_for("model.layers.0.self_attn.q_proj")
-    expert = rec.spec_for("model.layers.0.block_sparse_moe.experts.0.w1")
-    max_positions = adapter_for(CheckpointReader(model).config).config.max_position_embeddings
+    arch = adapter_for(CheckpointReader(model).config)
+    attn, expert = first_spec(arch, rec, "attention"), first_spec(arch, rec, "expert")
+    max_positions = arch.config.max_position_embeddings
     tokenizer = load_tokenizer(model)
     calib_ids = random_windows(tokenize(tokenizer, load_text(calib.source, "calib")), calib.samples,
                                min(calib.seqlen, max_positions), calib.seed)

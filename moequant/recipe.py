@@ -8,14 +8,18 @@ A recipe is YAML::
     sym: true
     act_order: true
     damp: 0.01
-    rules:                  # first match wins; re.fullmatch on the module's on-disk name
-      - match: '.*\\.self_attn\\.(q|k|v|o)_proj'
+    rules:                  # first match wins
+      - kind: attention     # what a module is: attention | expert | shared_expert | dense_mlp | lm_head
         bits: 4
-      - match: '.*\\.block_sparse_moe\\.experts\\.\\d+\\.w[123]'
+      - kind: expert
+        role: down          # and its role: q | k | v | o (attention), gate | up | down (MLPs)
+        bits: 4
+      - match: '.*\\.block_sparse_moe\\.experts\\.\\d+\\.w[13]'   # re.fullmatch on the module's name
         bits: 3
 
-Modules no rule matches stay 16-bit. Routers and norms are never quantised; embeddings and
-lm_head only when a rule names them.
+A rule selects by ``kind``, ``role`` and ``match`` together (each that it gives must hold), so
+recipes by kind mean the same on every family. Modules no rule matches stay 16-bit. Routers and
+norms are never quantised; embeddings and lm_head only when a rule names them.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from moequant.arch.base import LinearInfo
 from moequant.errors import MoequantError, first_line
 from moequant.quant.types import QuantSpec
 
@@ -37,12 +42,19 @@ CLIP_GRID = 20  # shrink factors 1.00, 0.98, ..., 0.62 of each group's range
 KEEP_BITS = 16
 
 
+KINDS = ("attention", "expert", "shared_expert", "dense_mlp", "lm_head")
+ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+_MLP_ROLES = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+
+
 class Rule(BaseModel):
-    """Which modules a setting applies to, with optional per-rule overrides."""
+    """Which modules a setting applies to (by kind, role and name pattern), with optional overrides."""
 
     model_config = ConfigDict(extra="forbid")
 
-    match: str
+    match: str | None = None
+    kind: Literal["attention", "expert", "shared_expert", "dense_mlp", "lm_head"] | None = None
+    role: Literal["q", "k", "v", "o", "gate", "up", "down"] | None = None
     bits: Literal[2, 3, 4, 8, 16]
     group_size: int | None = None
     sym: bool | None = None
@@ -50,7 +62,9 @@ class Rule(BaseModel):
 
     @field_validator("match")
     @classmethod
-    def _compiles(cls, value: str) -> str:
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         try:
             re.compile(value)
         except (re.error, OverflowError, RecursionError) as exc:
@@ -61,6 +75,29 @@ class Rule(BaseModel):
     @classmethod
     def _group(cls, value: int | None) -> int | None:
         return _check_group(value)
+
+    @model_validator(mode="after")
+    def _selects(self) -> Rule:
+        if self.match is None and self.kind is None and self.role is None:
+            raise ValueError("a rule needs kind, role or match to say which modules it takes")
+        return self
+
+    def selects(self, module: LinearInfo | str) -> bool:
+        """Whether this rule takes ``module`` (a name alone has no kind or role for kind/role rules)."""
+        name, kind, role = (module, None, None) if isinstance(module, str) else \
+            (module.name, module.kind, _recipe_role(module))
+        return ((self.kind is None or self.kind == kind) and (self.role is None or self.role == role)
+                and (self.match is None or re.fullmatch(self.match, name) is not None))
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {v!r}" for k, v in (("kind", self.kind), ("role", self.role), ("match", self.match))
+                         if v is not None)
+
+
+def _recipe_role(info: LinearInfo) -> str:
+    if info.kind == "attention":
+        return info.role
+    return _MLP_ROLES.get(info.role, info.role)
 
 
 def _check_group(value: int | None) -> int | None:
@@ -94,15 +131,16 @@ class Recipe(BaseModel):
         _check_group(value)
         return value
 
-    def rule_for(self, module: str) -> tuple[int, Rule] | None:
-        """The first rule whose pattern matches ``module`` in full, with its index."""
+    def rule_for(self, module: LinearInfo | str) -> tuple[int, Rule] | None:
+        """The first rule that selects ``module``, with its index."""
         for i, rule in enumerate(self.rules):
-            if re.fullmatch(rule.match, module):
+            if rule.selects(module):
                 return i, rule
         return None
 
-    def spec_for(self, module: str, method_override: str | None = None) -> QuantSpec | None:
-        """The :class:`QuantSpec` for ``module``, or ``None`` to keep it 16-bit."""
+    def spec_for(self, module: LinearInfo | str, method_override: str | None = None) -> QuantSpec | None:
+        """The :class:`QuantSpec` for ``module`` (a :class:`LinearInfo`, or a bare name for name rules),
+        or ``None`` to keep it 16-bit."""
         found = self.rule_for(module)
         if found is None or found[1].bits == KEEP_BITS:
             return None

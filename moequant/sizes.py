@@ -26,7 +26,7 @@ def estimate_bits(recipe: Recipe, config: dict) -> dict:
     seen: dict[str, set[int]] = {"attention": set(), "expert": set()}
     for layer in range(c.num_layers):
         for info in adapter.layer_linears(layer):
-            spec = recipe.spec_for(info.name)
+            spec = recipe.spec_for(info)
             params += info.numel
             if spec is None or info.kind == "router":
                 total_bits += 16 * info.numel
@@ -37,7 +37,7 @@ def estimate_bits(recipe: Recipe, config: dict) -> dict:
         params += 2 * c.hidden_size
         total_bits += 32 * c.hidden_size
     for info in adapter.global_linears():
-        spec = recipe.spec_for(info.name)
+        spec = recipe.spec_for(info)
         params += info.numel
         total_bits += 16 * info.numel if spec is None or info.kind == "embedding" else stored_bits(
             info.out_features, info.in_features, spec.bits, spec.group_size)

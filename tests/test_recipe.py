@@ -24,12 +24,28 @@ rules:
 def test_builtins_load_and_first_match_wins():
     assert {"mixtral-a4e3", "mixtral-a4e2", "mixtral-a4e4", "mixtral-a8e4"} <= set(builtin_names())
     r = load_recipe("mixtral-a4e2")
-    expert = r.spec_for("model.layers.3.block_sparse_moe.experts.7.w2")
-    attn = r.spec_for("model.layers.3.self_attn.k_proj")
+    infos = {i.name: i for i in MixtralAdapter(MIXTRAL_8X7B).layer_linears(3)}
+    expert = r.spec_for(infos["model.layers.3.block_sparse_moe.experts.7.w2"])
+    attn = r.spec_for(infos["model.layers.3.self_attn.k_proj"])
     assert (expert.bits, expert.group_size, attn.bits, attn.group_size) == (2, 64, 4, 128)
-    assert r.spec_for("model.layers.3.block_sparse_moe.gate") is None
+    assert r.spec_for(infos["model.layers.3.block_sparse_moe.gate"]) is None
     assert r.spec_for("lm_head") is None
-    assert r.spec_for("model.layers.0.self_attn.q_proj", "rtn").method == "rtn"
+    assert r.spec_for(infos["model.layers.3.self_attn.q_proj"], "rtn").method == "rtn"
+    # a bare name carries no kind: only name rules can take it
+    assert r.spec_for("model.layers.3.self_attn.k_proj") is None
+
+
+def test_rules_by_kind_and_role():
+    r = parse_recipe("name: k\nrules:\n  - kind: expert\n    role: down\n    bits: 4\n"
+                     "  - kind: expert\n    match: '.*experts\\.0\\..*'\n    bits: 8\n  - kind: expert\n    bits: 2\n")
+    infos = {i.name: i for i in MixtralAdapter(MIXTRAL_8X7B).layer_linears(0)}
+    bits = {n: (s.bits if (s := r.spec_for(i)) else 16) for n, i in infos.items()}
+    assert bits["model.layers.0.block_sparse_moe.experts.3.w2"] == 4
+    assert bits["model.layers.0.block_sparse_moe.experts.0.w1"] == 8
+    assert bits["model.layers.0.block_sparse_moe.experts.3.w3"] == 2
+    assert bits["model.layers.0.self_attn.q_proj"] == 16
+    with pytest.raises(MoequantError, match=r"rules\[0\]: .*needs kind, role or match"):
+        parse_recipe("name: k\nrules:\n  - bits: 4\n")
 
 
 def test_rule_overrides_and_keep():

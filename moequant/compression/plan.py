@@ -17,7 +17,7 @@ def plan(arch: Architecture, recipe: Recipe, method: str | None = None) -> dict[
     specs: dict[str, QuantSpec | None] = {}
     infos = [i for layer in range(arch.config.num_layers) for i in arch.layer_linears(layer)]
     for info in infos + arch.global_linears():
-        spec = recipe.spec_for(info.name, method)
+        spec = recipe.spec_for(info, method)
         if spec is not None:
             spec = replace(spec, group_size=stored_group_size(spec.group_size, info.in_features))
             _check_spec(info, spec, recipe)
@@ -25,9 +25,16 @@ def plan(arch: Architecture, recipe: Recipe, method: str | None = None) -> dict[
     return specs
 
 
+def first_spec(arch: Architecture, recipe: Recipe, kind: str) -> QuantSpec | None:
+    """The spec ``recipe`` gives the first module of ``kind`` in ``arch`` (e.g. to set up another tool alike)."""
+    infos = [i for layer in range(arch.config.num_layers) for i in arch.layer_linears(layer)]
+    info = next((i for i in infos + arch.global_linears() if i.kind == kind), None)
+    return None if info is None else recipe.spec_for(info)
+
+
 def _check_spec(info: LinearInfo, spec: QuantSpec, recipe: Recipe) -> None:
-    rule = recipe.rule_for(info.name)
-    where = f"recipe {recipe.name}, rule {rule[0] + 1} ({rule[1].match!r})" if rule else f"recipe {recipe.name}"
+    rule = recipe.rule_for(info)
+    where = f"recipe {recipe.name}, rule {rule[0] + 1} ({rule[1].describe()})" if rule else f"recipe {recipe.name}"
     if info.kind == "router":
         raise MoequantError(f"{where} would quantise the router {info.name}; routers stay 16-bit, narrow the match")
     if info.kind == "embedding":
