@@ -35,6 +35,36 @@ def make_mixtral(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32, 
     return path
 
 
+FAMILY_TINY = {
+    "qwen3_moe": dict(vocab_size=256, hidden_size=128, intermediate_size=160, moe_intermediate_size=64,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                      num_experts=6, num_experts_per_tok=2, max_position_embeddings=256, mlp_only_layers=[1],
+                      norm_topk_prob=True),
+    "qwen2_moe": dict(vocab_size=256, hidden_size=128, intermediate_size=160, moe_intermediate_size=64,
+                      shared_expert_intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, max_position_embeddings=256,
+                      decoder_sparse_step=2),
+    "olmoe": dict(vocab_size=256, hidden_size=128, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, num_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
+                  clip_qkv=0.5),
+}
+
+
+def make_family(path: Path, family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    """Write a random tiny model of ``family`` (a transformers ``model_type``) with ``save_pretrained``."""
+    from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+
+    torch.manual_seed(seed)
+    config = CONFIG_MAPPING[family](**{**FAMILY_TINY[family], **overrides})
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    with torch.no_grad():  # random norms, so that a norm read from the wrong place shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 class StopAfterLayers(Progress):
     """Stops a run, as a kill would, once ``layers`` layers are written (leaving it resumable)."""
 

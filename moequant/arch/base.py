@@ -46,7 +46,14 @@ class TensorView:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """The numbers of a sparse-MoE decoder, normalised from either config style."""
+    """The numbers of a sparse-MoE decoder, normalised from either config style.
+
+    ``intermediate_size`` is the routed experts' width. Optional parts: ``qk_norm`` (``head``: an
+    RMSNorm over each head of q and k; ``proj``: over the whole q and k projections), q/k/v and o
+    biases, ``clip_qkv``, ``dense_layers`` (layers with one dense MLP of ``dense_intermediate_size``
+    instead of experts), a shared expert of ``shared_expert_size`` (with a sigmoid gate where
+    ``shared_expert_gate``).
+    """
 
     model_type: str
     hidden_size: int
@@ -65,6 +72,14 @@ class MoEConfig:
     rope_type: str
     tie_word_embeddings: bool
     norm_topk_prob: bool = True
+    qk_norm: str | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    clip_qkv: float | None = None
+    dense_layers: frozenset[int] = frozenset()
+    dense_intermediate_size: int = 0
+    shared_expert_size: int = 0
+    shared_expert_gate: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,11 @@ from collections.abc import Mapping
 from moequant.arch import fields
 from moequant.arch.base import Architecture, TensorView
 from moequant.arch.mixtral import MixtralAdapter
+from moequant.arch.qwen_moe import OlmoeAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter
 from moequant.errors import MoequantError
 
-ADAPTERS: dict[str, type[Architecture]] = {"mixtral": MixtralAdapter}
+ADAPTERS: dict[str, type[Architecture]] = {"mixtral": MixtralAdapter, "qwen3_moe": Qwen3MoeAdapter,
+                                           "qwen2_moe": Qwen2MoeAdapter, "olmoe": OlmoeAdapter}
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 

@@ -16,13 +16,18 @@ from moequant.errors import MoequantError
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 _Q = "num_attention_heads x head_dim"
 _KV = "num_key_value_heads x head_dim"
-# The config.json fields that set the [rows, columns] of each linear, by its role.
-_FIELDS = {
-    "q": (_Q, "hidden_size"), "k": (_KV, "hidden_size"), "v": (_KV, "hidden_size"), "o": ("hidden_size", _Q),
-    "w1": ("intermediate_size", "hidden_size"), "w3": ("intermediate_size", "hidden_size"),
-    "w2": ("hidden_size", "intermediate_size"), "gate": ("num_local_experts", "hidden_size"),
-    "embed": ("vocab_size", "hidden_size"), "lm_head": ("vocab_size", "hidden_size"),
-}
+
+
+def _fields(info: LinearInfo, sizes: dict[str, str]) -> tuple[str, str]:
+    """The config.json fields that set the ``[rows, columns]`` of linear ``info``."""
+    fixed = {"q": (_Q, "hidden_size"), "k": (_KV, "hidden_size"), "v": (_KV, "hidden_size"),
+             "o": ("hidden_size", _Q), "gate": (sizes["experts"], "hidden_size"),
+             "shared_gate": ("1", "hidden_size"), "embed": ("vocab_size", "hidden_size"),
+             "lm_head": ("vocab_size", "hidden_size")}
+    if info.role in fixed:
+        return fixed[info.role]
+    width = sizes[info.kind]
+    return ("hidden_size", width) if info.role == "w2" else (width, "hidden_size")
 
 
 def check_tensors(reader: CheckpointReader, adapter: Architecture, missing_modules_ok: bool = False) -> None:
@@ -40,14 +45,15 @@ def check_tensors(reader: CheckpointReader, adapter: Architecture, missing_modul
         MoequantError: one line naming the first tensor that disagrees and what config.json says.
     """
     c = adapter.config
+    sizes = adapter.size_fields()
     _check_layer_indices(reader, c.num_layers)
     for layer in range(c.num_layers):
         for info in adapter.layer_linears(layer):
-            _check_linear(reader, info, missing_modules_ok)
-        for name in adapter.norm_names(layer):
-            _check_vector(reader, name, c.hidden_size)
+            _check_linear(reader, info, missing_modules_ok, sizes)
+        for name, (size, field) in adapter.layer_vectors(layer).items():
+            _check_vector(reader, name, size, field)
     for info in adapter.global_linears():
-        _check_linear(reader, info, missing_modules_ok)
+        _check_linear(reader, info, missing_modules_ok, sizes)
     _check_vector(reader, adapter.final_norm_name, c.hidden_size)
 
 
@@ -62,17 +68,17 @@ def _check_layer_indices(reader: CheckpointReader, num_layers: int) -> None:
         )
 
 
-def _check_linear(reader: CheckpointReader, info: LinearInfo, missing_ok: bool) -> None:
+def _check_linear(reader: CheckpointReader, info: LinearInfo, missing_ok: bool, sizes: dict[str, str]) -> None:
     if not reader.has(info.weight) and (reader.has(info.name + ".qweight") or missing_ok):
         return
     _require(reader, info.weight)
-    _check_shape(reader, info.weight, (info.out_features, info.in_features), _FIELDS[info.role])
+    _check_shape(reader, info.weight, (info.out_features, info.in_features), _fields(info, sizes))
     _check_float(reader, info.weight)
 
 
-def _check_vector(reader: CheckpointReader, name: str, size: int) -> None:
+def _check_vector(reader: CheckpointReader, name: str, size: int, field: str = "hidden_size") -> None:
     _require(reader, name)
-    _check_shape(reader, name, (size,), ("hidden_size",))
+    _check_shape(reader, name, (size,), (field,))
     _check_float(reader, name)
 
 
