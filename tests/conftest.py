@@ -52,7 +52,7 @@ FAMILY_TINY = {
 
 def make_family(path: Path, family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
     """Write a random tiny model of ``family`` (a transformers ``model_type``) with ``save_pretrained``."""
-    from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = CONFIG_MAPPING[family](**{**FAMILY_TINY[family], **overrides})
