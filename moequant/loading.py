@@ -1,6 +1,7 @@
 """Loading checkpoints as runnable ``transformers`` models, compressed or not.
 
-:func:`load` builds ``MixtralForCausalLM`` on the meta device, swaps every quantised linear for
+:func:`load` builds the family's transformers model (``MixtralForCausalLM``,
+``Qwen3MoeForCausalLM``, ...) on the meta device, swaps every quantised linear for
 a :class:`~moequant.nn.quant_linear.QuantLinear` and every layer's experts for a
 :class:`~moequant.nn.quant_experts.QuantExperts`, allocates the model once on the target device
 and reads each tensor from the shards (positional reads, one tensor at a time) into place.
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moequant.arch.base import Architecture
+from moequant.arch.base import QUANTISABLE_KINDS, Architecture
 from moequant.arch.registry import adapter_for
 from moequant.checkpoint.against_config import check_tensors
 from moequant.checkpoint.gptq_config import modules_in_block, quantization_config_of
@@ -76,14 +77,14 @@ def linear_specs(adapter: Architecture, qcfg: dict | None,
                  stored_name: Callable[[str], str] = str) -> dict[str, LinearSpec | None]:
     """The storage spec of every attention, expert and ``lm_head`` linear (by canonical module name).
 
-    GPTQ quantises attention and expert projections by default, ``lm_head`` only when the config
-    says ``"lm_head": true``; routers and embeddings never. The config's patterns are matched
+    GPTQ quantises attention, expert and other MLP projections by default, ``lm_head`` only when the
+    config says ``"lm_head": true``; routers and embeddings never. The config's patterns are matched
     against ``stored_name(module)``, the name the checkpoint stores it under.
     """
     specs: dict[str, LinearSpec | None] = {}
     for layer in range(adapter.config.num_layers):
         for info in adapter.layer_linears(layer):
-            if info.kind in ("attention", "expert"):
+            if info.kind in QUANTISABLE_KINDS:
                 spec = module_spec(qcfg, stored_name(info.name))
                 specs[info.name] = _one_group_if_wider(spec, info.in_features)
     if not adapter.config.tie_word_embeddings:
@@ -191,37 +192,39 @@ def _has_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def _hf_config(raw: dict, keep_quant: bool):
-    from transformers import MixtralConfig
+def _hf_config(raw: dict, adapter: Architecture, keep_quant: bool):
+    from transformers import CONFIG_MAPPING
 
     fields = {k: v for k, v in raw.items() if keep_quant or k != "quantization_config"}
     try:
-        return MixtralConfig.from_dict(fields)
+        return CONFIG_MAPPING[adapter.model_type].from_dict(fields)
     except Exception as exc:
-        raise MoequantError(f"config.json does not describe a Mixtral model transformers accepts ({exc})") from exc
+        raise MoequantError(f"config.json does not describe a {adapter.family} model transformers accepts "
+                            f"({exc})") from exc
 
 
 def _skeleton(raw: dict, adapter: Architecture, specs: dict[str, LinearSpec | None],
-              layouts: list[tuple[str, list]], backend: str, keep_quant: bool) -> nn.Module:
-    """``MixtralForCausalLM`` on the meta device with packed modules in place."""
-    from transformers import MixtralForCausalLM
+              layouts: list[tuple[str, list] | None], backend: str, keep_quant: bool) -> nn.Module:
+    """The family's transformers model on the meta device with packed modules in place."""
+    from transformers import AutoModelForCausalLM
 
-    config = _hf_config(raw, keep_quant)
+    config = _hf_config(raw, adapter, keep_quant)
     c = adapter.config
     with torch.device("meta"):
-        model = MixtralForCausalLM(config)
-        for layer, (layout, roles) in enumerate(layouts):
-            attn = model.model.layers[layer].self_attn
-            for role in ("q", "k", "v", "o"):
-                spec = specs[adapter.attention_name(layer, role)]
-                if spec is not None:
-                    old = getattr(attn, f"{role}_proj")
-                    setattr(attn, f"{role}_proj", QuantLinear(old.in_features, old.out_features, spec.bits,
-                                                              spec.group_size, backend=backend))
-            if layout != "plain":
+        model = AutoModelForCausalLM.from_config(config)
+        for layer, layout in enumerate(layouts):
+            for info in adapter.layer_linears(layer):
+                spec = specs.get(info.name)
+                if info.kind != "expert" and spec is not None:
+                    parent, _, leaf = info.name.rpartition(".")
+                    owner = model.get_submodule(parent)
+                    old = getattr(owner, leaf)
+                    setattr(owner, leaf, QuantLinear(old.in_features, old.out_features, spec.bits, spec.group_size,
+                                                     bias=old.bias is not None, backend=backend))
+            if layout is not None and layout[0] != "plain":
                 model.model.layers[layer].mlp.experts = QuantExperts(
-                    c.num_experts, c.hidden_size, c.intermediate_size, roles, config.hidden_act, backend,
-                    force_per_expert=layout == "per-expert",
+                    c.num_experts, c.hidden_size, c.intermediate_size, layout[1], config.hidden_act, backend,
+                    force_per_expert=layout[0] == "per-expert",
                 )
         lm_spec = specs.get("lm_head")
         if lm_spec is not None:
@@ -231,19 +234,23 @@ def _skeleton(raw: dict, adapter: Architecture, specs: dict[str, LinearSpec | No
 
 
 def _plan(reader: CheckpointReader, adapter: Architecture, specs: dict[str, LinearSpec | None]
-          ) -> tuple[list[tuple[str, list]], list[_Fill]]:
+          ) -> tuple[list[tuple[str, list] | None], list[_Fill]]:
+    """Which checkpoint tensor fills which model tensor, and each layer's experts layout (``None``: dense)."""
     a, c = adapter, adapter.config
     fills = [_Fill(a.embed_name, "model.embed_tokens.weight"), _Fill(a.final_norm_name, "model.norm.weight")]
-    layouts = []
+    layouts: list[tuple[str, list] | None] = []
     for layer in range(c.num_layers):
         prefix = f"model.layers.{layer}."
-        in_norm, post_norm = a.norm_names(layer)
-        fills += [_Fill(in_norm, prefix + "input_layernorm.weight"),
-                  _Fill(post_norm, prefix + "post_attention_layernorm.weight"),
-                  _Fill(a.router_name(layer) + ".weight", prefix + "mlp.gate.weight")]
-        for role in ("q", "k", "v", "o"):
-            name = a.attention_name(layer, role)
-            fills += _plain_or_packed(name, name, specs[name])
+        fills += [_Fill(name, name) for name in a.layer_vectors(layer)]
+        for info in a.layer_linears(layer):
+            if info.kind == "router":
+                target = prefix + "mlp.gate.weight" if info.role == "gate" else info.weight
+                fills.append(_Fill(info.weight, target))
+            elif info.kind != "expert":
+                fills += _plain_or_packed(info.name, info.name, specs[info.name])
+        if not a.is_moe_layer(layer):
+            layouts.append(None)
+            continue
         layout = _experts_layout(reader, a, layer, specs)
         layouts.append(layout)
         fills += _expert_fills(a, layer, *layout)
@@ -419,9 +426,7 @@ def _check_g_idx(name: str, g_idx: torch.Tensor, scales: torch.Tensor) -> None:
 
 def _reset_rotary(model: nn.Module, device: torch.device) -> None:
     """Recompute the rotary embedding's (non-persistent) inverse frequencies on ``device``."""
-    from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
-
-    model.model.rotary_emb = MixtralRotaryEmbedding(config=model.config).to(device)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config).to(device)
 
 
 def _load_generation_config(model: nn.Module, source: Path) -> None:
@@ -466,7 +471,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None,
 
 def dequantized_model(path: str | os.PathLike, device: str | torch.device | None = None,
                       dtype: str | torch.dtype | None = None) -> nn.Module:
-    """A plain ``MixtralForCausalLM`` whose weights are the checkpoint's dequantised codes.
+    """The family's plain transformers model whose weights are the checkpoint's dequantised codes.
 
     Every packed module ``X`` becomes the float ``X.weight = s * (q - z)`` (via
     :func:`~moequant.checkpoint.weights.tensor_getter`); same device and dtype defaults as

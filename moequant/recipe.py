@@ -42,9 +42,7 @@ CLIP_GRID = 20  # shrink factors 1.00, 0.98, ..., 0.62 of each group's range
 KEEP_BITS = 16
 
 
-KINDS = ("attention", "expert", "shared_expert", "dense_mlp", "lm_head")
-ROLES = ("q", "k", "v", "o", "gate", "up", "down")
-_MLP_ROLES = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+_MLP_ROLES = {"w1": "gate", "w3": "up", "w2": "down"}
 
 
 class Rule(BaseModel):

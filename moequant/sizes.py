@@ -30,10 +30,10 @@ def estimate_bits(recipe: Recipe, config: dict) -> dict:
             params += info.numel
             if spec is None or info.kind == "router":
                 total_bits += 16 * info.numel
-                seen.get(info.kind, set()).add(16)
+                seen.setdefault(info.kind, set()).add(16)
             else:
                 total_bits += stored_bits(info.out_features, info.in_features, spec.bits, spec.group_size)
-                seen[info.kind].add(spec.bits)
+                seen.setdefault(info.kind, set()).add(spec.bits)
         params += 2 * c.hidden_size
         total_bits += 32 * c.hidden_size
     for info in adapter.global_linears():

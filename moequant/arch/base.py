@@ -8,14 +8,18 @@ from typing import Protocol
 
 import torch
 
+QUANTISABLE_KINDS = ("attention", "expert", "dense_mlp", "shared_expert")
+"""The kinds of linear a recipe may quantise (with ``lm_head``); routers and embeddings stay 16-bit."""
+
 
 @dataclass(frozen=True)
 class LinearInfo:
     """One linear weight of the checkpoint.
 
     ``name`` is the module's on-disk name (the tensor is ``name + ".weight"``); ``kind`` is one
-    of ``attention``, ``expert``, ``router``, ``lm_head``, ``embedding``; ``role`` is the short
-    name inside its block (``q``, ``k``, ``v``, ``o``, ``w1``, ``w2``, ``w3``, ``gate``, ...).
+    of ``attention``, ``expert``, ``dense_mlp``, ``shared_expert``, ``router``, ``lm_head``,
+    ``embedding``; ``role`` is the short name inside its block (``q``, ``k``, ``v``, ``o``; ``w1``
+    gate, ``w3`` up, ``w2`` down of an MLP; ``gate`` and ``shared_gate`` of a router).
     """
 
     name: str

@@ -378,7 +378,7 @@ class SparseMoEAdapter:
                       chunking: Chunking, expert_batch: int = 1,
                       observer: LayerObserver | None = None) -> torch.Tensor:
         """Decoder layer ``layer`` applied to ``x [B, T, H]`` in place; returns ``top_ids [B*T, k]``
-        (``[B*T, 0]`` for a dense layer).
+        (all -1 for a dense layer).
 
         Attention runs on ``chunking.windows`` windows at a time; a dense layer then applies its
         MLP to every token; an MoE layer routes every token, reads the experts ``expert_batch`` at a
@@ -418,7 +418,7 @@ class SparseMoEAdapter:
         if not self.is_moe_layer(layer):
             obs.stage("mlp")
             flat += self._dense_mlp(h, w.mlp, [self.dense_name(layer, r) for r in MLP_ROLES], rows, obs)
-            return torch.empty(tokens, 0, dtype=torch.int64, device=x.device)
+            return torch.full((tokens, c.top_k), -1, dtype=torch.int64, device=x.device)
 
         obs.stage("routing")
         probs = torch.empty(tokens, c.num_experts, dtype=torch.float32, device=x.device)

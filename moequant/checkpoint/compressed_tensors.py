@@ -39,13 +39,19 @@ CT_BITS = (2, 4, 8)
 KEYS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
 
-def check_spec(name: str, spec: QuantSpec) -> None:
+def check_spec(name: str, spec: QuantSpec, in_features: int) -> None:
     """Refuse a module spec that the compressed-tensors format cannot hold, naming the module."""
     if spec.bits not in CT_BITS:
         raise MoequantError(
             f"{name} gets {spec.bits}-bit codes, which --format compressed-tensors does not write "
             f"(it takes {', '.join(map(str, CT_BITS))} bits: compressed-tensors releases pack 3-bit values "
             "differently); use --format gptq, or a recipe without 3-bit modules"
+        )
+    if spec.group_size != -1 and in_features % spec.group_size:
+        raise MoequantError(
+            f"{name} has {in_features} inputs, which groups of {spec.group_size} do not divide; "
+            "compressed-tensors takes only groups that divide a module's inputs: use --format gptq, or a "
+            "group size that divides it (a rule with group_size)"
         )
 
 

@@ -61,9 +61,11 @@ def output_form(arch: Architecture, fmt: str = "gptq", layout: str | None = None
         if layout != layouts[0]:
             raise MoequantError(f"--layout {layout} is for --format gptq (GPTQModel reads GPTQ tensors); "
                                 f"compressed-tensors readers (vLLM, transformers) take the {layouts[0]} layout")
+        inputs = {i.name: i.in_features for layer in range(arch.config.num_layers) for i in arch.layer_linears(layer)}
+        inputs.update({i.name: i.in_features for i in arch.global_linears()})
         for name, spec in (specs or {}).items():
             if spec is not None:
-                ct.check_spec(name, spec)
+                ct.check_spec(name, spec, inputs[name])
     return OutputForm(fmt, layout)
 
 
@@ -73,7 +75,8 @@ def stored_form(reader, arch: Architecture) -> OutputForm | None:
     if reader.source_format is None:
         return None
     fmt = "compressed-tensors" if reader.source_format == "compressed-tensors" else "gptq"
-    probes = [i.name for i in arch.layer_linears(0) if i.kind == "expert"][:1]
+    moe = next((i for i in range(arch.config.num_layers) if arch.is_moe_layer(i)), 0)
+    probes = [i.name for i in arch.layer_linears(moe) if i.kind == "expert"][:1]
     for layout in arch.layouts:
         if all(reader.stored_module(p) == arch.disk_name(p, layout) for p in probes):
             return OutputForm(fmt, layout)

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import torch
 
-from moequant.arch.base import Chunking, ExpertWeights, LayerObserver
+from moequant.arch.base import QUANTISABLE_KINDS, Chunking, ExpertWeights, LayerObserver
 from moequant.compression.experts import Routing, solve_experts
 from moequant.compression.job import Job
 from moequant.compression.record import Record, module_record
@@ -60,6 +60,8 @@ class Calibrator(LayerObserver):
 
     def layer_record(self) -> dict:
         r = self.routing
+        if r is None:
+            return {"layer": self.layer, "dense": True}
         return {"layer": self.layer, "routing_histogram": r.counts, "starved_experts": r.starved,
                 "calibration_policy": self.job.recipe.expert_calibration if r.starved else "routed"}
 
@@ -107,9 +109,9 @@ def rounded_layer(job: Job, record: Record, layer: int) -> tuple[dict, dict]:
 
 
 def passthrough(job: Job, layer: int) -> dict[str, torch.Tensor]:
-    """Every tensor of the layer but the attention and expert weights (written where they are solved)."""
+    """Every tensor of the layer but the weights of quantisable linears (written where they are solved)."""
     prefix = job.arch.layer_prefix(layer)
-    solved = {i.weight for i in job.arch.layer_linears(layer) if i.kind in ("attention", "expert")}
+    solved = {i.weight for i in job.arch.layer_linears(layer) if i.kind in QUANTISABLE_KINDS}
     return {name: job.reader.get(name, check_finite=True) for name in job.reader.names
             if name.startswith(prefix) and name not in solved}
 

@@ -149,13 +149,14 @@ def build_report(result: EvalResult, model: str | Path, baseline: str | Path | N
     if result.base_nll is not None:
         base_ppl = perplexity(result.base_nll)
         per_layer = result.router_agreement_per_layer() or []
+        moe = [r for r in per_layer if r is not None]
         report.update(
             baseline_perplexity=base_ppl,
             baseline_perplexity_stderr=perplexity_stderr(result.base_nll),
             perplexity_change_pct=100.0 * (ppl / base_ppl - 1.0),
             kl_divergence=summarize(result.kl),
             top1_agreement=float(result.top1.double().mean()),
-            router_agreement=sum(per_layer) / len(per_layer),
+            router_agreement=sum(moe) / len(moe) if moe else None,
             router_agreement_per_layer=per_layer,
             hidden_error_per_layer=result.hidden_error,
         )
@@ -205,7 +206,7 @@ def render_markdown(report: dict, chart: str | None = None) -> str:
     if per_layer:
         errors = report.get("hidden_error_per_layer") or [None] * len(per_layer)
         lines += ["## Per layer", "", "| layer | router agreement | hidden-state error |", "|---|---|---|"]
-        lines += [f"| {i} | {r:.4f} | {_fmt(e)} |" for i, (r, e) in enumerate(zip(per_layer, errors, strict=True))]
+        lines += [f"| {i} | {_fmt(r)} | {_fmt(e)} |" for i, (r, e) in enumerate(zip(per_layer, errors, strict=True))]
         lines.append("")
         lines.append("Hidden-state error: ||h_model - h_baseline|| / ||h_baseline|| of the layer's output over all "
                      "tokens.")
@@ -233,10 +234,12 @@ def plot_layers(report: dict, path: str | Path) -> bool:
     except ImportError:
         return False
     layers = list(range(len(per_layer)))
+    moe = [(i, r) for i, r in enumerate(per_layer) if r is not None]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-    top.bar(layers, per_layer, color="tab:blue")
+    top.bar([i for i, _ in moe], [r for _, r in moe], color="tab:blue")
     top.set_ylabel("router agreement")
-    top.set_ylim(min(per_layer) * 0.98 if min(per_layer) > 0.5 else 0.0, 1.0)
+    lowest = min((r for _, r in moe), default=1.0)
+    top.set_ylim(lowest * 0.98 if lowest > 0.5 else 0.0, 1.0)
     errors = report.get("hidden_error_per_layer")
     if errors:
         bottom.plot(layers, errors, marker="o", color="tab:red")

@@ -58,7 +58,7 @@ class EvalResult:
     Attributes:
         windows: the token windows ``[W, L]`` (int64).
         nll: the model's NLL of every next token ``[W, L-1]`` (float32, nats).
-        topk_ids: the model's top-k experts ``[n_layers, W*L, k]`` (int16, CPU).
+        topk_ids: the model's top-k experts ``[n_layers, W*L, k]`` (int16, CPU; -1 in dense layers).
         base_nll, kl, top1, base_topk_ids: the same for the baseline; ``kl [W, L-1]`` is
             ``KL(base || model)`` per predicted position and ``top1 [W, L-1]`` whether both argmax
             tokens agree. ``None`` without a baseline.
@@ -81,11 +81,12 @@ class EvalResult:
     def num_layers(self) -> int:
         return int(self.topk_ids.shape[0])
 
-    def router_agreement_per_layer(self) -> list[float] | None:
-        """Share of tokens per layer whose top-k expert set matches the baseline's."""
+    def router_agreement_per_layer(self) -> list[float | None] | None:
+        """Share of tokens per layer whose top-k expert set matches the baseline's (``None`` for a dense layer)."""
         if self.base_topk_ids is None:
             return None
-        return [float(topk_sets_equal(self.topk_ids[i], self.base_topk_ids[i]).double().mean())
+        return [None if bool((self.topk_ids[i] < 0).all()) else
+                float(topk_sets_equal(self.topk_ids[i], self.base_topk_ids[i]).double().mean())
                 for i in range(self.num_layers)]
 
 
@@ -306,9 +307,12 @@ def _in_memory(sides: list[_Model], windows: torch.Tensor, device: torch.device,
                     h.remove()
             logits.append(out.logits.float())
             layer_out.append(captured)
-            for layer, router_logits in enumerate(out.router_logits):
+            moe_layers = [n for n in range(n_layers) if sides[i].adapter.is_moe_layer(n)]
+            for layer, router_logits in zip(moe_layers, out.router_logits, strict=True):
                 probs = torch.softmax(router_logits.float(), dim=-1)
                 routes[i][layer].append(probs.topk(top_k, dim=-1).indices.to(device="cpu", dtype=torch.int16))
+            for layer in sorted(set(range(n_layers)) - set(moe_layers)):
+                routes[i][layer].append(torch.full((ids.numel(), top_k), -1, dtype=torch.int16))
         if two:
             for layer, (hm, hb) in enumerate(zip(*layer_out, strict=True)):
                 err_sq[layer][0] += float((hm.double() - hb.double()).pow(2).sum())

@@ -1,0 +1,110 @@
+"""Qwen3-MoE, Qwen2-MoE and OLMoE through compress, load, eval and resume, as Mixtral goes."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import moequant
+from moequant.compression import CalibSettings, compress
+from moequant.errors import MoequantError
+from moequant.evals.run import evaluate
+from moequant.recipe import parse_recipe
+from tests.conftest import StopAfterLayers, make_family
+from tests.gptq_reader import write_float_checkpoint
+
+CALIB = CalibSettings(source="random", samples=8, seqlen=32, seed=0)
+IDS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def relative(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {family: make_family(root / family, family, seed=1) for family in ("qwen3_moe", "qwen2_moe", "olmoe")}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_compressed_family_loads_as_the_independent_reader_reads_it(tmp_path, sources, family, method):
+    result = compress(sources[family], tmp_path / "out", recipe="mixtral-a4e3", method=method, calib=CALIB)
+    reference = AutoModelForCausalLM.from_pretrained(write_float_checkpoint(result.path, tmp_path / "float"),
+                                                     dtype=torch.float32).eval()
+    model = moequant.load(result.path, device="cpu", dtype="float32")
+    assert relative(logits(model), logits(reference)) < 1e-5
+    original = AutoModelForCausalLM.from_pretrained(sources[family], dtype=torch.float32).eval()
+    assert relative(logits(model), logits(original)) < 0.5
+    bits = {kind: g["bits"] for kind, g in result.record["groups"].items()}
+    assert bits["attention"] == {"4": 8 if family == "olmoe" else 12} and set(bits["expert"]) == {"3"}
+    assert set(bits["router"]) == {"16"}
+    if family != "olmoe":  # dense MLP layers (and Qwen2-MoE's shared expert) get the attention's 4 bits
+        assert set(bits["dense_mlp"]) == {"4"}
+    if family == "qwen2_moe":
+        assert bits["shared_expert"] == {"4": 3}
+    layer_records = result.record["layers"]
+    dense = [r["layer"] for r in layer_records if r.get("dense")]
+    expected_dense = {"qwen3_moe": [1], "qwen2_moe": [0, 2], "olmoe": []}[family]
+    assert dense == (expected_dense if method == "gptq" else [])
+
+
+def test_family_checkpoint_evaluates_alike_in_both_engines(tmp_path, sources):
+    out = compress(sources["qwen2_moe"], tmp_path / "out", recipe="mixtral-a4e4", calib=CALIB).path
+    windows = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(2))
+    streamed = evaluate(out, baseline=sources["qwen2_moe"], windows=windows, device="cpu")
+    memory = evaluate(out, baseline=sources["qwen2_moe"], windows=windows, device="cpu", engine="memory")
+    assert streamed["router_agreement_per_layer"][0] is None and streamed["router_agreement_per_layer"][2] is None
+    assert streamed["router_agreement_per_layer"] == memory["router_agreement_per_layer"]
+    assert streamed["perplexity"] == pytest.approx(memory["perplexity"], rel=1e-5)
+    assert streamed["kl_divergence"]["mean"] == pytest.approx(memory["kl_divergence"]["mean"], rel=1e-3, abs=1e-7)
+
+
+def test_family_resume_gives_the_same_bytes(tmp_path, sources):
+    whole = compress(sources["qwen3_moe"], tmp_path / "whole", recipe="mixtral-a4e3", calib=CALIB).path
+    out = tmp_path / "resumed"
+    with pytest.raises(MoequantError, match="stopped after 2"):
+        compress(sources["qwen3_moe"], out, recipe="mixtral-a4e3", calib=CALIB, progress=StopAfterLayers(2))
+    compress(sources["qwen3_moe"], out, recipe="mixtral-a4e3", calib=CALIB, resume=True)
+    for file in whole.glob("*.safetensors"):
+        assert hashlib.sha256(file.read_bytes()).digest() == hashlib.sha256((out / file.name).read_bytes()).digest()
+
+
+def test_family_in_compressed_tensors_names_its_modules(tmp_path, sources):
+    pytest.importorskip("compressed_tensors")
+    from tests.compressed_tensors_reader import decompressed_weights
+
+    with pytest.raises(MoequantError, match="mlp.down_proj has 160 inputs, which groups of 128 do not divide"):
+        compress(sources["qwen3_moe"], tmp_path / "out", recipe="mixtral-a4e4", method="rtn",
+                 output_format="compressed-tensors")
+    recipe = parse_recipe("name: g32\nmethod: rtn\ngroup_size: 32\nrules:\n  - kind: attention\n    bits: 8\n"
+                          "  - kind: dense_mlp\n    bits: 8\n  - kind: expert\n    bits: 4\n")
+    out = compress(sources["qwen3_moe"], tmp_path / "out", recipe=recipe, output_format="compressed-tensors").path
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    targets = [t for g in qcfg["config_groups"].values() for t in g["targets"]]
+    # vLLM looks a fused experts module up as <prefix>.experts.0.gate_proj
+    assert any(t.startswith("re:") and __import__("re").match(t[3:], "model.layers.0.mlp.experts.0.gate_proj")
+               for t in targets)
+    weights = decompressed_weights(out)
+    assert "model.layers.1.mlp.gate_proj" in weights and "model.layers.0.mlp.experts.5.down_proj" in weights
+    ct = moequant.load(out, device="cpu", dtype="float32")
+    gptq = moequant.load(compress(sources["qwen3_moe"], tmp_path / "g", recipe=recipe).path, device="cpu",
+                         dtype="float32")
+    assert torch.equal(logits(ct), logits(gptq))
+
+
+def test_family_runs_on_the_triton_kernels(tmp_path, sources):
+    pytest.importorskip("triton")
+    out = compress(sources["olmoe"], tmp_path / "out", recipe="mixtral-a4e2", method="rtn").path
+    ids = IDS[:1, :6]
+    torch_path = logits(moequant.load(out, device="cpu", dtype="float32", backend="torch"), ids)
+    triton_path = logits(moequant.load(out, device="cpu", dtype="float32", backend="triton"), ids)
+    assert relative(triton_path, torch_path) < 1e-4
