@@ -16,7 +16,7 @@ from moequant_cli.common import RichProgress, out, print_engine_limits, print_re
 def compress(
     model: str = typer.Argument(..., help="Checkpoint folder (config.json + safetensors) or hub id."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder (must not exist unless --overwrite)."),
-    recipe: str = typer.Option("mixtral-a4e3", "--recipe", "-r", help="Built-in recipe name or YAML path."),
+    recipe: str = typer.Option("a4e3", "--recipe", "-r", help="Built-in recipe name or YAML path."),
     method: str = typer.Option(None, "--method", help="Override the recipe's solver: gptq or rtn."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     calib: str = typer.Option("builtin", "--calib", help="Calibration data: builtin, wikitext2, c4 or a text file (random: random ids, for timing only)."),

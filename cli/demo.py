@@ -14,7 +14,7 @@ from moequant_cli.compress import render_summary
 
 def demo(
     workdir: Path = typer.Option(Path("moequant-demo"), "--workdir", "-w", help="Where outputs and reports go."),
-    recipe: str = typer.Option("mixtral-a4e3", "--recipe", "-r", help="Built-in recipe name or YAML path."),
+    recipe: str = typer.Option("a4e3", "--recipe", "-r", help="Built-in recipe name or YAML path."),
     rtn: bool = typer.Option(True, "--rtn/--no-rtn", help="Also compress with round-to-nearest for contrast."),
 ) -> None:
     """Compress the bundled model, evaluate it against the original on held-out text, and compare."""

@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--parts", default="solver,peer,layer")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON"))
-    ap.add_argument("--recipe", default="mixtral-a4e3")
+    ap.add_argument("--recipe", default="a4e3")
     ap.add_argument("--samples", type=int, default=128, help="calibration windows for the peer comparison")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--layer-samples", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")

@@ -106,7 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/moequant-bench-memory"))
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
-    ap.add_argument("--recipe", default="mixtral-a4e3")
+    ap.add_argument("--recipe", default="a4e3")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     # The command installed beside this interpreter: another `moequant` on PATH may be another version.

@@ -1,7 +1,7 @@
 """Speed and memory of a compressed model against its 16-bit original, on CPU.
 
 Compresses the bundled tiny Mixtral (``moequant.builtin_data.bundled_model_path()``, or
-``--model``) with a recipe (default mixtral-a4e3) by RTN into a temporary folder, loads the
+``--model``) with a recipe (default a4e3) by RTN into a temporary folder, loads the
 compressed model (torch kernels) and the original with ``moequant.load`` in float32 and in
 bfloat16, and measures in one run, interleaving the models so that machine load hits them alike:
 
@@ -49,7 +49,7 @@ MEMORY_SLACK = 1.01
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None, help="original checkpoint (default: the bundled model)")
-    ap.add_argument("--recipe", default="mixtral-a4e3")
+    ap.add_argument("--recipe", default="a4e3")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--prefill-tokens", type=int, default=256)

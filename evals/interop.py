@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 GPTQMODEL = "gptqmodel==7.7.0"
 COMPRESSED_TENSORS = "compressed-tensors==0.20.1"
 OPTIMUM = "optimum==2.3.0"
-RECIPES = ("mixtral-a4e2", "mixtral-a4e3", "mixtral-a4e4", "mixtral-a8e4")
+RECIPES = ("a4e2", "a4e3", "a4e4", "a8e4")
 # (format, layout) -> (reader, dtype) pairs; transformers on the GPTQ output measures its trap. GPTQModel's
 # CPU kernel (and so transformers' GPTQ path through it) takes float16 or bfloat16 only.
 FORMS = {
@@ -44,8 +44,8 @@ FORMS = {
     ("gptq", "vllm"): [("transformers", "float16")],
     ("compressed-tensors", "vllm"): [("compressed-tensors", "float32"), ("transformers", "float32")],
 }
-VLLM_RECIPES = ("mixtral-a4e4", "mixtral-a8e4")
-CT_BITS = {"mixtral-a4e2", "mixtral-a4e4", "mixtral-a8e4"}
+VLLM_RECIPES = ("a4e4", "a8e4")
+CT_BITS = {"a4e2", "a4e4", "a8e4"}
 
 
 def sh(*cmd: str | Path, env: dict | None = None) -> str:

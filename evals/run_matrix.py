@@ -209,7 +209,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
     ap.add_argument("--name", default="bundled")
-    ap.add_argument("--recipes", default="mixtral-a4e4,mixtral-a4e3,mixtral-a4e2")
+    ap.add_argument("--recipes", default="a4e4,a4e3,a4e2")
     ap.add_argument("--methods", default="gptq,rtn")
     ap.add_argument("--calib", default="builtin")
     ap.add_argument("--samples", type=int, default=128)
@@ -227,7 +227,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     readme = README.read_text() if README.is_file() else "# Evaluations\n"
     if args.policy_study:
-        rows = policy_study(model, args.name, "mixtral-a4e2", args.dataset, args.seqlen, args.device,
+        rows = policy_study(model, args.name, "a4e2", args.dataset, args.seqlen, args.device,
                             budgets=[(1, 64), (2, 64), (4, 64), (8, 128)], seeds=[0, 1, 2])
         readme = replace_block(readme, PBEGIN, PEND, policy_table(rows))
     else:

@@ -22,7 +22,7 @@ class DemoRun:
     report_path: Path
 
 
-def run_demo(workdir: str | Path, recipe: str = "mixtral-a4e3", with_rtn: bool = True,
+def run_demo(workdir: str | Path, recipe: str = "a4e3", with_rtn: bool = True,
              calib: CalibSettings | None = None, seqlen: int = 2048,
              progress_factory=Progress) -> list[DemoRun]:
     """Compress the bundled model with ``recipe`` (GPTQ, and RTN for contrast) and evaluate each.

@@ -2,7 +2,7 @@
 
 A recipe is YAML::
 
-    name: mixtral-a4e3
+    name: a4e3
     method: gptq            # default solver for rules that do not say: gptq | rtn
     group_size: 128
     sym: true
@@ -161,16 +161,21 @@ class Recipe(BaseModel):
         return yaml.safe_dump(self.model_dump(exclude_defaults=False), sort_keys=False)
 
 
+ALIASES = {f"mixtral-{name}": name for name in ("a4e2", "a4e3", "a4e4", "a8e4")}
+"""Earlier names of the built-in recipes, still accepted."""
+
+
 def builtin_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("moequant.recipes").iterdir() if p.name.endswith(".yaml"))
 
 
 def load_recipe(ref: str | Path) -> Recipe:
-    """A recipe from a built-in name (e.g. ``mixtral-a4e3``) or a YAML file path."""
+    """A recipe from a built-in name (e.g. ``a4e3``) or a YAML file path."""
     ref_text = str(ref)
     path = Path(ref_text).expanduser()
     if path.is_file():
         return parse_recipe(_read_text(path), source=str(path))
+    ref_text = ALIASES.get(ref_text, ref_text)
     if ref_text in builtin_names():
         text = resources.files("moequant.recipes").joinpath(f"{ref_text}.yaml").read_text()
         return parse_recipe(text, source=f"built-in recipe {ref_text}")

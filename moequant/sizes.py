@@ -12,6 +12,29 @@ MIXTRAL_8X7B = {
     "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000, "max_position_embeddings": 32768,
     "rms_norm_eps": 1e-5, "rope_theta": 1e6, "tie_word_embeddings": False,
 }
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+    "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
+    "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
+    "vocab_size": 151936, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+    "tie_word_embeddings": False, "norm_topk_prob": True,
+}
+QWEN15_MOE_A27B = {
+    "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_size": 2048,
+    "intermediate_size": 5632, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+    "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 60,
+    "num_experts_per_tok": 4, "vocab_size": 151936, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+    "rope_theta": 1e6, "tie_word_embeddings": False,
+}
+OLMOE_1B_7B = {
+    "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "hidden_size": 2048, "intermediate_size": 1024,
+    "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64,
+    "num_experts_per_tok": 8, "vocab_size": 50304, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0, "tie_word_embeddings": False,
+}
+MODELS = {"mixtral-8x7b": MIXTRAL_8X7B, "qwen3-30b-a3b": QWEN3_30B_A3B, "qwen1.5-moe-a2.7b": QWEN15_MOE_A27B,
+          "olmoe-1b-7b": OLMOE_1B_7B}
+"""Published shapes, for size estimates without a checkpoint at hand (``moequant recipes --model``)."""
 
 
 def estimate_bits(recipe: Recipe, config: dict) -> dict:
@@ -34,8 +57,9 @@ def estimate_bits(recipe: Recipe, config: dict) -> dict:
             else:
                 total_bits += stored_bits(info.out_features, info.in_features, spec.bits, spec.group_size)
                 seen.setdefault(info.kind, set()).add(spec.bits)
-        params += 2 * c.hidden_size
-        total_bits += 32 * c.hidden_size
+        vectors = sum(size for size, _ in adapter.layer_vectors(layer).values())
+        params += vectors
+        total_bits += 16 * vectors
     for info in adapter.global_linears():
         spec = recipe.spec_for(info)
         params += info.numel

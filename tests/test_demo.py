@@ -8,9 +8,9 @@ pytestmark = pytest.mark.skipif(not (BUNDLED_MODEL_DIR / "config.json").is_file(
 
 
 def test_demo_gptq_beats_rtn_on_the_bundled_model(tmp_path):
-    runs = run_demo(tmp_path, recipe="mixtral-a4e2", calib=CalibSettings("builtin", 16, 256, 0), seqlen=256)
+    runs = run_demo(tmp_path, recipe="a4e2", calib=CalibSettings("builtin", 16, 256, 0), seqlen=256)
     gptq, rtn = runs
-    assert (gptq.label, rtn.label) == ("mixtral-a4e2-gptq", "mixtral-a4e2-rtn")
+    assert (gptq.label, rtn.label) == ("a4e2-gptq", "a4e2-rtn")
     for run in runs:
         assert run.report_path.is_file() and run.report_path.with_suffix(".md").is_file()
         assert run.report["kl_divergence"]["mean"] > 0

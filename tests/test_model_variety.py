@@ -43,12 +43,12 @@ CASES = {
         model=dict(num_local_experts=6, num_experts_per_tok=3, hidden_size=96, num_attention_heads=3,
                    num_key_value_heads=1, intermediate_size=160, sliding_window=16, tie_word_embeddings=True),
         dtype=torch.bfloat16, save=dict(save_original_format=False, max_shard_size="200KB"),
-        recipe="mixtral-a4e2", method="rtn"),
+        recipe="a4e2", method="rtn"),
     "three-experts-top1-head-dim-48-linear-rope-fp16": dict(
         model=dict(num_local_experts=3, num_experts_per_tok=1, hidden_size=64, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=48, intermediate_size=96,
                    rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
-        dtype=torch.float16, save={}, recipe="mixtral-a4e3", method="gptq"),
+        dtype=torch.float16, save={}, recipe="a4e3", method="gptq"),
     "twelve-experts-top4-mha-mixed-widths-asymmetric": dict(
         model=dict(num_local_experts=12, num_experts_per_tok=4, hidden_size=128, num_attention_heads=4,
                    num_key_value_heads=4, intermediate_size=64, num_hidden_layers=3),

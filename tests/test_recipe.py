@@ -22,8 +22,8 @@ rules:
 
 
 def test_builtins_load_and_first_match_wins():
-    assert {"mixtral-a4e3", "mixtral-a4e2", "mixtral-a4e4", "mixtral-a8e4"} <= set(builtin_names())
-    r = load_recipe("mixtral-a4e2")
+    assert {"a4e3", "a4e2", "a4e4", "a8e4"} <= set(builtin_names())
+    r = load_recipe("a4e2")
     infos = {i.name: i for i in MixtralAdapter(MIXTRAL_8X7B).layer_linears(3)}
     expert = r.spec_for(infos["model.layers.3.block_sparse_moe.experts.7.w2"])
     attn = r.spec_for(infos["model.layers.3.self_attn.k_proj"])
@@ -94,7 +94,7 @@ def test_a_recipe_file_that_is_not_utf8_text_is_one_line(tmp_path, data):
 
 
 def test_unknown_recipe_lists_builtins():
-    with pytest.raises(MoequantError, match="built-in recipes: .*mixtral-a4e3"):
+    with pytest.raises(MoequantError, match="built-in recipes: .*a4e3"):
         load_recipe("mixtral-a1e1")
 
 
@@ -113,17 +113,17 @@ def test_plan_refuses_router_and_keeps_uneven_groups():
 
 def test_size_estimates_follow_the_bits():
     est = {n: estimate_bits(load_recipe(n), MIXTRAL_8X7B) for n in builtin_names()}
-    assert est["mixtral-a4e2"]["bits_per_weight"] < est["mixtral-a4e3"]["bits_per_weight"]
-    assert est["mixtral-a4e3"]["bits_per_weight"] < est["mixtral-a4e4"]["bits_per_weight"]
-    assert est["mixtral-a4e4"]["bits_per_weight"] < est["mixtral-a8e4"]["bits_per_weight"]
+    assert est["a4e2"]["bits_per_weight"] < est["a4e3"]["bits_per_weight"]
+    assert est["a4e3"]["bits_per_weight"] < est["a4e4"]["bits_per_weight"]
+    assert est["a4e4"]["bits_per_weight"] < est["a8e4"]["bits_per_weight"]
     # Mixtral-8x7B has 46.7B parameters; 4-bit g128 is about 4.2 bits per weight with 16-bit embeddings
-    assert 46.5e9 < est["mixtral-a4e4"]["parameters"] < 46.8e9
-    assert 4.1 < est["mixtral-a4e4"]["bits_per_weight"] < 4.4
+    assert 46.5e9 < est["a4e4"]["parameters"] < 46.8e9
+    assert 4.1 < est["a4e4"]["bits_per_weight"] < 4.4
 
 
 def test_a_group_wider_than_the_input_is_one_group():
     adapter = MixtralAdapter({**MIXTRAL_8X7B, "hidden_size": 64, "intermediate_size": 256, "head_dim": 16})
-    specs = plan(adapter, load_recipe("mixtral-a4e3"))
+    specs = plan(adapter, load_recipe("a4e3"))
     assert specs["model.layers.0.self_attn.q_proj"].group_size == -1  # 64 inputs, groups of 128
     assert specs["model.layers.0.block_sparse_moe.experts.0.w1"].group_size == -1
     assert specs["model.layers.0.block_sparse_moe.experts.0.w2"].group_size == 128  # 256 inputs

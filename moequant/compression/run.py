@@ -67,7 +67,7 @@ def _holding_output_lock(fn):
 def compress(
     model: str | Path,
     out: str | Path,
-    recipe: str | Path | Recipe = "mixtral-a4e3",
+    recipe: str | Path | Recipe = "a4e3",
     method: str | None = None,
     device: str = "auto",
     calib: CalibSettings | None = None,

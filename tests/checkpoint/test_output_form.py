@@ -132,7 +132,7 @@ def test_compressed_tensors_package_decompresses_the_same_weights(mixed_outputs,
 
 def test_compressed_tensors_refuses_3_bit_before_writing(tmp_path, tiny_mixtral):
     with pytest.raises(MoequantError, match="3-bit codes, which --format compressed-tensors does not write"):
-        compress(tiny_mixtral, tmp_path / "out", recipe="mixtral-a4e3", method="rtn",
+        compress(tiny_mixtral, tmp_path / "out", recipe="a4e3", method="rtn",
                  output_format="compressed-tensors")
     assert not any(tmp_path.iterdir())
 
@@ -145,7 +145,7 @@ def test_compressed_tensors_refuses_3_bit_before_writing(tmp_path, tiny_mixtral)
 ])
 def test_unknown_format_or_layout(tmp_path, tiny_mixtral, kwargs, message):
     with pytest.raises(MoequantError, match=message):
-        compress(tiny_mixtral, tmp_path / "out", recipe="mixtral-a4e4", method="rtn", **kwargs)
+        compress(tiny_mixtral, tmp_path / "out", recipe="a4e4", method="rtn", **kwargs)
 
 
 def test_resume_refuses_another_form(tmp_path, tiny_mixtral):
@@ -153,11 +153,11 @@ def test_resume_refuses_another_form(tmp_path, tiny_mixtral):
 
     out = tmp_path / "out"
     with pytest.raises(MoequantError, match="stopped after 1"):
-        compress(tiny_mixtral, out, recipe="mixtral-a4e4", method="rtn", progress=StopAfterLayers(1))
+        compress(tiny_mixtral, out, recipe="a4e4", method="rtn", progress=StopAfterLayers(1))
     with pytest.raises(MoequantError, match="used other settings"):
-        compress(tiny_mixtral, out, recipe="mixtral-a4e4", method="rtn", resume=True,
+        compress(tiny_mixtral, out, recipe="a4e4", method="rtn", resume=True,
                  output_format="compressed-tensors")
-    result = compress(tiny_mixtral, out, recipe="mixtral-a4e4", method="rtn", resume=True)
+    result = compress(tiny_mixtral, out, recipe="a4e4", method="rtn", resume=True)
     assert result.record["format"] == "gptq"
 
 

@@ -37,7 +37,7 @@ def sources(tmp_path_factory):
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "olmoe"])
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
 def test_compressed_family_loads_as_the_independent_reader_reads_it(tmp_path, sources, family, method):
-    result = compress(sources[family], tmp_path / "out", recipe="mixtral-a4e3", method=method, calib=CALIB)
+    result = compress(sources[family], tmp_path / "out", recipe="a4e3", method=method, calib=CALIB)
     reference = AutoModelForCausalLM.from_pretrained(write_float_checkpoint(result.path, tmp_path / "float"),
                                                      dtype=torch.float32).eval()
     model = moequant.load(result.path, device="cpu", dtype="float32")
@@ -58,7 +58,7 @@ def test_compressed_family_loads_as_the_independent_reader_reads_it(tmp_path, so
 
 
 def test_family_checkpoint_evaluates_alike_in_both_engines(tmp_path, sources):
-    out = compress(sources["qwen2_moe"], tmp_path / "out", recipe="mixtral-a4e4", calib=CALIB).path
+    out = compress(sources["qwen2_moe"], tmp_path / "out", recipe="a4e4", calib=CALIB).path
     windows = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(2))
     streamed = evaluate(out, baseline=sources["qwen2_moe"], windows=windows, device="cpu")
     memory = evaluate(out, baseline=sources["qwen2_moe"], windows=windows, device="cpu", engine="memory")
@@ -69,11 +69,11 @@ def test_family_checkpoint_evaluates_alike_in_both_engines(tmp_path, sources):
 
 
 def test_family_resume_gives_the_same_bytes(tmp_path, sources):
-    whole = compress(sources["qwen3_moe"], tmp_path / "whole", recipe="mixtral-a4e3", calib=CALIB).path
+    whole = compress(sources["qwen3_moe"], tmp_path / "whole", recipe="a4e3", calib=CALIB).path
     out = tmp_path / "resumed"
     with pytest.raises(MoequantError, match="stopped after 2"):
-        compress(sources["qwen3_moe"], out, recipe="mixtral-a4e3", calib=CALIB, progress=StopAfterLayers(2))
-    compress(sources["qwen3_moe"], out, recipe="mixtral-a4e3", calib=CALIB, resume=True)
+        compress(sources["qwen3_moe"], out, recipe="a4e3", calib=CALIB, progress=StopAfterLayers(2))
+    compress(sources["qwen3_moe"], out, recipe="a4e3", calib=CALIB, resume=True)
     for file in whole.glob("*.safetensors"):
         assert hashlib.sha256(file.read_bytes()).digest() == hashlib.sha256((out / file.name).read_bytes()).digest()
 
@@ -83,7 +83,7 @@ def test_family_in_compressed_tensors_names_its_modules(tmp_path, sources):
     from tests.compressed_tensors_reader import decompressed_weights
 
     with pytest.raises(MoequantError, match="mlp.down_proj has 160 inputs, which groups of 128 do not divide"):
-        compress(sources["qwen3_moe"], tmp_path / "out", recipe="mixtral-a4e4", method="rtn",
+        compress(sources["qwen3_moe"], tmp_path / "out", recipe="a4e4", method="rtn",
                  output_format="compressed-tensors")
     recipe = parse_recipe("name: g32\nmethod: rtn\ngroup_size: 32\nrules:\n  - kind: attention\n    bits: 8\n"
                           "  - kind: dense_mlp\n    bits: 8\n  - kind: expert\n    bits: 4\n")
@@ -103,7 +103,7 @@ def test_family_in_compressed_tensors_names_its_modules(tmp_path, sources):
 
 def test_family_runs_on_the_triton_kernels(tmp_path, sources):
     pytest.importorskip("triton")
-    out = compress(sources["olmoe"], tmp_path / "out", recipe="mixtral-a4e2", method="rtn").path
+    out = compress(sources["olmoe"], tmp_path / "out", recipe="a4e2", method="rtn").path
     ids = IDS[:1, :6]
     torch_path = logits(moequant.load(out, device="cpu", dtype="float32", backend="torch"), ids)
     triton_path = logits(moequant.load(out, device="cpu", dtype="float32", backend="triton"), ids)

@@ -25,7 +25,7 @@ def digest(folder):
 
 def test_rtn_layout_and_values(tmp_path, tiny_mixtral):
     before = digest(tiny_mixtral)
-    result = compress(tiny_mixtral, tmp_path / "out", recipe="mixtral-a4e3", method="rtn")
+    result = compress(tiny_mixtral, tmp_path / "out", recipe="a4e3", method="rtn")
     assert digest(tiny_mixtral) == before, "the source checkpoint must never be written"
     out = result.path
     config = json.loads((out / "config.json").read_text())
@@ -53,8 +53,8 @@ def test_rtn_layout_and_values(tmp_path, tiny_mixtral):
 
 
 def test_gptq_beats_rtn_and_records_every_expert(tmp_path, tiny_mixtral_tok):
-    gptq = compress(tiny_mixtral_tok, tmp_path / "g", recipe="mixtral-a4e2", calib=SMALL).record
-    rtn_rec = compress(tiny_mixtral_tok, tmp_path / "r", recipe="mixtral-a4e2", method="rtn", calib=SMALL).record
+    gptq = compress(tiny_mixtral_tok, tmp_path / "g", recipe="a4e2", calib=SMALL).record
+    rtn_rec = compress(tiny_mixtral_tok, tmp_path / "r", recipe="a4e2", method="rtn", calib=SMALL).record
     assert gptq["calibration"]["tokens"] == SMALL.samples * SMALL.seqlen
     for layer in gptq["layers"]:
         assert sum(layer["routing_histogram"]) == SMALL.samples * SMALL.seqlen * 2
@@ -74,7 +74,7 @@ def test_gptq_beats_rtn_and_records_every_expert(tmp_path, tiny_mixtral_tok):
 
 def test_tiny_calibration_leaves_no_expert_behind(tmp_path, tiny_mixtral_tok):
     calib = CalibSettings(samples=1, seqlen=32, seed=3)
-    rec = compress(tiny_mixtral_tok, tmp_path / "o", recipe="mixtral-a4e3", calib=calib).record
+    rec = compress(tiny_mixtral_tok, tmp_path / "o", recipe="a4e3", calib=calib).record
     starved = rec["starved_experts"]
     assert starved, "32 tokens over 4 experts cannot reach min_tokens=64"
     assert all(s["policy"] == "augmented" for s in starved)
@@ -276,8 +276,8 @@ def test_killed_mid_layer_resumes_byte_identical(tmp_path):
 
 
 def test_expert_batches_give_the_same_checkpoint(tmp_path, tiny_mixtral_tok):
-    whole = compress(tiny_mixtral_tok, tmp_path / "all", recipe="mixtral-a4e2", calib=SMALL)
-    batched = compress(tiny_mixtral_tok, tmp_path / "three", recipe="mixtral-a4e2", calib=SMALL, expert_batch=3)
+    whole = compress(tiny_mixtral_tok, tmp_path / "all", recipe="a4e2", calib=SMALL)
+    batched = compress(tiny_mixtral_tok, tmp_path / "three", recipe="a4e2", calib=SMALL, expert_batch=3)
     a, b = digest(whole.path), digest(batched.path)
     a.pop("moequant.json"), b.pop("moequant.json")
     assert a == b
@@ -292,8 +292,8 @@ def test_fused_experts_compress_as_per_expert_ones(tmp_path, tiny_mixtral_tok):
     MixtralForCausalLM.from_pretrained(tiny_mixtral_tok).save_pretrained(fused, save_original_format=False)
     for f in tiny_mixtral_tok.glob("tokenizer*"):
         shutil.copy(f, fused)
-    want = compress(tiny_mixtral_tok, tmp_path / "a", recipe="mixtral-a4e3", calib=SMALL).path
-    got = compress(fused, tmp_path / "b", recipe="mixtral-a4e3", calib=SMALL).path
+    want = compress(tiny_mixtral_tok, tmp_path / "a", recipe="a4e3", calib=SMALL).path
+    got = compress(fused, tmp_path / "b", recipe="a4e3", calib=SMALL).path
     shards = [p.name for p in want.glob("*.safetensors")]
     assert shards and {n: digest(got)[n] for n in shards} == {n: digest(want)[n] for n in shards}
 
@@ -303,7 +303,7 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(Path(moequant.__file__).parent / "assets" / "tiny-mixtral" / f, src)
     with pytest.raises(MoequantError, match=r"token ids up to \d+, past the 256 rows of model\.embed_tokens"):
-        compress(src, tmp_path / "out", recipe="mixtral-a4e3", calib=SMALL)
+        compress(src, tmp_path / "out", recipe="a4e3", calib=SMALL)
     assert not (tmp_path / "out").exists()
 
 
@@ -314,7 +314,7 @@ def test_narrow_models_compress_with_the_default_recipe(tmp_path):
     from moequant.loading import load
 
     src = make_mixtral(tmp_path / "m", hidden_size=64, intermediate_size=96, num_hidden_layers=1)
-    out = compress(src, tmp_path / "out", recipe="mixtral-a4e3", method="rtn").path
+    out = compress(src, tmp_path / "out", recipe="a4e3", method="rtn").path
     reader = CheckpointReader(out)
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.block_sparse_moe.experts.1.w2"):
         assert reader.shape(name + ".scales")[0] == 1 and not reader.get(name + ".g_idx").any()
@@ -339,7 +339,7 @@ def test_groups_that_do_not_divide_the_input(tmp_path):
     from moequant.loading import dequantized_model, load
 
     src = add_tokenizer(make_mixtral(tmp_path / "m", intermediate_size=192, num_hidden_layers=1))
-    result = compress(src, tmp_path / "out", recipe="mixtral-a4e3", calib=SMALL)
+    result = compress(src, tmp_path / "out", recipe="a4e3", calib=SMALL)
     reader = CheckpointReader(result.path)
     name = "model.layers.0.block_sparse_moe.experts.2.w2"
     assert reader.shape(name + ".scales") == (2, 128)
@@ -363,7 +363,7 @@ def test_modules_the_layout_cannot_hold_are_refused_with_the_fix(tmp_path):
     src = make_mixtral(tmp_path / "m", intermediate_size=200, num_hidden_layers=1)
     with pytest.raises(MoequantError, match=r"rule 4 \(kind .expert.\): .*experts\.0\.w1 cannot be packed: out_features N=200 .*"
                                             r"rule 'bits: 16' placed before this one"):
-        compress(src, tmp_path / "out", recipe="mixtral-a4e3", method="rtn")
+        compress(src, tmp_path / "out", recipe="a4e3", method="rtn")
     assert not (tmp_path / "out").exists()
     recipe = tmp_path / "keep-experts.yaml"
     recipe.write_text("name: keep-experts\nmethod: rtn\ngroup_size: 64\nrules:\n"
