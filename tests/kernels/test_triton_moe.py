@@ -274,3 +274,18 @@ def test_moe_launches_drop_stages_the_gpu_cannot_hold(triton_kernels, make_exper
     got = tmoe.fused_moe_triton(x, ids, weights, w13, w2, config=cfg)
     assert torch.equal(got, want)
     assert all(k.tried == [4, 3, 2, 1] for k in limited.values())
+
+
+@pytest.mark.parametrize(("experts", "top_k", "inter"), [(128, 8, 96), (256, 8, 32)])
+def test_many_small_experts(triton_kernels, make_experts, experts, top_k, inter):
+    """Qwen3-MoE / DeepSeek-like routing: 128-256 experts, top-8, an intermediate size that is a
+    multiple of 32 but not of 128; most experts get no token."""
+    _, tmoe = triton_kernels
+    w13 = make_experts(experts, 2 * inter, HIDDEN, 4, 32, seed=7)
+    w2 = make_experts(experts, HIDDEN, inter, 3, 32, seed=8)
+    gen = torch.Generator().manual_seed(experts)
+    ids = torch.randn(5, experts, generator=gen).topk(top_k, dim=-1).indices
+    weights = torch.softmax(torch.randn(ids.shape, generator=gen), dim=-1)
+    x = torch.randn(5, HIDDEN, generator=gen)
+    got = tmoe.fused_moe_triton(x, ids, weights, w13, w2)
+    torch.testing.assert_close(got, fused_moe_ref(x, ids, weights, w13, w2), rtol=1e-4, atol=1e-4)
