@@ -18,7 +18,7 @@ from moequant.errors import MoequantError, first_line
 from moequant.loading import check_loadable, linear_specs
 from moequant.packed.bitstream import unpack_qzeros
 from moequant.packed.shapes import bits_of, stored_bits
-from moequant.packed.widths import PACKED_KEYS
+from moequant.packed.widths import PACKED_KEYS, effective_group_size
 
 
 def describe(path: str | Path, allow_pickle: bool = False) -> dict:
@@ -153,7 +153,7 @@ def _module_problems(reader: CheckpointReader, name: str, k: int, spec) -> list[
     if rows * 32 != k * spec.bits:
         problems.append(f"{name}.qweight has {rows} rows, {rows * 32 / k:g}-bit codes for {k} inputs; "
                         f"quantization_config says {said}")
-    groups, want = reader.shape(name + ".scales")[0], -(-k // spec.group_size)
+    groups, want = reader.shape(name + ".scales")[0], -(-k // effective_group_size(spec.group_size, k))
     if groups != want:
         problems.append(f"{name}.scales has {groups} groups, quantization_config's group_size {spec.group_size} "
                         f"gives {want} for {k} inputs")

@@ -11,6 +11,7 @@ import moequant
 from moequant.compression import CalibSettings, compress
 from moequant.errors import MoequantError
 from moequant.evals.run import evaluate
+from moequant.inspection import describe
 from moequant.recipe import parse_recipe
 from tests.conftest import StopAfterLayers, make_family
 from tests.gptq_reader import write_float_checkpoint
@@ -51,6 +52,8 @@ def test_compressed_family_loads_as_the_independent_reader_reads_it(tmp_path, so
         assert set(bits["dense_mlp"]) == {"4"}
     if family == "qwen2_moe":
         assert bits["shared_expert"] == {"4": 3}
+    info = describe(result.path)  # modules narrower than a group are one group (group_size -1)
+    assert info["problems"] == [] and info["loadable"] and info["layout"] == "vllm"
     layer_records = result.record["layers"]
     dense = [r["layer"] for r in layer_records if r.get("dense")]
     expected_dense = {"qwen3_moe": [1], "qwen2_moe": [0, 2], "olmoe": []}[family]
