@@ -149,11 +149,25 @@ class Architecture(Protocol):
     """
 
     family: str
+    model_type: str
+    """transformers' ``model_type`` of the family, whose classes load and check it."""
     architectures: tuple[str, ...]
     config: MoEConfig
     raw_config: Mapping
 
     def layer_prefix(self, layer: int) -> str: ...
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer ``layer`` has routed experts (else one dense MLP)."""
+
+    def layer_vectors(self, layer: int) -> dict[str, tuple[int, str]]:
+        """Every 1-D tensor of the layer (norms, biases): its size and the config field behind it."""
+
+    def size_fields(self) -> dict[str, str]:
+        """The config.json field behind the number of experts and each MLP kind's width, for messages."""
+
+    def sliding_window(self, layer: int) -> int | None:
+        """The attention window of layer ``layer`` in tokens, or ``None``."""
 
     def attention_name(self, layer: int, role: str) -> str: ...
 
