@@ -104,11 +104,11 @@ def part_peer(peer_python: str | None, recipe: str, samples: int, seqlen: int, d
     return result
 
 
-def part_layer(samples: int, seqlen: int, device: str, expert_batch: int, workdir: Path) -> dict:
+def part_layer(samples: int, seqlen: int, device: str, expert_batch: int, workdir: Path, shape: str) -> dict:
     bench_memory = _load("bench_memory")
-    src = workdir / "mixtral-shaped-1l"
+    src = workdir / f"{shape}-1l"
     if not (src / "config.json").is_file():
-        bench_memory.build(src, 1)
+        bench_memory.build(src, shape, 1)
     out = workdir / "out"
     cmd = [_moequant_cli(), "compress", str(src), "-o", str(out), "--calib", "random", "--samples", str(samples),
            "--seqlen", str(seqlen), "--device", device, "--overwrite", "--expert-batch", str(expert_batch)]
@@ -117,12 +117,13 @@ def part_layer(samples: int, seqlen: int, device: str, expert_batch: int, workdi
     layer_s = record["timing"]["layers_s"][0]
     phases = (record["timing"].get("layer_phases_s") or [None])[0]
     shutil.rmtree(out, ignore_errors=True)
-    result = {"samples": samples, "seqlen": seqlen, "tokens": samples * seqlen, "expert_batch": expert_batch,
+    result = {"shape": shape, "samples": samples, "seqlen": seqlen, "tokens": samples * seqlen,
+              "expert_batch": expert_batch,
               "layer_seconds": layer_s, "layer_phases_s": phases, "command_seconds": round(seconds, 1),
               "peak_rss_gib": round(peak / 2**30, 2)}
     if device.startswith("cuda"):
         result["target"] = "< 20 s per layer"
-    print(f"layer: {samples}x{seqlen} tokens, one Mixtral-8x7B layer in {layer_s:.1f} s "
+    print(f"layer: {samples}x{seqlen} tokens, one {shape} layer in {layer_s:.1f} s "
           f"(command {seconds:.0f} s), peak RSS {peak / 2**30:.2f} GiB; phases (s): {phases}")
     return result
 
@@ -138,6 +139,7 @@ def main() -> None:
     ap.add_argument("--layer-samples", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
     ap.add_argument("--expert-batch", type=int, default=0, help="default: 8 on CUDA, 2 on CPU")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "moequant-bench-gptq")
+    ap.add_argument("--shape", default="mixtral-8x7b", help="layer shape: mixtral-8x7b or qwen3-30b-a3b")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     parts = set(args.parts.split(","))
@@ -149,8 +151,9 @@ def main() -> None:
         report["peer"] = part_peer(args.peer_python, args.recipe, args.samples, args.seqlen, args.device)
     if "layer" in parts:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        report["layer"] = part_layer(args.layer_samples or (128 if cuda else 8), 512, args.device,
-                                     args.expert_batch or (8 if cuda else 2), args.workdir)
+        key = "layer" if args.shape == "mixtral-8x7b" else f"layer-{args.shape}"
+        report[key] = part_layer(args.layer_samples or (128 if cuda else 8), 512, args.device,
+                                 args.expert_batch or (8 if cuda else 2), args.workdir, args.shape)
         shutil.rmtree(args.workdir, ignore_errors=True)
     RESULTS.mkdir(exist_ok=True)
     dest = RESULTS / f"gptq-{'cuda' if cuda else 'cpu'}.json"
