@@ -46,11 +46,15 @@ def _common(raw: Mapping, hf, family: str, expert_width: int) -> dict:
     )
 
 
-def _dense_layers(hf, layers: int) -> frozenset[int]:
-    """Layers whose MLP is dense, by transformers' rule (``mlp_only_layers``, ``decoder_sparse_step``)."""
+def _qwen(raw: Mapping, hf, family: str) -> dict:
+    """The Qwen-MoE fields: experts of ``moe_intermediate_size``, and the layers whose MLP is dense by
+    transformers' rule (``mlp_only_layers``, ``decoder_sparse_step``), of ``intermediate_size``."""
+    base = _common(raw, hf, family, fields.integer(raw, "moe_intermediate_size"))
     only = set(getattr(hf, "mlp_only_layers", None) or [])
     step = int(getattr(hf, "decoder_sparse_step", 1) or 1)
-    return frozenset(i for i in range(layers) if i in only or hf.num_experts == 0 or (i + 1) % step)
+    dense = frozenset(i for i in range(base["num_layers"]) if i in only or hf.num_experts == 0 or (i + 1) % step)
+    return {**base, "dense_layers": dense,
+            "dense_intermediate_size": fields.integer(raw, "intermediate_size") if dense else 0}
 
 
 class Qwen3MoeAdapter(SparseMoEAdapter):
@@ -63,13 +67,8 @@ class Qwen3MoeAdapter(SparseMoEAdapter):
 
     def __init__(self, raw_config: Mapping) -> None:
         hf = decoder_config.transformers_config(raw_config, self.model_type)
-        base = _common(raw_config, hf, "Qwen3-MoE", fields.integer(raw_config, "moe_intermediate_size"))
-        dense = _dense_layers(hf, base["num_layers"])
-        config = MoEConfig(
-            **base, sliding_window=hf.sliding_window, qk_norm="head", qkv_bias=bool(hf.attention_bias),
-            o_bias=bool(hf.attention_bias), dense_layers=dense,
-            dense_intermediate_size=fields.integer(raw_config, "intermediate_size") if dense else 0,
-        )
+        config = MoEConfig(**_qwen(raw_config, hf, "Qwen3-MoE"), sliding_window=hf.sliding_window, qk_norm="head",
+                           qkv_bias=bool(hf.attention_bias), o_bias=bool(hf.attention_bias))
         super().__init__(raw_config, config, hf)
 
 
@@ -83,13 +82,8 @@ class Qwen2MoeAdapter(SparseMoEAdapter):
 
     def __init__(self, raw_config: Mapping) -> None:
         hf = decoder_config.transformers_config(raw_config, self.model_type)
-        base = _common(raw_config, hf, "Qwen2-MoE", fields.integer(raw_config, "moe_intermediate_size"))
-        dense = _dense_layers(hf, base["num_layers"])
-        config = MoEConfig(
-            **base, sliding_window=None, qkv_bias=bool(hf.qkv_bias), dense_layers=dense,
-            dense_intermediate_size=fields.integer(raw_config, "intermediate_size") if dense else 0,
-            shared_expert_size=int(hf.shared_expert_intermediate_size or 0), shared_expert_gate=True,
-        )
+        config = MoEConfig(**_qwen(raw_config, hf, "Qwen2-MoE"), sliding_window=None, qkv_bias=bool(hf.qkv_bias),
+                           shared_expert_size=int(hf.shared_expert_intermediate_size or 0), shared_expert_gate=True)
         super().__init__(raw_config, config, hf)
 
     def sliding_window(self, layer: int) -> int | None:
