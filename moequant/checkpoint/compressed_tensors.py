@@ -130,6 +130,61 @@ def is_compressed_tensors(qcfg: object) -> bool:
     return isinstance(qcfg, dict) and str(qcfg.get("quant_method", "")).lower() == METHOD
 
 
+def present_as_gptq(reader) -> None:
+    """Present the modules of ``reader``'s compressed-tensors checkpoint as GPTQ tensors (converted when
+    read), and its ``quantization_config`` as the GPTQ config that gives every module the same storage."""
+    from moequant.checkpoint.gptq_config import quantization_config
+
+    modules = sorted(n[: -len(".weight_packed")] for n in reader.names if n.endswith(".weight_packed"))
+    schemes = module_schemes(reader.config["quantization_config"], modules)
+    for module in modules:
+        scheme = schemes.get(module)
+        if scheme is None:
+            raise MoequantError(f"{module} is packed, but quantization_config gives it no scheme (it is "
+                                "ignored, or no config group targets it)")
+        if not reader.has(module + ".weight_shape"):
+            raise MoequantError(f"{module}.weight_shape is missing from the checkpoint at {reader.path}")
+        shape = [int(v) for v in reader.get(module + ".weight_shape").reshape(-1).tolist()]
+        if len(shape) != 2 or min(shape) < 1:
+            raise MoequantError(f"{module}.weight_shape is {shape}; it must be [out_features, in_features]")
+        n, k = shape
+        bits = scheme["bits"]
+        if (k * bits) % 32 or (n * bits) % 32:
+            raise MoequantError(f"{module} is a [{n}, {k}] weight; moequant runs {bits}-bit weights whose sizes "
+                                "are multiples of 32")
+        groups = -(-k // effective_group_size(scheme["group_size"], k))
+        for key in KEYS:
+            if reader.has(f"{module}.{key}"):
+                reader.consume(f"{module}.{key}")
+        converted = _Converted(reader.read_consumed, module, scheme, n, k)
+        for key, shp, dtype in (("qweight", (k * bits // 32, n), torch.int32),
+                                ("qzeros", (groups, n * bits // 32), torch.int32),
+                                ("scales", (groups, n), torch.float16), ("g_idx", (k,), torch.int32)):
+            reader.add_derived(f"{module}.{key}", shp, dtype, lambda key=key, c=converted: c.tensor(key),
+                               beside=module + ".weight_packed")
+    linears = [n[: -len(".weight")] for n in reader.names
+               if n.endswith(".weight") and len(reader.shape(n)) == 2 and "embed" not in n]
+    specs = gptq_specs(schemes, modules + linears)
+    reader.config["quantization_config"] = quantization_config(
+        specs, "compressed-tensors", "", 0.01, False, lm_head=specs.get("lm_head") is not None)
+
+
+class _Converted:
+    """One module's GPTQ tensors, converted once for all four of them."""
+
+    def __init__(self, get, module: str, scheme: dict, n: int, k: int) -> None:
+        self.get, self.module, self.scheme, self.n, self.k = get, module, scheme, n, k
+        self._tensors: dict[str, torch.Tensor] | None = None
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if self._tensors is None or key not in self._tensors:
+            self._tensors = from_compressed(self.get, self.module, self.scheme, self.n, self.k)
+        out = self._tensors.pop(key)
+        if not self._tensors:
+            self._tensors = None
+        return out
+
+
 def module_schemes(qcfg: dict, modules: list[str]) -> dict[str, dict]:
     """The weight scheme (``num_bits``, ``symmetric``, ``strategy``, ``group_size``, ``actorder``) of
     each module in ``modules`` (stored names of modules with ``weight_packed``), by the config's own rule:

@@ -6,14 +6,15 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from moequant.arch.base import TensorView
 from moequant.arch.registry import canonical_views
-from moequant.checkpoint.compressed_tensors import is_compressed_tensors
+from moequant.checkpoint.compressed_tensors import is_compressed_tensors, present_as_gptq
 from moequant.errors import MoequantError, first_line
 
 SAFE_SINGLE = "model.safetensors"
@@ -198,7 +199,7 @@ class CheckpointReader:
         self.source_format = "compressed-tensors" if is_compressed_tensors(self.config.get("quantization_config")) \
             else None
         if self.source_format:
-            self._read_compressed_tensors()
+            present_as_gptq(self)
         self.add_views(canonical_views(self.config, {n: self.shape(n) for n in self._weight_map}))
         if not self.config.get("quantization_config") and any(n.endswith(".qweight") for n in self._weight_map):
             self._adopt_quant_config_file()
@@ -221,47 +222,6 @@ class CheckpointReader:
                 raise MoequantError(f"{file} is not a JSON object of quantisation settings")
             self.config["quantization_config"] = qcfg
             return
-
-    def _read_compressed_tensors(self) -> None:
-        """Present the modules of a compressed-tensors ``pack-quantized`` checkpoint as GPTQ tensors, and
-        its ``quantization_config`` as the GPTQ config that gives every module the same storage."""
-        from moequant.checkpoint import compressed_tensors as ct
-        from moequant.checkpoint.gptq_config import quantization_config
-
-        qcfg = self.config["quantization_config"]
-        modules = sorted(n[: -len(".weight_packed")] for n in self._weight_map if n.endswith(".weight_packed"))
-        schemes = ct.module_schemes(qcfg, modules)
-        for module in modules:
-            scheme = schemes.get(module)
-            if scheme is None:
-                raise MoequantError(f"{module} is packed, but quantization_config gives it no scheme (it is "
-                                    "ignored, or no config group targets it)")
-            if not self.has(module + ".weight_shape"):
-                raise MoequantError(f"{module}.weight_shape is missing from the checkpoint at {self.path}")
-            shape = [int(v) for v in self.get(module + ".weight_shape").reshape(-1).tolist()]
-            if len(shape) != 2 or min(shape) < 1:
-                raise MoequantError(f"{module}.weight_shape is {shape}; it must be [out_features, in_features]")
-            n, k = shape
-            bits, group = scheme["bits"], scheme["group_size"]
-            n_groups = -(-k // (k if group == -1 else group))
-            if (k * bits) % 32 or (n * bits) % 32:
-                raise MoequantError(f"{module} is a [{n}, {k}] weight; moequant runs {bits}-bit weights whose "
-                                    "sizes are multiples of 32")
-            source = _Derived.Module(self, module, scheme, n, k)
-            shard = self._weight_map[module + ".weight_packed"]
-            for key, shp, dtype in (("qweight", (k * bits // 32, n), torch.int32),
-                                    ("qzeros", (n_groups, n * bits // 32), torch.int32),
-                                    ("scales", (n_groups, n), torch.float16), ("g_idx", (k,), torch.int32)):
-                self._derived[f"{module}.{key}"] = _Derived(source, key, shp, dtype)
-                self._weight_map[f"{module}.{key}"] = shard
-            for key in ct.KEYS:
-                if f"{module}.{key}" in self._weight_map:
-                    self._consumed[f"{module}.{key}"] = self._weight_map.pop(f"{module}.{key}")
-        linears = [n[: -len(".weight")] for n in self._weight_map
-                   if n.endswith(".weight") and len(self.shape(n)) == 2 and "embed" not in n]
-        specs = ct.gptq_specs(schemes, modules + linears)
-        self.config["quantization_config"] = quantization_config(
-            specs, "compressed-tensors", "", 0.01, False, lm_head=specs.get("lm_head") is not None)
 
     def _discover(self, allow_pickle: bool) -> None:
         index = self.path / SAFE_INDEX
@@ -423,6 +383,17 @@ class CheckpointReader:
             raise MoequantError(f"tensor {name} in {self._weight_map[name].name} contains {bad} values")
         return tensor
 
+    def add_derived(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, read: Callable[[], torch.Tensor],
+                    beside: str) -> None:
+        """Present tensor ``name`` (``shape``, ``dtype``), computed by ``read()`` from stored ones, as if it
+        lay in the shard of tensor ``beside``."""
+        self._derived[name] = _Derived(shape, dtype, read)
+        self._weight_map[name] = self._weight_map.get(beside) or self._consumed[beside]
+
+    def consume(self, name: str) -> None:
+        """Stop presenting stored tensor ``name``: tensors derived from it stand for it (see :meth:`read_consumed`)."""
+        self._consumed[name] = self._weight_map.pop(name)
+
     def read_consumed(self, name: str) -> torch.Tensor:
         """A stored tensor that the checkpoint presents only through tensors derived from it."""
         if name not in self._consumed:
@@ -470,31 +441,13 @@ class CheckpointReader:
             pass
 
 
+@dataclass(frozen=True)
 class _Derived:
-    """A tensor computed from others of the checkpoint when read (GPTQ tensors of another format)."""
+    """A tensor computed from others of the checkpoint when read (a GPTQ tensor of another format)."""
 
-    class Module:
-        """One compressed-tensors module, converted once for all four of its GPTQ tensors."""
-
-        def __init__(self, reader: CheckpointReader, module: str, scheme: dict, n: int, k: int) -> None:
-            self.reader, self.module, self.scheme, self.n, self.k = reader, module, scheme, n, k
-            self._tensors: dict[str, torch.Tensor] | None = None
-
-        def tensor(self, key: str) -> torch.Tensor:
-            from moequant.checkpoint.compressed_tensors import from_compressed
-
-            if self._tensors is None or key not in self._tensors:
-                self._tensors = from_compressed(self.reader.read_consumed, self.module, self.scheme, self.n, self.k)
-            out = self._tensors.pop(key)
-            if not self._tensors:
-                self._tensors = None
-            return out
-
-    def __init__(self, source: _Derived.Module, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        self.source, self.key, self.shape, self.dtype = source, key, shape, dtype
-
-    def read(self) -> torch.Tensor:
-        return self.source.tensor(self.key)
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read: Callable[[], torch.Tensor]
 
 
 _ST_DTYPES = {
