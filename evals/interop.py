@@ -119,7 +119,7 @@ def run_reader(python: Path, reader: str, model: Path, ids: Path, out: Path, dty
     t0 = time.perf_counter()
     done = subprocess.run([str(python), str(ROOT / "evals" / "interop_reader.py"), "--reader", reader, "--model",
                            str(model), "--ids", str(ids), "--out", str(out), "--dtype", dtype],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=out.parent)
     row: dict = {"seconds": round(time.perf_counter() - t0, 1)}
     if done.returncode:
         lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
@@ -130,6 +130,8 @@ def run_reader(python: Path, reader: str, model: Path, ids: Path, out: Path, dty
 
 
 def compare(theirs: torch.Tensor, ours: torch.Tensor) -> dict:
+    if not bool(torch.isfinite(theirs).all()):
+        return {"relative_error": None, "top1_agreement": None, "error": "the reader's logits are not finite"}
     return {"relative_error": float((theirs - ours).norm() / ours.norm()),
             "top1_agreement": float((theirs.argmax(-1) == ours.argmax(-1)).float().mean())}
 
@@ -161,6 +163,42 @@ def gptqmodel_output_read_by_moequant(python: Path, bundled: Path, ids: torch.Te
     return rows
 
 
+FAMILIES = {  # random tiny models of the other families, shaped so every group divides its inputs
+    "qwen3_moe": {"intermediate_size": 256, "moe_intermediate_size": 128, "mlp_only_layers": []},
+    "qwen3_moe with a dense layer": {"intermediate_size": 256, "moe_intermediate_size": 128, "mlp_only_layers": [1]},
+    "qwen2_moe": {"intermediate_size": 256, "moe_intermediate_size": 128, "shared_expert_intermediate_size": 128,
+                  "decoder_sparse_step": 1},
+    "olmoe": {"intermediate_size": 128},
+}
+
+
+def family_rows(python: Path, work: Path) -> list[dict]:
+    """Each family's a4e4 output read by GPTQModel (gptqmodel layout) and by transformers (compressed-tensors)."""
+    from moequant.compression import CalibSettings, compress
+    from tests.conftest import make_family
+
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    save_file({"ids": ids}, str(work / "family-ids.safetensors"))
+    rows = []
+    for label, overrides in FAMILIES.items():
+        family = label.split()[0]
+        src = make_family(work / label.replace(" ", "-"), family, seed=1, **overrides)
+        for fmt, layout, reader, dtype in (("gptq", "gptqmodel", "gptqmodel", "float16"),
+                                           ("compressed-tensors", "vllm", "transformers", "float32")):
+            out = work / f"{src.name}-{fmt}"
+            compress(src, out, recipe="a4e4", output_format=fmt, layout=layout,
+                     calib=CalibSettings(source="random", samples=16, seqlen=64))
+            row = {"recipe": "a4e4", "family": label, "format": fmt, "layout": layout, "reader": reader,
+                   "dtype": dtype}
+            logits = work / f"{out.name}-{reader}.safetensors"
+            row.update(run_reader(python, reader, out, work / "family-ids.safetensors", logits, dtype))
+            if "error" not in row:
+                row.update(compare(load_file(str(logits))["logits"], moequant_logits(out, ids, getattr(torch, dtype))))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--venv", type=Path, default=ROOT / ".interop-venv")
@@ -171,12 +209,22 @@ def main() -> None:
     ap.add_argument("--vllm-python", type=Path, default=None,
                     help="python of an environment with vLLM (CUDA): serve the 4- and 8-bit outputs with it")
     ap.add_argument("--only-vllm", action="store_true", help="skip the CPU readers (with --vllm-python)")
+    ap.add_argument("--only-families", action="store_true",
+                    help="only the other families' tiny models (merged into an existing --output)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     from moequant.builtin_data import bundled_model_path
     from moequant.compression import CalibSettings, compress
 
     python = args.venv / "bin" / "python" if args.only_vllm else build_env(args.venv)
+    if args.only_families:
+        work = Path(tempfile.mkdtemp(prefix="moequant-interop-"))
+        rows = family_rows(python, work)
+        report = json.loads(args.output.read_text()) if args.output.is_file() else {"results": []}
+        report["results"] = [r for r in report["results"] if "family" not in r] + rows
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
+        shutil.rmtree(work, ignore_errors=True)
+        return
     bundled = bundled_model_path()
     ids = held_out_ids(bundled, args.windows, args.seqlen)
     work = Path(tempfile.mkdtemp(prefix="moequant-interop-"))
@@ -212,6 +260,7 @@ def main() -> None:
                 results.append(row)
     if not args.only_vllm:
         results += gptqmodel_output_read_by_moequant(python, bundled, ids, work)
+        results += family_rows(python, work)
     report = {"versions": versions(python) if python.exists() else {}, "method": args.method, "windows": args.windows,
               "seqlen": args.seqlen, "results": results}
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import torch
 from moequant.arch.registry import adapter_for
 from moequant.checkpoint.against_config import check_tensors
 from moequant.checkpoint.gptq_config import quantization_config_of
-from moequant.checkpoint.output_form import NOT_READ_BY, READERS, stored_form
+from moequant.checkpoint.output_form import readers_of, stored_form
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
 from moequant.compression.record import RECORD_FILE
 from moequant.engine_limits import Stored, engine_limits
@@ -74,8 +74,9 @@ def describe(path: str | Path, allow_pickle: bool = False) -> dict:
     form = stored_form(reader, adapter)
     if form is not None:
         info["format"], info["layout"] = form.format, form.layout
-        info["readers"] = READERS.get((form.format, form.layout), ["moequant"])
-        info["not_read_by"] = NOT_READ_BY.get((form.format, form.layout), [])
+        dense = any(reader.has(i.name + ".qweight") for layer in range(c.num_layers)
+                    for i in adapter.layer_linears(layer) if i.kind == "dense_mlp")
+        info["readers"], info["not_read_by"] = readers_of(adapter, form, dense)
     if quant is not None:
         info["quantization_config"] = {k: quant[k] for k in ("quant_method", "checkpoint_format", "bits",
                                                              "group_size", "sym", "desc_act") if k in quant}

@@ -23,21 +23,40 @@ from moequant.quant.types import QuantSpec
 FORMATS = ("gptq", "compressed-tensors")
 
 
-READERS = {
+_READERS = {
     ("gptq", "vllm"): ["vLLM (4- and 8-bit modules)", "AutoGPTQ and optimum with transformers 4", "moequant"],
     ("gptq", "gptqmodel"): ["GPTQModel 7", "moequant"],
     ("compressed-tensors", "vllm"): ["vLLM (4- and 8-bit modules, symmetric experts)",
                                      "transformers (dequantised to float on load)", "compressed-tensors", "moequant"],
 }
-"""Who reads each (format, layout): verified with the readers themselves, see README's interoperability section."""
-NOT_READ_BY = {
-    ("gptq", "vllm"): ["GPTQModel 7 (use --layout gptqmodel)",
-                       "transformers 5 from_pretrained (its fused experts stay unquantised: use --format "
-                       "compressed-tensors)"],
-    ("gptq", "gptqmodel"): ["vLLM (use --layout vllm)", "transformers 5 from_pretrained (use --format "
-                            "compressed-tensors)"],
+_TRANSFORMERS = "transformers 5 from_pretrained (its fused experts stay unquantised: use --format compressed-tensors)"
+_NOT_READ_BY = {
+    ("gptq", "vllm"): ["GPTQModel 7 (use --layout gptqmodel)", _TRANSFORMERS],
+    ("gptq", "gptqmodel"): ["vLLM (use --layout vllm)", _TRANSFORMERS],
     ("compressed-tensors", "vllm"): [],
 }
+_GPTQMODEL_DENSE = ("GPTQModel 7.7 when dense MLP layers are quantised: it leaves them unloaded, at random; keep "
+                    "them 16-bit for it (a rule {kind: dense_mlp, bits: 16})")
+
+
+def readers_of(arch: Architecture, form: OutputForm, dense_quantised: bool = False) -> tuple[list[str], list[str]]:
+    """Which readers take a checkpoint of ``form`` (verified with the readers themselves, see README's
+    interoperability section), and which do not; ``dense_quantised``: some dense MLP layer is packed."""
+    key = (form.format, form.layout)
+    readers, not_read = list(_READERS.get(key, ["moequant"])), list(_NOT_READ_BY.get(key, []))
+    if form.format == "gptq" and _layouts_alike(arch):
+        readers = list(dict.fromkeys(_READERS["gptq", "vllm"][:-1] + _READERS["gptq", "gptqmodel"]))
+        not_read = [_TRANSFORMERS]
+    if form.format == "gptq" and dense_quantised and "GPTQModel 7" in readers:
+        not_read.append(_GPTQMODEL_DENSE)
+    return readers, not_read
+
+
+def _layouts_alike(arch: Architecture) -> bool:
+    """Whether every layout names this family's modules alike (Qwen and OLMoE: transformers' names)."""
+    moe = next((i for i in range(arch.config.num_layers) if arch.is_moe_layer(i)), 0)
+    names = [i.name for i in arch.layer_linears(moe) if i.kind in ("expert", "router")]
+    return all(arch.disk_name(n, layout) == n for n in names for layout in arch.layouts)
 
 
 @dataclass(frozen=True)

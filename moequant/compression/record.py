@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moequant import __version__
-from moequant.checkpoint.output_form import NOT_READ_BY, READERS, stored_quantization_config
+from moequant.checkpoint.output_form import readers_of, stored_quantization_config
 from moequant.checkpoint.reader import QUANT_CONFIG_FILES
 from moequant.checkpoint.writer import CheckpointWriter
 from moequant.compression.job import Job
@@ -58,6 +58,8 @@ def finish_record(job: Job, record: Record, source: Path, calib_info: dict | Non
     """The whole ``moequant.json``: settings, totals, per-kind groups, starved experts, layers, modules, timing."""
     a = job.arch
     all_infos = [i for layer in range(a.config.num_layers) for i in a.layer_linears(layer)] + a.global_linears()
+    readers, not_read_by = readers_of(a, job.form, any(job.specs.get(i.name) is not None
+                                                       for i in all_infos if i.kind == "dense_mlp"))
     modules = record.modules
     for info in all_infos:
         if info.name not in modules and (info.kind != "lm_head" or job.reader.has(info.weight)):
@@ -77,8 +79,8 @@ def finish_record(job: Job, record: Record, source: Path, calib_info: dict | Non
         "moequant_version": __version__,
         "format": job.form.format,
         "layout": job.form.layout,
-        "readers": READERS[job.form.format, job.form.layout],
-        "not_read_by": NOT_READ_BY[job.form.format, job.form.layout],
+        "readers": readers,
+        "not_read_by": not_read_by,
         "source": str(source),
         "architecture": (job.reader.config.get("architectures") or [a.family])[0],
         "recipe": {"name": recipe.name, "fingerprint": recipe.fingerprint(), "file": RECIPE_FILE},

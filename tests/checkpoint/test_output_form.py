@@ -175,6 +175,18 @@ def test_inspect_names_the_form_and_its_readers(mixed_outputs):
     assert all(v[3] for v in seen.values())
 
 
+def test_families_named_alike_in_both_layouts_suit_both_readers(tmp_path):
+    from moequant.arch.registry import adapter_for
+    from moequant.checkpoint.output_form import OutputForm, readers_of
+    from tests.conftest import make_family
+
+    arch = adapter_for(json.loads((make_family(tmp_path / "q", "qwen3_moe") / "config.json").read_text()))
+    readers, not_read = readers_of(arch, OutputForm("gptq", "vllm"))
+    assert "GPTQModel 7" in readers and "vLLM (4- and 8-bit modules)" in readers
+    assert not any("GPTQModel" in r for r in not_read)
+    assert any("dense MLP" in r for r in readers_of(arch, OutputForm("gptq", "vllm"), dense_quantised=True)[1])
+
+
 def test_reads_compressed_tensors_as_llm_compressor_writes_it(mixed_outputs, tmp_path):
     """Linear targets, an ignore list, transformers' expert names, bfloat16 scales and act-order g_idx."""
     import shutil
