@@ -32,8 +32,17 @@ OLMOE_1B_7B = {
     "num_experts_per_tok": 8, "vocab_size": 50304, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
     "rope_theta": 10000.0, "tie_word_embeddings": False,
 }
+DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 7168,
+    "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
+    "num_key_value_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
+    "n_group": 8, "topk_group": 4, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64, "v_head_dim": 128, "first_k_dense_replace": 3, "routed_scaling_factor": 2.5,
+    "vocab_size": 129280, "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
 MODELS = {"mixtral-8x7b": MIXTRAL_8X7B, "qwen3-30b-a3b": QWEN3_30B_A3B, "qwen1.5-moe-a2.7b": QWEN15_MOE_A27B,
-          "olmoe-1b-7b": OLMOE_1B_7B}
+          "olmoe-1b-7b": OLMOE_1B_7B, "deepseek-v3": DEEPSEEK_V3}
 """Published shapes, for size estimates without a checkpoint at hand (``moequant recipes --model``)."""
 
 

@@ -44,6 +44,11 @@ FAMILY_TINY = {
                       shared_expert_intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                       num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, max_position_embeddings=256,
                       decoder_sparse_step=2),
+    "deepseek_v3": dict(vocab_size=256, hidden_size=128, intermediate_size=160, moe_intermediate_size=64,
+                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                        n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                        n_shared_experts=1, q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32,
+                        qk_rope_head_dim=32, v_head_dim=32, routed_scaling_factor=2.5, max_position_embeddings=256),
     "olmoe": dict(vocab_size=256, hidden_size=128, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, num_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
                   clip_qkv=0.5),
@@ -61,6 +66,9 @@ def make_family(path: Path, family: str, seed: int = 0, dtype: torch.dtype = tor
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(-0.1, 0.1)
     model.save_pretrained(path, safe_serialization=True)
     return path
 

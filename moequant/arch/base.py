@@ -154,6 +154,9 @@ class Architecture(Protocol):
     architectures: tuple[str, ...]
     config: MoEConfig
     raw_config: Mapping
+    extra_layers: int
+    """Layers stored past ``num_hidden_layers`` that the model does not run (DeepSeek-V3's
+    multi-token-prediction layers); they pass through 16-bit."""
 
     def layer_prefix(self, layer: int) -> str: ...
 

@@ -39,20 +39,22 @@ ROLE_OF_HF = {v: k for k, v in HF_ROLE.items()}
 
 @dataclass
 class LayerWeights:
-    """The float weights of one decoder layer but its routed experts, keyed by role (``None``: absent)."""
+    """The float weights of one decoder layer but its routed experts, keyed by role (``None``: absent;
+    ``extra``: a family's own tensors by role)."""
 
     input_norm: torch.Tensor
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    o: torch.Tensor
     post_norm: torch.Tensor
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    o: torch.Tensor | None = None
     gate: torch.Tensor | None = None
     bias: dict[str, torch.Tensor] = field(default_factory=dict)
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
     mlp: ExpertWeights | None = None
     shared_gate: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class SparseMoEAdapter:
@@ -69,6 +71,7 @@ class SparseMoEAdapter:
     moe_block = "mlp"
     expert_roles: Mapping[str, str] = HF_ROLE
     layouts: tuple[str, ...] = ("vllm", "gptqmodel")
+    extra_layers = 0
 
     def __init__(self, raw_config: Mapping, config: MoEConfig, hf_config=None) -> None:
         self.raw_config = raw_config
@@ -317,17 +320,17 @@ class SparseMoEAdapter:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
         return weight.to(x.dtype) * xf.to(x.dtype)
 
-    def route(self, h: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def route(self, h: torch.Tensor, w: LayerWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k softmax routing.
 
         Args:
-            h: ``[T, H]`` normed hidden states; gate: ``[E, H]`` router weight.
+            h: ``[T, H]`` normed hidden states; w: the layer's weights (the router ``gate [E, H]``).
 
         Returns:
             ``probs [T, E]`` (float32 softmax over all experts), ``topk_ids [T, k]`` and
             ``topk_weights [T, k]`` (float32; renormalised over the chosen k where the family does).
         """
-        logits = F.linear(h, gate.to(h.dtype)).float()
+        logits = F.linear(h, w.gate.to(h.dtype)).float()
         probs = torch.softmax(logits, dim=-1)
         top_w, top_ids = torch.topk(probs, self.config.top_k, dim=-1)
         if self.config.norm_topk_prob:
@@ -392,22 +395,9 @@ class SparseMoEAdapter:
         c = self.config
         w = self.read_layer(get, layer)
         chunks = torch.split(x, chunking.windows)
-        window = self.sliding_window(layer)
 
         obs.stage("attention")
-        names = [self.attention_name(layer, r) for r in ATTN_ROLES]
-        w.q, w.k, w.v = obs.shared_input(names[:3], [w.q, w.k, w.v],
-                                         (self.norm(xc, w.input_norm) for xc in chunks))
-        if obs.settles_weights:
-            ctx = [self.attention(self.norm(xc, w.input_norm), w, cos, sin, window) for xc in chunks]
-            (w.o,) = obs.shared_input(names[3:], [w.o], ctx)
-            for xc, cc in zip(chunks, ctx, strict=True):
-                xc += F.linear(cc, w.o, w.bias.get("o"))
-            del ctx
-        else:
-            for xc in chunks:
-                xc += F.linear(self.attention(self.norm(xc, w.input_norm), w, cos, sin, window), w.o,
-                               w.bias.get("o"))
+        self.attention_block(chunks, layer, w, cos, sin, obs)
 
         flat = x.view(-1, c.hidden_size)
         tokens = flat.shape[0]
@@ -426,7 +416,7 @@ class SparseMoEAdapter:
         top_w = torch.empty(tokens, c.top_k, dtype=torch.float32, device=x.device)
         for start in range(0, tokens, rows):
             sl = slice(start, start + rows)
-            probs[sl], top_ids[sl], top_w[sl] = self.route(h[sl], w.gate)
+            probs[sl], top_ids[sl], top_w[sl] = self.route(h[sl], w)
         obs.routed(h, probs, top_ids, top_w)
 
         obs.stage("experts")
@@ -447,6 +437,25 @@ class SparseMoEAdapter:
             moe_out += shared
         flat += moe_out
         return top_ids
+
+    def attention_block(self, chunks: tuple[torch.Tensor, ...], layer: int, w: LayerWeights, cos: torch.Tensor,
+                        sin: torch.Tensor, obs: LayerObserver) -> None:
+        """Add the attention's output to each chunk ``[b, T, H]`` of the residual, in place; ``obs`` settles
+        q/k/v (one input), then o."""
+        window = self.sliding_window(layer)
+        names = [self.attention_name(layer, r) for r in ATTN_ROLES]
+        w.q, w.k, w.v = obs.shared_input(names[:3], [w.q, w.k, w.v],
+                                         (self.norm(xc, w.input_norm) for xc in chunks))
+        if obs.settles_weights:
+            ctx = [self.attention(self.norm(xc, w.input_norm), w, cos, sin, window) for xc in chunks]
+            (w.o,) = obs.shared_input(names[3:], [w.o], ctx)
+            for xc, cc in zip(chunks, ctx, strict=True):
+                xc += F.linear(cc, w.o, w.bias.get("o"))
+            del ctx
+        else:
+            for xc in chunks:
+                xc += F.linear(self.attention(self.norm(xc, w.input_norm), w, cos, sin, window), w.o,
+                               w.bias.get("o"))
 
     def _dense_mlp(self, h: torch.Tensor, w: ExpertWeights, names: list[str], rows: int,
                    obs: LayerObserver) -> torch.Tensor:

@@ -18,8 +18,10 @@ _Q = "num_attention_heads x head_dim"
 _KV = "num_key_value_heads x head_dim"
 
 
-def _fields(info: LinearInfo, sizes: dict[str, str]) -> tuple[str, str]:
+def _fields(info: LinearInfo, sizes: dict[str, str | tuple[str, str]]) -> tuple[str, str]:
     """The config.json fields that set the ``[rows, columns]`` of linear ``info``."""
+    if isinstance(sizes.get(info.role), tuple):
+        return sizes[info.role]
     fixed = {"q": (_Q, "hidden_size"), "k": (_KV, "hidden_size"), "v": (_KV, "hidden_size"),
              "o": ("hidden_size", _Q), "gate": (sizes["experts"], "hidden_size"),
              "shared_gate": ("1", "hidden_size"), "embed": ("vocab_size", "hidden_size"),
@@ -35,7 +37,9 @@ def check_tensors(reader: CheckpointReader, adapter: Architecture, missing_modul
 
     Every linear of every layer (attention, experts, router), both norms of every layer, the
     embedding ``[vocab_size, hidden_size]``, the final norm ``[hidden_size]`` and an untied
-    ``lm_head`` must be present with the shape config.json implies and a floating-point dtype;
+    ``lm_head`` must be present with the shape config.json implies and a floating-point dtype
+    (layers past ``num_hidden_layers`` only where the family keeps some there, as DeepSeek-V3 its
+    multi-token-prediction layers, which pass through 16-bit);
     a module stored packed (``X.qweight`` in place of ``X.weight``) need only be present here, its
     packed tensors are checked where they are read. No tensor may belong to a layer at or past
     ``num_hidden_layers``. With ``missing_modules_ok`` a linear with no tensor at all passes (for
@@ -46,7 +50,7 @@ def check_tensors(reader: CheckpointReader, adapter: Architecture, missing_modul
     """
     c = adapter.config
     sizes = adapter.size_fields()
-    _check_layer_indices(reader, c.num_layers)
+    _check_layer_indices(reader, c.num_layers + adapter.extra_layers)
     for layer in range(c.num_layers):
         for info in adapter.layer_linears(layer):
             _check_linear(reader, info, missing_modules_ok, sizes)

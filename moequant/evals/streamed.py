@@ -298,21 +298,21 @@ def _in_memory(sides: list[_Model], windows: torch.Tensor, device: torch.device,
         logits, layer_out = [], []
         for i, model in enumerate(models):
             captured: list[torch.Tensor] = []
+            chosen: dict[int, torch.Tensor] = {}
             hooks = [layer.register_forward_hook(_capture(captured)) for layer in model.model.layers]
+            hooks += [model.model.layers[n].mlp.gate.register_forward_hook(_capture_choice(chosen, n))
+                      for n in range(n_layers) if sides[i].adapter.is_moe_layer(n)]
             try:
                 with torch.no_grad():
-                    out = model(input_ids=ids, output_router_logits=True, use_cache=False)
+                    out = model(input_ids=ids, use_cache=False)
             finally:
                 for h in hooks:
                     h.remove()
             logits.append(out.logits.float())
             layer_out.append(captured)
-            moe_layers = [n for n in range(n_layers) if sides[i].adapter.is_moe_layer(n)]
-            for layer, router_logits in zip(moe_layers, out.router_logits, strict=True):
-                probs = torch.softmax(router_logits.float(), dim=-1)
-                routes[i][layer].append(probs.topk(top_k, dim=-1).indices.to(device="cpu", dtype=torch.int16))
-            for layer in sorted(set(range(n_layers)) - set(moe_layers)):
-                routes[i][layer].append(torch.full((ids.numel(), top_k), -1, dtype=torch.int16))
+            for layer in range(n_layers):
+                ids_k = chosen.get(layer, torch.full((ids.numel(), top_k), -1))
+                routes[i][layer].append(ids_k.to(device="cpu", dtype=torch.int16))
         if two:
             for layer, (hm, hb) in enumerate(zip(*layer_out, strict=True)):
                 err_sq[layer][0] += float((hm.double() - hb.double()).pow(2).sum())
@@ -323,6 +323,15 @@ def _in_memory(sides: list[_Model], windows: torch.Tensor, device: torch.device,
     hidden_error = [(e / max(n, 1e-300)) ** 0.5 for e, n in err_sq] if two else None
     stacked = [torch.stack([torch.cat(chunks) for chunks in per_side]) for per_side in routes]
     return scored.result(windows, stacked, hidden_error)
+
+
+def _capture_choice(store: dict[int, torch.Tensor], layer: int):
+    """A hook on a router that keeps the expert ids it chose (the last of its outputs, ``[T, k]``)."""
+
+    def hook(module, args, output):
+        store[layer] = output[-1].detach()
+
+    return hook
 
 
 def _capture(store: list[torch.Tensor]):

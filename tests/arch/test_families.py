@@ -15,6 +15,9 @@ CASES = [
     ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 8}),
     ("qwen2_moe", {}),
     ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2, "norm_topk_prob": True}),
+    ("deepseek_v3", {}),
+    ("deepseek_v3", {"q_lora_rank": None, "rope_interleave": False, "norm_topk_prob": False, "n_group": 1,
+                     "topk_group": 1, "first_k_dense_replace": 0, "attention_bias": True}),
     ("olmoe", {}),
     ("olmoe", {"clip_qkv": None, "norm_topk_prob": True, "num_key_value_heads": 2}),
 ]
