@@ -77,7 +77,8 @@ def build_env(venv: Path) -> Path:
     # GPTQModel asks for a newer torch than it needs on the CPU; every other requirement is honoured
     wanted = [line for line in requirements.splitlines() if line.strip() and not re.match(r"torch\b", line)]
     (venv / "requirements.txt").write_text("\n".join(wanted) + "\n")
-    sh(*pip, "-c", constraints, "-r", venv / "requirements.txt", COMPRESSED_TENSORS, OPTIMUM, "setuptools", "wheel")
+    sh(*pip, "-c", constraints, "-r", venv / "requirements.txt", COMPRESSED_TENSORS, OPTIMUM, "sentencepiece",
+       "tiktoken", "setuptools", "wheel")
     sh(*pip, "--no-deps", "--no-build-isolation", sdist, env={**os.environ, "BUILD_CUDA_EXT": "0"})
     marker.write_text(sh(python, "-m", "pip", "freeze"))
     return python
@@ -176,14 +177,14 @@ FAMILIES = {  # random tiny models of the other families, shaped so every group 
 def family_rows(python: Path, work: Path) -> list[dict]:
     """Each family's a4e4 output read by GPTQModel (gptqmodel layout) and by transformers (compressed-tensors)."""
     from moequant.compression import CalibSettings, compress
-    from tests.conftest import make_family
+    from tests.conftest import add_tokenizer, make_family
 
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     save_file({"ids": ids}, str(work / "family-ids.safetensors"))
     rows = []
     for label, overrides in FAMILIES.items():
         family = label.split()[0]
-        src = make_family(work / label.replace(" ", "-"), family, seed=1, **overrides)
+        src = add_tokenizer(make_family(work / label.replace(" ", "-"), family, seed=1, **overrides))
         for fmt, layout, reader, dtype in (("gptq", "gptqmodel", "gptqmodel", "float16"),
                                            ("compressed-tensors", "vllm", "transformers", "float32")):
             out = work / f"{src.name}-{fmt}"

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 
 import pytest
 import torch
@@ -99,8 +100,7 @@ def test_family_in_compressed_tensors_names_its_modules(tmp_path, sources):
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     targets = [t for g in qcfg["config_groups"].values() for t in g["targets"]]
     # vLLM looks a fused experts module up as <prefix>.experts.0.gate_proj
-    assert any(t.startswith("re:") and __import__("re").match(t[3:], "model.layers.0.mlp.experts.0.gate_proj")
-               for t in targets)
+    assert any(t.startswith("re:") and re.match(t[3:], "model.layers.0.mlp.experts.0.gate_proj") for t in targets)
     weights = decompressed_weights(out)
     assert "model.layers.1.mlp.gate_proj" in weights and "model.layers.0.mlp.experts.5.down_proj" in weights
     ct = moequant.load(out, device="cpu", dtype="float32")
