@@ -171,6 +171,7 @@ FAMILIES = {  # random tiny models of the other families, shaped so every group 
                   "decoder_sparse_step": 1},
     "olmoe": {"intermediate_size": 128},
     "deepseek_v3": {"intermediate_size": 256, "moe_intermediate_size": 128, "first_k_dense_replace": 0},
+    "glm4_moe": {"intermediate_size": 256, "moe_intermediate_size": 128, "first_k_dense_replace": 0},
 }
 
 

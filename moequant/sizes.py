@@ -41,8 +41,16 @@ DEEPSEEK_V3 = {
     "vocab_size": 129280, "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
     "tie_word_embeddings": False,
 }
+GLM45_AIR = {
+    "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "hidden_size": 4096,
+    "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 46, "num_attention_heads": 96,
+    "num_key_value_heads": 8, "head_dim": 128, "n_routed_experts": 128, "n_shared_experts": 1,
+    "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "attention_bias": True,
+    "routed_scaling_factor": 1.0, "vocab_size": 151552, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+    "rope_theta": 1e6, "partial_rotary_factor": 0.5, "tie_word_embeddings": False,
+}
 MODELS = {"mixtral-8x7b": MIXTRAL_8X7B, "qwen3-30b-a3b": QWEN3_30B_A3B, "qwen1.5-moe-a2.7b": QWEN15_MOE_A27B,
-          "olmoe-1b-7b": OLMOE_1B_7B, "deepseek-v3": DEEPSEEK_V3}
+          "olmoe-1b-7b": OLMOE_1B_7B, "deepseek-v3": DEEPSEEK_V3, "glm-4.5-air": GLM45_AIR}
 """Published shapes, for size estimates without a checkpoint at hand (``moequant recipes --model``)."""
 
 

@@ -56,7 +56,8 @@ class MoEConfig:
     RMSNorm over each head of q and k; ``proj``: over the whole q and k projections), q/k/v and o
     biases, ``clip_qkv``, ``dense_layers`` (layers with one dense MLP of ``dense_intermediate_size``
     instead of experts), a shared expert of ``shared_expert_size`` (with a sigmoid gate where
-    ``shared_expert_gate``).
+    ``shared_expert_gate``); ``rotary_dim``: the leading part of each head that rotary embeddings
+    turn (0: all of it).
     """
 
     model_type: str
@@ -84,6 +85,7 @@ class MoEConfig:
     dense_intermediate_size: int = 0
     shared_expert_size: int = 0
     shared_expert_gate: bool = False
+    rotary_dim: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""DeepSeek-V3 (and Kimi-K2, Moonlight): multi-head latent attention and sigmoid group-limited routing.
+"""DeepSeek-V3 (and Kimi-K2, Moonlight), and GLM-4.5, which routes as it does: sigmoid group-limited routing.
 
 Attention (MLA): ``q = q_b(q_a_layernorm(q_a(h)))`` (or ``q_proj(h)`` where ``q_lora_rank`` is
 null) split per head into a part without and a part with rotary embedding;
@@ -204,21 +204,26 @@ class DeepseekV3Adapter(SparseMoEAdapter):
                 xc += F.linear(self.attention(h, w, cos, sin), e["o"], w.bias.get("o"))
 
     def route(self, h: torch.Tensor, w: LayerWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sigmoid scores ``[T, E]`` (float32), and the top-k chosen within the best groups with the
-        correction bias, weighted by their scores (renormalised, scaled)."""
-        c = self.config
-        scores = F.linear(h.float(), w.gate.float()).sigmoid()
-        choice = scores + w.extra["e_bias"].float()
-        per_group = c.num_experts // self.n_group
-        group_scores = choice.view(-1, self.n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
-        best = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
-        keep = torch.zeros_like(group_scores).scatter_(1, best, 1).bool()
-        choice = choice.masked_fill(~keep.repeat_interleave(per_group, dim=1), float("-inf"))
-        top_ids = torch.topk(choice, k=c.top_k, dim=-1, sorted=False)[1]
-        top_w = scores.gather(1, top_ids)
-        if c.norm_topk_prob:
-            top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-20)
-        return scores, top_ids, top_w * self.routed_scaling
+        return sigmoid_group_route(h, w, self.config, self.n_group, self.topk_group, self.routed_scaling)
+
+
+def sigmoid_group_route(h: torch.Tensor, w: LayerWeights, c: MoEConfig, n_group: int, topk_group: int,
+                        scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's routing of ``h [T, H]`` (also GLM-4.5's): sigmoid scores ``[T, E]`` (float32), the
+    top-k chosen within the ``topk_group`` best of ``n_group`` groups with the correction bias
+    ``w.extra["e_bias"]``, weighted by their scores (renormalised where ``norm_topk_prob``) times ``scaling``."""
+    scores = F.linear(h.float(), w.gate.float()).sigmoid()
+    choice = scores + w.extra["e_bias"].float()
+    per_group = c.num_experts // n_group
+    group_scores = choice.view(-1, n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
+    best = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    keep = torch.zeros_like(group_scores).scatter_(1, best, 1).bool()
+    choice = choice.masked_fill(~keep.repeat_interleave(per_group, dim=1), float("-inf"))
+    top_ids = torch.topk(choice, k=c.top_k, dim=-1, sorted=False)[1]
+    top_w = scores.gather(1, top_ids)
+    if c.norm_topk_prob:
+        top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-20)
+    return scores, top_ids, top_w * scaling
 
 
 def _interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -227,3 +232,67 @@ def _interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     cos, sin = cos[..., :half], sin[..., :half]
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Glm4MoeAdapter(SparseMoEAdapter):
+    """``Glm4MoeForCausalLM`` (GLM-4.5/4.6): grouped-query attention with q/k/v biases, optional per-head q/k
+    norms and a partial rotary part (``partial_rotary_factor``); DeepSeek-V3's routing, shared experts and
+    dense first layers."""
+
+    family = "glm4_moe"
+    model_type = "glm4_moe"
+    architectures = ("Glm4MoeForCausalLM",)
+
+    def __init__(self, raw_config: Mapping) -> None:
+        hf = decoder_config.transformers_config(raw_config, self.model_type)
+        hidden = fields.integer(raw_config, "hidden_size")
+        heads, kv_heads = decoder_config.heads(raw_config)
+        key = "n_routed_experts" if "n_routed_experts" in raw_config else "num_local_experts"
+        experts, top_k = fields.integer(raw_config, key), fields.integer(raw_config, "num_experts_per_tok")
+        layers = fields.integer(raw_config, "num_hidden_layers")
+        self.n_group, self.topk_group = int(hf.n_group or 1), int(hf.topk_group or 1)
+        if experts % self.n_group or not 1 <= self.topk_group <= self.n_group or top_k > experts:
+            raise MoequantError(f"config.json gives {experts} experts of {key} in n_group {self.n_group} groups, "
+                                f"topk_group {self.topk_group}, num_experts_per_tok {top_k}: the groups must "
+                                "split the experts evenly, and topk_group and top-k fit within them")
+        self.routed_scaling = float(hf.routed_scaling_factor)
+        head_dim = int(getattr(hf, "head_dim", None) or hidden // heads)
+        rope = hf.rope_parameters or {}
+        rotary_dim = int(head_dim * float(rope.get("partial_rotary_factor", 1.0)))
+        moe_inter = fields.integer(raw_config, "moe_intermediate_size")
+        dense = frozenset(range(min(int(hf.first_k_dense_replace or 0), layers)))
+        config = MoEConfig(
+            model_type=self.model_type, hidden_size=hidden, intermediate_size=moe_inter, num_layers=layers,
+            num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, num_experts=experts, top_k=top_k,
+            rms_norm_eps=float(hf.rms_norm_eps), vocab_size=fields.integer(raw_config, "vocab_size"),
+            max_position_embeddings=int(hf.max_position_embeddings), sliding_window=None,
+            rope_theta=float(rope.get("rope_theta", 10000.0)), rope_type=str(rope.get("rope_type") or "default"),
+            tie_word_embeddings=bool(hf.tie_word_embeddings), norm_topk_prob=bool(hf.norm_topk_prob),
+            qk_norm="head" if hf.use_qk_norm else None, qkv_bias=bool(hf.attention_bias), dense_layers=dense,
+            dense_intermediate_size=fields.integer(raw_config, "intermediate_size") if dense else 0,
+            shared_expert_size=moe_inter * int(hf.n_shared_experts or 0), rotary_dim=rotary_dim,
+        )
+        super().__init__(raw_config, config, hf)
+        self.extra_layers = int(raw_config.get("num_nextn_predict_layers") or 0)
+
+    def shared_name(self, layer: int, role: str) -> str:
+        return f"model.layers.{layer}.mlp.shared_experts.{HF_ROLE[role]}"
+
+    def layer_vectors(self, layer: int) -> dict[str, tuple[int, str]]:
+        out = super().layer_vectors(layer)
+        if self.is_moe_layer(layer):
+            out[self.router_name(layer) + ".e_score_correction_bias"] = (self.config.num_experts, "n_routed_experts")
+        return out
+
+    def size_fields(self) -> dict[str, str]:
+        return {"experts": "n_routed_experts", "expert": "moe_intermediate_size", "dense_mlp": "intermediate_size",
+                "shared_expert": "moe_intermediate_size x n_shared_experts"}
+
+    def read_layer(self, get: WeightGetter, layer: int) -> LayerWeights:
+        w = super().read_layer(get, layer)
+        if self.is_moe_layer(layer):
+            w.extra["e_bias"] = get(self.router_name(layer) + ".e_score_correction_bias")
+        return w
+
+    def route(self, h: torch.Tensor, w: LayerWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return sigmoid_group_route(h, w, self.config, self.n_group, self.topk_group, self.routed_scaling)

@@ -6,14 +6,14 @@ from collections.abc import Mapping
 
 from moequant.arch import fields
 from moequant.arch.base import Architecture, TensorView
-from moequant.arch.deepseek import DeepseekV3Adapter
+from moequant.arch.deepseek import DeepseekV3Adapter, Glm4MoeAdapter
 from moequant.arch.mixtral import MixtralAdapter
 from moequant.arch.qwen_moe import OlmoeAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter
 from moequant.errors import MoequantError
 
 ADAPTERS: dict[str, type[Architecture]] = {"mixtral": MixtralAdapter, "qwen3_moe": Qwen3MoeAdapter,
                                            "qwen2_moe": Qwen2MoeAdapter, "olmoe": OlmoeAdapter,
-                                           "deepseek_v3": DeepseekV3Adapter}
+                                           "deepseek_v3": DeepseekV3Adapter, "glm4_moe": Glm4MoeAdapter}
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 

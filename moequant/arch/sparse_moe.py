@@ -254,7 +254,7 @@ class SparseMoEAdapter:
         return self.config.sliding_window
 
     def rotary(self, seqlen: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos``, ``sin`` of shape ``[T, head_dim]`` in float32 for positions ``0..T-1``."""
+        """``cos``, ``sin`` of shape ``[T, rotary_dim or head_dim]`` in float32 for positions ``0..T-1``."""
         if self._inv_freq is None:
             self._inv_freq, self._attention_scaling = self._rope_inv_freq()
         pos = torch.arange(seqlen, dtype=torch.float32, device=device)
@@ -265,7 +265,8 @@ class SparseMoEAdapter:
     def _rope_inv_freq(self) -> tuple[torch.Tensor, float]:
         c = self.config
         if c.rope_type == "default":
-            exponent = torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim
+            dim = c.rotary_dim or c.head_dim
+            exponent = torch.arange(0, dim, 2, dtype=torch.float32) / dim
             return 1.0 / (c.rope_theta**exponent), 1.0
         try:
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -482,7 +483,11 @@ def _check_fused(name: str, shape: tuple[int, ...], want: tuple[int, ...]) -> No
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
+    """Rotary embedding over the leading ``cos.shape[-1]`` of each head (all of it, or a part), the rest kept."""
+    dim = cos.shape[-1]
+    if dim < x.shape[-1]:
+        return torch.cat((_apply_rope(x[..., :dim], cos, sin), x[..., dim:]), dim=-1)
+    half = dim // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 

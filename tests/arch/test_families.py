@@ -18,6 +18,9 @@ CASES = [
     ("deepseek_v3", {}),
     ("deepseek_v3", {"q_lora_rank": None, "rope_interleave": False, "norm_topk_prob": False, "n_group": 1,
                      "topk_group": 1, "first_k_dense_replace": 0, "attention_bias": True}),
+    ("glm4_moe", {}),
+    ("glm4_moe", {"use_qk_norm": False, "attention_bias": False, "norm_topk_prob": False, "first_k_dense_replace": 0,
+                  "num_key_value_heads": 1}),
     ("olmoe", {}),
     ("olmoe", {"clip_qkv": None, "norm_topk_prob": True, "num_key_value_heads": 2}),
 ]

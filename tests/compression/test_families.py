@@ -36,7 +36,7 @@ def sources(tmp_path_factory):
     return {family: make_family(root / family, family, seed=1) for family in FAMILIES}
 
 
-FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3")
+FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "glm4_moe")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -54,17 +54,17 @@ def test_compressed_family_loads_as_the_independent_reader_reads_it(tmp_path, so
     assert set(bits["router"]) == {"16"}
     if family != "olmoe":  # dense MLP layers (and Qwen2-MoE's shared expert) get the attention's 4 bits
         assert set(bits["dense_mlp"]) == {"4"}
-    if family in ("qwen2_moe", "deepseek_v3"):
+    if family in ("qwen2_moe", "deepseek_v3", "glm4_moe"):
         assert set(bits["shared_expert"]) == {"4"}
     info = describe(result.path)  # modules narrower than a group are one group (group_size -1)
     assert info["problems"] == [] and info["loadable"] and info["layout"] == "vllm"
     layer_records = result.record["layers"]
     dense = [r["layer"] for r in layer_records if r.get("dense")]
-    expected_dense = {"qwen3_moe": [1], "qwen2_moe": [0, 2], "olmoe": [], "deepseek_v3": [0]}[family]
+    expected_dense = {"qwen3_moe": [1], "qwen2_moe": [0, 2], "olmoe": [], "deepseek_v3": [0], "glm4_moe": [0]}[family]
     assert dense == (expected_dense if method == "gptq" else [])
 
 
-@pytest.mark.parametrize("family, dense", [("qwen2_moe", [0, 2]), ("deepseek_v3", [0])])
+@pytest.mark.parametrize("family, dense", [("qwen2_moe", [0, 2]), ("deepseek_v3", [0]), ("glm4_moe", [0])])
 def test_family_checkpoint_evaluates_alike_in_both_engines(tmp_path, sources, family, dense):
     out = compress(sources[family], tmp_path / "out", recipe="a4e4", calib=CALIB).path
     windows = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(2))
