@@ -138,3 +138,40 @@ def test_deepseek_multi_token_prediction_layers_pass_through(tmp_path, sources):
     (src / "config.json").write_text(json.dumps(config))
     with pytest.raises(MoequantError, match="belongs to layer 3, but config.json field num_hidden_layers is 3"):
         compress(src, tmp_path / "out2", recipe="a4e4", method="rtn")
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_family_generates_from_the_command_line(tmp_path, sources, family):
+    """Compress (by GPTQ on the bundled text), then generate with the copied tokenizer, from the CLI."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from moequant_cli.main import app
+    from tests.conftest import add_tokenizer
+
+    src = tmp_path / "src"
+    shutil.copytree(sources[family], src)
+    add_tokenizer(src)
+    out = tmp_path / "out"
+    runner = CliRunner()
+    done = runner.invoke(app, ["compress", str(src), "-o", str(out), "--samples", "4", "--seqlen", "32"])
+    assert done.exit_code == 0, done.output
+    done = runner.invoke(app, ["generate", str(out), "--prompt", "The module", "--max-new-tokens", "5"])
+    assert done.exit_code == 0, done.output
+    assert "The module" in done.output
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_fused_family_experts_compress_as_per_expert_ones(tmp_path, sources, family):
+    """Experts saved fused (``save_original_format=False``) give the same output bytes as per-expert files."""
+    fused = tmp_path / "fused"
+    AutoModelForCausalLM.from_pretrained(sources[family]).save_pretrained(fused, save_original_format=False)
+    from safetensors import safe_open
+
+    keys = [k for f in fused.glob("*.safetensors") for k in safe_open(f, "pt").keys()]
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in keys) and not any(".experts.0." in k for k in keys)
+    want = compress(sources[family], tmp_path / "a", recipe="a4e3", calib=CALIB).path
+    got = compress(fused, tmp_path / "b", recipe="a4e3", calib=CALIB).path
+    for file in want.glob("*.safetensors"):
+        assert hashlib.sha256(file.read_bytes()).digest() == hashlib.sha256((got / file.name).read_bytes()).digest()
