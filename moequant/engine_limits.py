@@ -21,6 +21,10 @@ Stored = tuple[int, int, bool] | None
 ENGINE_EXPERT_BITS = (4, 8)
 
 
+_FUSED_BY_VLLM = (("q", "k", "v"), ("q_a", "kv_a"))
+"""Attention projections vLLM runs as one matrix (``qkv_proj``; MLA's ``fused_qkv_a_proj``)."""
+
+
 def engine_limits(adapter: Architecture, stored: Mapping[str, Stored]) -> list[str]:
     """One line per limit of fused-MoE GPTQ engines (vLLM) that the checkpoint runs into.
 
@@ -41,13 +45,11 @@ def engine_limits(adapter: Architecture, stored: Mapping[str, Stored]) -> list[s
             uneven_experts.append(layer)
         if any(not s[2] for s in quantised):
             asym_experts.append(layer)
-        qkv = [
-            (stored.get(i.name), i.in_features)
-            for i in infos
-            if i.kind == "attention" and i.role in ("q", "k", "v")
-        ]
-        if not _one_setting(qkv):
-            uneven_qkv.append(layer)
+        for fused in _FUSED_BY_VLLM:
+            members = [(stored.get(i.name), i.in_features) for i in infos if i.kind == "attention" and i.role in fused]
+            if not _one_setting(members):
+                uneven_qkv.append(layer)
+                break
     notes = [
         f"{bits}-bit experts ({_layers(layers)}) run on moequant's kernels only: vLLM's MoE kernels take "
         "4- and 8-bit experts"
@@ -65,8 +67,8 @@ def engine_limits(adapter: Architecture, stored: Mapping[str, Stored]) -> list[s
         )
     if uneven_qkv:
         notes.append(
-            f"q, k and v of {_layers(uneven_qkv)} differ in bits, group size or symmetry: vLLM fuses them "
-            "into one matrix with one setting"
+            f"q, k and v (or MLA's q_a and kv_a) of {_layers(uneven_qkv)} differ in bits, group size or "
+            "symmetry: vLLM fuses them into one matrix with one setting"
         )
     if partial_groups:
         notes.append(

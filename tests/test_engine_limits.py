@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from moequant.arch.mixtral import MixtralAdapter
@@ -62,11 +64,26 @@ def test_asymmetric_experts_and_uneven_qkv():
     q_16_bit = {"model.layers.1.self_attn.q_proj": None, "model.layers.2.self_attn.v_proj": (8, 128, True)}
     notes = engine_limits(ADAPTER, _stored(override=q_16_bit))
     assert notes == [
-        "q, k and v of layers 1-2 differ in bits, group size or symmetry: vLLM fuses them into "
-        "one matrix with one setting"
+        "q, k and v (or MLA's q_a and kv_a) of layers 1-2 differ in bits, group size or symmetry: vLLM "
+        "fuses them into one matrix with one setting"
     ]
     o_differs = {"model.layers.1.self_attn.o_proj": (8, 128, True)}
     assert engine_limits(ADAPTER, _stored(override=o_differs)) == []
+
+
+def test_mla_projections_vllm_fuses(tmp_path):
+    from moequant.arch.registry import adapter_for
+    from tests.conftest import make_family
+
+    adapter = adapter_for(json.loads((make_family(tmp_path / "d", "deepseek_v3") / "config.json").read_text()))
+    stored = {i.name: (4, 128, True) for layer in range(3) for i in adapter.layer_linears(layer)
+              if i.kind in ("attention", "expert")}
+    assert engine_limits(adapter, stored) == []
+    stored["model.layers.2.self_attn.kv_a_proj_with_mqa"] = (8, 128, True)
+    assert engine_limits(adapter, stored) == [
+        "q, k and v (or MLA's q_a and kv_a) of layer 2 differ in bits, group size or symmetry: vLLM fuses them "
+        "into one matrix with one setting"
+    ]
 
 
 def test_one_group_is_one_group_whatever_its_width():
