@@ -76,10 +76,10 @@ def test_mla_projections_vllm_fuses(tmp_path):
     from tests.conftest import make_family
 
     adapter = adapter_for(json.loads((make_family(tmp_path / "d", "deepseek_v3") / "config.json").read_text()))
-    stored = {i.name: (4, 128, True) for layer in range(3) for i in adapter.layer_linears(layer)
+    stored = {i.name: (4, -1, True) for layer in range(3) for i in adapter.layer_linears(layer)
               if i.kind in ("attention", "expert")}
     assert engine_limits(adapter, stored) == []
-    stored["model.layers.2.self_attn.kv_a_proj_with_mqa"] = (8, 128, True)
+    stored["model.layers.2.self_attn.kv_a_proj_with_mqa"] = (8, -1, True)
     assert engine_limits(adapter, stored) == [
         "q, k and v (or MLA's q_a and kv_a) of layer 2 differ in bits, group size or symmetry: vLLM fuses them "
         "into one matrix with one setting"
