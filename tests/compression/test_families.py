@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 import moequant
 from moequant.compression import CalibSettings, compress
 from moequant.errors import MoequantError
+from moequant.evals.report import load_report, write_report
 from moequant.evals.run import evaluate
 from moequant.inspection import describe
 from moequant.recipe import parse_recipe
@@ -72,6 +73,9 @@ def test_family_checkpoint_evaluates_alike_in_both_engines(tmp_path, sources, fa
     memory = evaluate(out, baseline=sources[family], windows=windows, device="cpu", engine="memory")
     per_layer = streamed["router_agreement_per_layer"]
     assert [i for i, r in enumerate(per_layer) if r is None] == dense
+    paths = write_report(streamed, tmp_path / "report.json")
+    assert load_report(paths["json"])["router_agreement_per_layer"] == per_layer
+    assert "| 0 | - |" in paths["md"].read_text()
     assert streamed["router_agreement_per_layer"] == memory["router_agreement_per_layer"]
     assert streamed["perplexity"] == pytest.approx(memory["perplexity"], rel=1e-5)
     assert streamed["kl_divergence"]["mean"] == pytest.approx(memory["kl_divergence"]["mean"], rel=1e-3, abs=1e-7)
