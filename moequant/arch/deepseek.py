@@ -26,7 +26,44 @@ from moequant.errors import MoequantError
 _LATENT_EPS = 1e-6  # transformers builds q_a_layernorm and kv_a_layernorm with its default eps
 
 
-class DeepseekV3Adapter(SparseMoEAdapter):
+class GroupRouted(SparseMoEAdapter):
+    """What DeepSeek-V3 and GLM-4.5 share: sigmoid group-limited routing with a correction bias beside
+    each router, ``mlp.shared_experts``, dense first layers and multi-token-prediction layers past the model."""
+
+    def _group_routing(self, raw: Mapping, hf) -> tuple[int, int, int, frozenset[int]]:
+        """``(experts, top_k, layers, dense layers)``, with the group settings checked and kept."""
+        key = "n_routed_experts" if "n_routed_experts" in raw else "num_local_experts"
+        experts, top_k = fields.integer(raw, key), fields.integer(raw, "num_experts_per_tok")
+        layers = fields.integer(raw, "num_hidden_layers")
+        self.n_group, self.topk_group = int(hf.n_group or 1), int(hf.topk_group or 1)
+        if experts % self.n_group or not 1 <= self.topk_group <= self.n_group or top_k > experts:
+            raise MoequantError(f"config.json gives {experts} experts of {key} in n_group {self.n_group} groups, "
+                                f"topk_group {self.topk_group}, num_experts_per_tok {top_k}: the groups must "
+                                "split the experts evenly, and topk_group and top-k fit within them")
+        self.routed_scaling = float(hf.routed_scaling_factor)
+        self.extra_layers = int(raw.get("num_nextn_predict_layers") or 0)
+        return experts, top_k, layers, frozenset(range(min(int(hf.first_k_dense_replace or 0), layers)))
+
+    def shared_name(self, layer: int, role: str) -> str:
+        return f"model.layers.{layer}.mlp.shared_experts.{HF_ROLE[role]}"
+
+    def layer_vectors(self, layer: int) -> dict[str, tuple[int, str]]:
+        out = super().layer_vectors(layer)
+        if self.is_moe_layer(layer):
+            out[self.router_name(layer) + ".e_score_correction_bias"] = (self.config.num_experts, "n_routed_experts")
+        return out
+
+    def read_layer(self, get: WeightGetter, layer: int) -> LayerWeights:
+        w = super().read_layer(get, layer)
+        if self.is_moe_layer(layer):
+            w.extra["e_bias"] = get(self.router_name(layer) + ".e_score_correction_bias")
+        return w
+
+    def route(self, h: torch.Tensor, w: LayerWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return sigmoid_group_route(h, w, self.config, self.n_group, self.topk_group, self.routed_scaling)
+
+
+class DeepseekV3Adapter(GroupRouted):
     """``DeepseekV3ForCausalLM``: MLA attention, sigmoid group-limited routing, shared experts, dense first layers."""
 
     family = "deepseek_v3"
@@ -39,23 +76,13 @@ class DeepseekV3Adapter(SparseMoEAdapter):
         hf = decoder_config.transformers_config(raw_config, self.model_type)
         hidden = fields.integer(raw_config, "hidden_size")
         heads = fields.integer(raw_config, "num_attention_heads")
-        key = "n_routed_experts" if "n_routed_experts" in raw_config else "num_local_experts"
-        experts = fields.integer(raw_config, key)
-        top_k = fields.integer(raw_config, "num_experts_per_tok")
-        layers = fields.integer(raw_config, "num_hidden_layers")
-        self.n_group, self.topk_group = int(hf.n_group or 1), int(hf.topk_group or 1)
-        if experts % self.n_group or not 1 <= self.topk_group <= self.n_group or top_k > experts:
-            raise MoequantError(f"config.json gives {experts} experts of {key} in n_group {self.n_group} groups, "
-                                f"topk_group {self.topk_group}, num_experts_per_tok {top_k}: the groups must "
-                                "split the experts evenly, and topk_group and top-k fit within them")
+        experts, top_k, layers, dense = self._group_routing(raw_config, hf)
         self.q_lora, self.kv_lora = hf.q_lora_rank, int(hf.kv_lora_rank)
         self.nope, self.rope_dim, self.v_dim = int(hf.qk_nope_head_dim), int(hf.qk_rope_head_dim), int(hf.v_head_dim)
-        self.routed_scaling = float(hf.routed_scaling_factor)
         self.rope_interleave = bool(hf.rope_interleave)
         self.scaling = float(yarn_apply_mscale(hf.rope_parameters, (self.nope + self.rope_dim) ** -0.5))
         rope = hf.rope_parameters or {}
         moe_inter = fields.integer(raw_config, "moe_intermediate_size")
-        dense = frozenset(range(min(int(hf.first_k_dense_replace or 0), layers)))
         config = MoEConfig(
             model_type=self.model_type, hidden_size=hidden, intermediate_size=moe_inter, num_layers=layers,
             num_heads=heads, num_kv_heads=heads, head_dim=self.rope_dim, num_experts=experts, top_k=top_k,
@@ -68,12 +95,8 @@ class DeepseekV3Adapter(SparseMoEAdapter):
             shared_expert_size=moe_inter * int(hf.n_shared_experts or 0),
         )
         super().__init__(raw_config, config, hf)
-        self.extra_layers = int(raw_config.get("num_nextn_predict_layers") or 0)
 
     # -- names and shapes -------------------------------------------------------------------
-    def shared_name(self, layer: int, role: str) -> str:
-        return f"model.layers.{layer}.mlp.shared_experts.{HF_ROLE[role]}"
-
     def attention_name(self, layer: int, role: str) -> str:
         suffix = {"kv_a": "kv_a_proj_with_mqa"}.get(role, f"{role}_proj")
         return f"model.layers.{layer}.self_attn.{suffix}"
@@ -203,10 +226,6 @@ class DeepseekV3Adapter(SparseMoEAdapter):
             for xc, h in zip(chunks, normed(), strict=True):
                 xc += F.linear(self.attention(h, w, cos, sin), e["o"], w.bias.get("o"))
 
-    def route(self, h: torch.Tensor, w: LayerWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return sigmoid_group_route(h, w, self.config, self.n_group, self.topk_group, self.routed_scaling)
-
-
 def sigmoid_group_route(h: torch.Tensor, w: LayerWeights, c: MoEConfig, n_group: int, topk_group: int,
                         scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DeepSeek-V3's routing of ``h [T, H]`` (also GLM-4.5's): sigmoid scores ``[T, E]`` (float32), the
@@ -234,7 +253,7 @@ def _interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-class Glm4MoeAdapter(SparseMoEAdapter):
+class Glm4MoeAdapter(GroupRouted):
     """``Glm4MoeForCausalLM`` (GLM-4.5/4.6): grouped-query attention with q/k/v biases, optional per-head q/k
     norms and a partial rotary part (``partial_rotary_factor``); DeepSeek-V3's routing, shared experts and
     dense first layers."""
@@ -247,20 +266,11 @@ class Glm4MoeAdapter(SparseMoEAdapter):
         hf = decoder_config.transformers_config(raw_config, self.model_type)
         hidden = fields.integer(raw_config, "hidden_size")
         heads, kv_heads = decoder_config.heads(raw_config)
-        key = "n_routed_experts" if "n_routed_experts" in raw_config else "num_local_experts"
-        experts, top_k = fields.integer(raw_config, key), fields.integer(raw_config, "num_experts_per_tok")
-        layers = fields.integer(raw_config, "num_hidden_layers")
-        self.n_group, self.topk_group = int(hf.n_group or 1), int(hf.topk_group or 1)
-        if experts % self.n_group or not 1 <= self.topk_group <= self.n_group or top_k > experts:
-            raise MoequantError(f"config.json gives {experts} experts of {key} in n_group {self.n_group} groups, "
-                                f"topk_group {self.topk_group}, num_experts_per_tok {top_k}: the groups must "
-                                "split the experts evenly, and topk_group and top-k fit within them")
-        self.routed_scaling = float(hf.routed_scaling_factor)
+        experts, top_k, layers, dense = self._group_routing(raw_config, hf)
         head_dim = int(getattr(hf, "head_dim", None) or hidden // heads)
         rope = hf.rope_parameters or {}
         rotary_dim = int(head_dim * float(rope.get("partial_rotary_factor", 1.0)))
         moe_inter = fields.integer(raw_config, "moe_intermediate_size")
-        dense = frozenset(range(min(int(hf.first_k_dense_replace or 0), layers)))
         config = MoEConfig(
             model_type=self.model_type, hidden_size=hidden, intermediate_size=moe_inter, num_layers=layers,
             num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, num_experts=experts, top_k=top_k,
@@ -273,26 +283,7 @@ class Glm4MoeAdapter(SparseMoEAdapter):
             shared_expert_size=moe_inter * int(hf.n_shared_experts or 0), rotary_dim=rotary_dim,
         )
         super().__init__(raw_config, config, hf)
-        self.extra_layers = int(raw_config.get("num_nextn_predict_layers") or 0)
-
-    def shared_name(self, layer: int, role: str) -> str:
-        return f"model.layers.{layer}.mlp.shared_experts.{HF_ROLE[role]}"
-
-    def layer_vectors(self, layer: int) -> dict[str, tuple[int, str]]:
-        out = super().layer_vectors(layer)
-        if self.is_moe_layer(layer):
-            out[self.router_name(layer) + ".e_score_correction_bias"] = (self.config.num_experts, "n_routed_experts")
-        return out
 
     def size_fields(self) -> dict[str, str]:
         return {"experts": "n_routed_experts", "expert": "moe_intermediate_size", "dense_mlp": "intermediate_size",
                 "shared_expert": "moe_intermediate_size x n_shared_experts"}
-
-    def read_layer(self, get: WeightGetter, layer: int) -> LayerWeights:
-        w = super().read_layer(get, layer)
-        if self.is_moe_layer(layer):
-            w.extra["e_bias"] = get(self.router_name(layer) + ".e_score_correction_bias")
-        return w
-
-    def route(self, h: torch.Tensor, w: LayerWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return sigmoid_group_route(h, w, self.config, self.n_group, self.topk_group, self.routed_scaling)
