@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from moequant.arch import decoder_config, fields
-from moequant.arch.base import ExpertWeights, LayerObserver, LinearInfo, MoEConfig, WeightGetter
-from moequant.arch.sparse_moe import HF_ROLE, MLP_ROLES, LayerWeights, SparseMoEAdapter, _apply_rope
+from moequant.arch.base import LayerObserver, LinearInfo, MoEConfig, WeightGetter
+from moequant.arch.sparse_moe import HF_ROLE, LayerWeights, SparseMoEAdapter, _apply_rope
 from moequant.errors import MoequantError
 
 _LATENT_EPS = 1e-6  # transformers builds q_a_layernorm and kv_a_layernorm with its default eps
@@ -115,19 +115,16 @@ class DeepseekV3Adapter(GroupRouted):
         return attention + [i for i in super().layer_linears(layer) if i.kind != "attention"]
 
     def layer_vectors(self, layer: int) -> dict[str, tuple[int, str]]:
-        c = self.config
+        """The shared vectors (norms, ``o_proj.bias``, the correction bias) and MLA's latent norms and biases."""
+        out = super().layer_vectors(layer)
         attn = f"model.layers.{layer}.self_attn."
-        out = {name: (c.hidden_size, "hidden_size") for name in self.norm_names(layer)}
         out[attn + "kv_a_layernorm.weight"] = (self.kv_lora, "kv_lora_rank")
         if self.q_lora:
             out[attn + "q_a_layernorm.weight"] = (self.q_lora, "q_lora_rank")
-        if c.o_bias:  # attention_bias: on the projections of the hidden state and o_proj
+        if self.config.o_bias:  # attention_bias: on the projections of the hidden state and o_proj
             out[attn + "kv_a_proj_with_mqa.bias"] = (self.kv_lora + self.rope_dim, "kv_lora_rank + qk_rope_head_dim")
-            out[attn + "o_proj.bias"] = (c.hidden_size, "hidden_size")
             if self.q_lora:
                 out[attn + "q_a_proj.bias"] = (self.q_lora, "q_lora_rank")
-        if self.is_moe_layer(layer):
-            out[self.router_name(layer) + ".e_score_correction_bias"] = (c.num_experts, "n_routed_experts")
         return out
 
     def size_fields(self) -> dict[str, str | tuple[str, str]]:
@@ -142,42 +139,27 @@ class DeepseekV3Adapter(GroupRouted):
                 "o": ("hidden_size", heads + "v_head_dim")}
 
     # -- maths ------------------------------------------------------------------------------
-    def read_layer(self, get: WeightGetter, layer: int) -> LayerWeights:
-        c = self.config
-        in_norm, post_norm = self.norm_names(layer)
-        w = LayerWeights(input_norm=get(in_norm), post_norm=get(post_norm))
+    def read_attention(self, get: WeightGetter, layer: int, w: LayerWeights) -> None:
+        """MLA's weights into ``w.extra`` by role, with its latent norms and, where present, biases."""
         w.extra = {r: get(self.attention_name(layer, r) + ".weight") for r in self.attention_roles()}
         attn = f"model.layers.{layer}.self_attn."
         w.extra["kv_a_norm"] = get(attn + "kv_a_layernorm.weight")
         if self.q_lora:
             w.extra["q_a_norm"] = get(attn + "q_a_layernorm.weight")
-        if c.o_bias:
+        if self.config.o_bias:
             w.bias = {r: get(self.attention_name(layer, r) + ".bias") for r in ("kv_a", "o")}
             if self.q_lora:
                 w.bias["q_a"] = get(self.attention_name(layer, "q_a") + ".bias")
-        if not self.is_moe_layer(layer):
-            w.mlp = ExpertWeights(*(get(self.dense_name(layer, r) + ".weight") for r in MLP_ROLES))
-            return w
-        w.gate = get(self.router_name(layer) + ".weight")
-        w.extra["e_bias"] = get(self.router_name(layer) + ".e_score_correction_bias")
-        if c.shared_expert_size:
-            w.mlp = ExpertWeights(*(get(self.shared_name(layer, r) + ".weight") for r in MLP_ROLES))
-        return w
-
-    def _latent_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + _LATENT_EPS)
-        return weight.to(x.dtype) * xf.to(x.dtype)
 
     def _q_input(self, h: torch.Tensor, w: LayerWeights) -> torch.Tensor:
         """The input of ``q_b_proj``: ``q_a_layernorm(q_a_proj(h))``."""
-        return self._latent_norm(F.linear(h, w.extra["q_a"], w.bias.get("q_a")), w.extra["q_a_norm"])
+        return self.norm(F.linear(h, w.extra["q_a"], w.bias.get("q_a")), w.extra["q_a_norm"], _LATENT_EPS)
 
     def _kv(self, h: torch.Tensor, w: LayerWeights) -> tuple[torch.Tensor, torch.Tensor]:
         """The normed latent ``[b, T, kv_lora_rank]`` (the input of ``kv_b_proj``) and the shared rotary key part."""
         kv = F.linear(h, w.extra["kv_a"], w.bias.get("kv_a"))
         latent, k_rot = torch.split(kv, [self.kv_lora, self.rope_dim], dim=-1)
-        return self._latent_norm(latent, w.extra["kv_a_norm"]), k_rot
+        return self.norm(latent, w.extra["kv_a_norm"], _LATENT_EPS), k_rot
 
     def attention(self, h: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor,
                   window: int | None = None) -> torch.Tensor:

@@ -315,10 +315,10 @@ class SparseMoEAdapter:
             ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return ctx.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim)
 
-    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """RMSNorm over the last dimension, computed in float32."""
+    def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+        """RMSNorm over the last dimension, computed in float32 (``eps``: the config's ``rms_norm_eps``)."""
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + (self.config.rms_norm_eps if eps is None else eps))
         return weight.to(x.dtype) * xf.to(x.dtype)
 
     def route(self, h: torch.Tensor, w: LayerWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -358,12 +358,8 @@ class SparseMoEAdapter:
         """Layer ``layer``'s weights but its routed experts, through ``get``."""
         c = self.config
         in_norm, post_norm = self.norm_names(layer)
-        q, k, v, o = (get(self.attention_name(layer, r) + ".weight") for r in ATTN_ROLES)
-        w = LayerWeights(input_norm=get(in_norm), q=q, k=k, v=v, o=o, post_norm=get(post_norm))
-        roles = [r for r in ("q", "k", "v") if c.qkv_bias] + (["o"] if c.o_bias else [])
-        w.bias = {r: get(self.attention_name(layer, r) + ".bias") for r in roles}
-        if c.qk_norm:
-            w.q_norm, w.k_norm = (get(f"model.layers.{layer}.self_attn.{r}_norm.weight") for r in ("q", "k"))
+        w = LayerWeights(input_norm=get(in_norm), post_norm=get(post_norm))
+        self.read_attention(get, layer, w)
         if not self.is_moe_layer(layer):
             w.mlp = ExpertWeights(*(get(self.dense_name(layer, r) + ".weight") for r in MLP_ROLES))
             return w
@@ -373,6 +369,15 @@ class SparseMoEAdapter:
             if c.shared_expert_gate:
                 w.shared_gate = get(self.shared_gate_name(layer) + ".weight")
         return w
+
+    def read_attention(self, get: WeightGetter, layer: int, w: LayerWeights) -> None:
+        """Layer ``layer``'s attention weights into ``w``: q/k/v/o, their biases and q/k norms."""
+        c = self.config
+        w.q, w.k, w.v, w.o = (get(self.attention_name(layer, r) + ".weight") for r in ATTN_ROLES)
+        roles = [r for r in ("q", "k", "v") if c.qkv_bias] + (["o"] if c.o_bias else [])
+        w.bias = {r: get(self.attention_name(layer, r) + ".bias") for r in roles}
+        if c.qk_norm:
+            w.q_norm, w.k_norm = (get(f"model.layers.{layer}.self_attn.{r}_norm.weight") for r in ("q", "k"))
 
     def read_expert(self, get: WeightGetter, layer: int, expert: int) -> ExpertWeights:
         """One expert's matrices through ``get``."""

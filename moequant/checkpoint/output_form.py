@@ -54,8 +54,7 @@ def readers_of(arch: Architecture, form: OutputForm, dense_quantised: bool = Fal
 
 def _layouts_alike(arch: Architecture) -> bool:
     """Whether every layout names this family's modules alike (Qwen and OLMoE: transformers' names)."""
-    moe = next((i for i in range(arch.config.num_layers) if arch.is_moe_layer(i)), 0)
-    names = [i.name for i in arch.layer_linears(moe) if i.kind in ("expert", "router")]
+    names = [i.name for i in arch.layer_linears(_first_moe_layer(arch)) if i.kind in ("expert", "router")]
     return all(arch.disk_name(n, layout) == n for n in names for layout in arch.layouts)
 
 
@@ -94,8 +93,7 @@ def stored_form(reader, arch: Architecture) -> OutputForm | None:
     if reader.source_format is None:
         return None
     fmt = "compressed-tensors" if reader.source_format == "compressed-tensors" else "gptq"
-    moe = next((i for i in range(arch.config.num_layers) if arch.is_moe_layer(i)), 0)
-    probes = [i.name for i in arch.layer_linears(moe) if i.kind == "expert"][:1]
+    probes = [i.name for i in arch.layer_linears(_first_moe_layer(arch)) if i.kind == "expert"][:1]
     for layout in arch.layouts:
         if all(reader.stored_module(p) == arch.disk_name(p, layout) for p in probes):
             return OutputForm(fmt, layout)
@@ -134,3 +132,6 @@ def stored_quantization_config(form: OutputForm, arch: Architecture, specs: Mapp
     return gptq_quantization_config(quant, version, recipe_name, damp, act_order,
                                     lm_head=specs.get("lm_head") is not None, others=others)
 
+
+def _first_moe_layer(arch: Architecture) -> int:
+    return next((i for i in range(arch.config.num_layers) if arch.is_moe_layer(i)), 0)
