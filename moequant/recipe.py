@@ -16,8 +16,10 @@ A recipe is YAML::
         bits: 4
       - match: '.*\\.block_sparse_moe\\.experts\\.\\d+\\.w[13]'   # re.fullmatch on the module's name
         bits: 3
+      - modules: [model.layers.0.self_attn.q_proj]  # these modules by name (as ``moequant plan`` writes)
+        bits: 8
 
-A rule selects by ``kind``, ``role`` and ``match`` together (each that it gives must hold), so
+A rule selects by ``kind``, ``role``, ``match`` and ``modules`` together (each that it gives must hold), so
 recipes by kind mean the same on every family. Modules no rule matches stay 16-bit. Routers and
 norms are never quantised; embeddings and lm_head only when a rule names them.
 """
@@ -32,7 +34,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from moequant.arch.base import LinearInfo
 from moequant.errors import MoequantError, first_line
@@ -53,10 +63,12 @@ class Rule(BaseModel):
     match: str | None = None
     kind: Literal["attention", "expert", "shared_expert", "dense_mlp", "lm_head"] | None = None
     role: Literal["q", "k", "v", "o", "gate", "up", "down"] | None = None
+    modules: list[str] | None = None
     bits: Literal[2, 3, 4, 8, 16]
     group_size: int | None = None
     sym: bool | None = None
     method: Literal["gptq", "rtn"] | None = None
+    _names: frozenset[str] | None = PrivateAttr(default=None)
 
     @field_validator("match")
     @classmethod
@@ -76,20 +88,23 @@ class Rule(BaseModel):
 
     @model_validator(mode="after")
     def _selects(self) -> Rule:
-        if self.match is None and self.kind is None and self.role is None:
-            raise ValueError("a rule needs kind, role or match to say which modules it takes")
+        if self.match is None and self.kind is None and self.role is None and self.modules is None:
+            raise ValueError("a rule needs kind, role, match or modules to say which modules it takes")
+        self._names = None if self.modules is None else frozenset(self.modules)
         return self
 
     def selects(self, module: LinearInfo | str) -> bool:
         """Whether this rule takes ``module`` (a name alone has no kind or role for kind/role rules)."""
         name, kind, role = (module, None, None) if isinstance(module, str) else \
             (module.name, module.kind, _recipe_role(module))
-        return ((self.kind is None or self.kind == kind) and (self.role is None or self.role == role)
+        return ((self._names is None or name in self._names)
+                and (self.kind is None or self.kind == kind) and (self.role is None or self.role == role)
                 and (self.match is None or re.fullmatch(self.match, name) is not None))
 
     def describe(self) -> str:
-        return ", ".join(f"{k} {v!r}" for k, v in (("kind", self.kind), ("role", self.role), ("match", self.match))
-                         if v is not None)
+        listed = None if self.modules is None else f"{len(self.modules)} listed"
+        return ", ".join(f"{k} {v!r}" if k != "modules" else f"modules: {v}" for k, v in (
+            ("kind", self.kind), ("role", self.role), ("match", self.match), ("modules", listed)) if v is not None)
 
 
 def _recipe_role(info: LinearInfo) -> str:

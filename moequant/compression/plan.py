@@ -22,6 +22,7 @@ def plan(arch: Architecture, recipe: Recipe, method: str | None = None) -> dict[
             spec = replace(spec, group_size=stored_group_size(spec.group_size, info.in_features))
             _check_spec(info, spec, recipe)
         specs[info.name] = spec
+    _check_listed(recipe, specs)
     return specs
 
 
@@ -30,6 +31,15 @@ def first_spec(arch: Architecture, recipe: Recipe, kind: str) -> QuantSpec | Non
     infos = [i for layer in range(arch.config.num_layers) for i in arch.layer_linears(layer)]
     info = next((i for i in infos + arch.global_linears() if i.kind == kind), None)
     return None if info is None else recipe.spec_for(info)
+
+
+def _check_listed(recipe: Recipe, specs: dict[str, QuantSpec | None]) -> None:
+    """Refuse rules that list modules by name which the model lacks (a plan made for another model)."""
+    for i, rule in enumerate(recipe.rules):
+        missing = [m for m in rule.modules or () if m not in specs]
+        if missing:
+            raise MoequantError(f"recipe {recipe.name}, rule {i + 1} lists {len(missing)} module(s) this model does not "
+                                f"have, e.g. {missing[0]}; was it planned for another model?")
 
 
 def _check_spec(info: LinearInfo, spec: QuantSpec, recipe: Recipe) -> None:
