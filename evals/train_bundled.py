@@ -11,6 +11,10 @@ The defaults reproduce the bundled model (recorded in its ``training.json``). A 
 windows of 128 tokens) takes about 0.4 s on two idle cores and 0.7 s on one; the 600 steps
 took 13 minutes on a shared machine. With the train split only ~100k tokens, the dropout and
 the best-on-calib state keep the model from memorising it.
+
+``--family qwen3_moe`` trains a second, differently shaped MoE the same way: a
+``Qwen3MoeForCausalLM`` (16 experts, top-4, one KV head, per-head q/k norms) with the same tokenizer
+and hyperparameters, saved by default to ``evals/models/tiny-qwen3-moe``.
 """
 
 from __future__ import annotations
@@ -34,11 +38,21 @@ if str(REPO_ROOT) not in sys.path:
 VOCAB_SIZE = 2048
 SEQ_LEN = 128
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2
+DEFAULT_OUT = {
+    "mixtral": REPO_ROOT / "moequant" / "assets" / "tiny-mixtral",
+    "qwen3_moe": REPO_ROOT / "evals" / "models" / "tiny-qwen3-moe",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "moequant" / "assets" / "tiny-mixtral")
+    parser.add_argument("--family", choices=tuple(DEFAULT_OUT), default="mixtral")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="default: moequant/assets/tiny-mixtral, or evals/models/tiny-qwen3-moe for qwen3_moe",
+    )
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="1 reproduces the bundled model bit for bit")
@@ -51,7 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--val-every", type=int, default=50, help="calib-split perplexity every N steps; the best state is kept"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = DEFAULT_OUT[args.family]
+    return args
 
 
 def train_tokenizer(text: str):
@@ -95,7 +112,10 @@ def encode(tokenizer, text: str):
     return torch.tensor(tokenizer.backend_tokenizer.encode(text).ids, dtype=torch.long)
 
 
-def build_config():
+def build_config(family: str = "mixtral"):
+    """The untrained model's config: the bundled Mixtral, or the Qwen3-MoE of ``--family qwen3_moe``."""
+    if family == "qwen3_moe":
+        return build_qwen3_moe_config()
     from transformers import MixtralConfig
 
     return MixtralConfig(
@@ -115,6 +135,47 @@ def build_config():
         eos_token_id=2,
         use_cache=False,
     )
+
+
+def build_qwen3_moe_config():
+    """16 narrow experts (top-4, renormalised), one KV head of width 32, every layer sparse."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=256,  # dense MLP width; unused, every layer is sparse
+        moe_intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        num_experts=16,
+        num_experts_per_tok=4,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=SEQ_LEN,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        router_aux_loss_coef=0.02,
+        output_router_logits=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        use_cache=False,
+    )
+
+
+def model_class(family: str):
+    """The transformers causal-LM class of ``family``."""
+    if family == "qwen3_moe":
+        from transformers import Qwen3MoeForCausalLM
+
+        return Qwen3MoeForCausalLM
+    from transformers import MixtralForCausalLM
+
+    return MixtralForCausalLM
 
 
 def add_train_dropout(model, p: float) -> list:
@@ -200,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
     import torch
     import transformers
-    from transformers import GenerationConfig, MixtralForCausalLM
+    from transformers import GenerationConfig
 
     from moequant.builtin_data import builtin_text
 
@@ -219,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    config = build_config()
-    model = MixtralForCausalLM(config)
+    config = build_config(args.family)
+    model = model_class(args.family)(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
 
@@ -302,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(torch.bfloat16)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-mixtral-", dir=args.out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}-", dir=args.out.parent))
     staging.chmod(0o755)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
