@@ -209,6 +209,20 @@ class Architecture(Protocol):
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float | None = None) -> torch.Tensor: ...
 
+    def read_layer(self, get: WeightGetter, layer: int):
+        """Layer ``layer``'s weights but its routed experts, as :meth:`attention_block` takes them."""
+
+    def attention_block(self, chunks: tuple[torch.Tensor, ...], layer: int, w, cos: torch.Tensor, sin: torch.Tensor,
+                        obs: LayerObserver) -> None:
+        """Add the attention's output to each chunk ``[b, T, H]`` of the residual, in place, with the weights of
+        :meth:`read_layer`; ``obs`` is shown each linear's input first."""
+
+    def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """An expert's (or dense MLP's) activation from the outputs of its gate and up projections."""
+
+    def expert_mlp(self, x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+        """One expert (or dense MLP) applied to ``x [t, H]``: ``w2 gated(w1 x, w3 x)``; returns ``[t, H]``."""
+
     def layer_forward(self, x: torch.Tensor, layer: int, get: WeightGetter, cos: torch.Tensor, sin: torch.Tensor,
                       chunking: Chunking, expert_batch: int = 1,
                       observer: LayerObserver | None = None) -> torch.Tensor: ...

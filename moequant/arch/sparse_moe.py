@@ -339,9 +339,13 @@ class SparseMoEAdapter:
         return probs, top_ids, top_w
 
     @staticmethod
-    def expert_mlp(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+    def gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """A gated MLP's activation from its gate and up projections' outputs: ``silu(gate) * up``."""
+        return F.silu(gate) * up
+
+    def expert_mlp(self, x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
         """``w2 (silu(w1 x) * w3 x)`` for ``x [t, H]``; returns ``[t, H]``."""
-        return F.linear(F.silu(F.linear(x, w.w1)) * F.linear(x, w.w3), w.w2)
+        return F.linear(self.gated(F.linear(x, w.w1), F.linear(x, w.w3)), w.w2)
 
     def add_experts(self, out: torch.Tensor, h: torch.Tensor, top_ids: torch.Tensor, top_w: torch.Tensor,
                     experts: dict[int, ExpertWeights], rows: int | None = None) -> None:
@@ -469,7 +473,7 @@ class SparseMoEAdapter:
         down) shown to ``obs`` first."""
         parts = torch.split(h, rows)
         w.w1, w.w3 = obs.shared_input(names[:2], [w.w1, w.w3], parts)
-        act = [F.silu(F.linear(p, w.w1)) * F.linear(p, w.w3) for p in parts]
+        act = [self.gated(F.linear(p, w.w1), F.linear(p, w.w3)) for p in parts]
         if obs.settles_weights:
             (w.w2,) = obs.shared_input(names[2:], [w.w2], act)
         return torch.cat([F.linear(a, w.w2) for a in act])

@@ -56,6 +56,13 @@ def check_spec(name: str, spec: QuantSpec, in_features: int) -> None:
 
 
 # -- writing -----------------------------------------------------------------------------------
+def stored_bytes(n: int, k: int, spec: QuantSpec) -> int:
+    """Bytes of the tensors :func:`to_compressed` writes for a ``[n, k]`` weight at ``spec``."""
+    groups = -(-k // effective_group_size(spec.group_size, k))
+    zero_point = 0 if spec.sym else n * spec.bits // 32 * groups * 4
+    return n * k * spec.bits // 8 + n * groups * 2 + 2 * 8 + zero_point
+
+
 def to_compressed(packed: Mapping[str, torch.Tensor], spec: QuantSpec, in_features: int) -> dict[str, torch.Tensor]:
     """A module's GPTQ tensors (``qweight``, ``qzeros``, ``scales``, ``g_idx``) as compressed-tensors ones."""
     bits = spec.bits

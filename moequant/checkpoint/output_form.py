@@ -18,6 +18,7 @@ from moequant.arch.base import Architecture
 from moequant.checkpoint import compressed_tensors as ct
 from moequant.checkpoint.gptq_config import quantization_config as gptq_quantization_config
 from moequant.errors import MoequantError
+from moequant.packed.shapes import stored_bits
 from moequant.quant.types import QuantSpec
 
 FORMATS = ("gptq", "compressed-tensors")
@@ -117,6 +118,13 @@ def stored_tensors(form: OutputForm, arch: Architecture, specs: Mapping[str, Qua
             continue
         out[arch.disk_name(name, form.layout)] = tensor
     return out
+
+
+def module_bytes(form: OutputForm, out_features: int, in_features: int, spec: QuantSpec) -> int:
+    """Bytes of the tensors ``form`` stores for a ``[out_features, in_features]`` weight at ``spec``."""
+    if form.format == "compressed-tensors":
+        return ct.stored_bytes(out_features, in_features, spec)
+    return stored_bits(out_features, in_features, spec.bits, spec.group_size) // 8
 
 
 def stored_quantization_config(form: OutputForm, arch: Architecture, specs: Mapping[str, QuantSpec | None],

@@ -99,9 +99,14 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> int:
 
 def write_json_atomic(path: Path, data: object) -> None:
     """Replace ``path`` with ``data`` as JSON in one rename: readers see the old file or the new one."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename: readers see the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
     with writing(path):
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text)
         os.replace(tmp, path)
 
 

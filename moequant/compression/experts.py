@@ -81,7 +81,7 @@ def solve_experts(job: Job, record: Record, layer: int, experts: dict[int, Exper
             ew = experts[group[i]]
             for part_idx, part_w in _row_chunks(idx, wt):
                 hx = r.h[part_idx]
-                acc.add(F.silu(F.linear(hx, ew.w1)) * F.linear(hx, ew.w3), i, part_w)
+                acc.add(a.gated(F.linear(hx, ew.w1), F.linear(hx, ew.w3)), i, part_w)
     stacked = torch.stack([experts[e].w2 for e in group])
     names = [a.expert_name(layer, e, "w2") for e in group]
     deq = solve_modules(job, record, names, stacked, acc.hessian(inplace=True), tensors, routed, policies)

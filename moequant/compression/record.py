@@ -16,8 +16,8 @@ from moequant.quant.types import QuantSpec
 
 RECORD_FILE = "moequant.json"
 RECIPE_FILE = "recipe.yaml"
-_COPY_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-               "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+COPY_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 _TIMING_KEYS = ("time_s", "phases_s")
 
 
@@ -144,6 +144,6 @@ def write_metadata(job: Job, writer: CheckpointWriter, source: Path, record: dic
         writer.write_json(QUANT_CONFIG_FILES[0], config["quantization_config"])
     writer.write_json(RECORD_FILE, record)
     writer.write_text(RECIPE_FILE, job.recipe.to_yaml())
-    for name in _COPY_FILES:
+    for name in COPY_FILES:
         if (source / name).is_file():
             writer.copy_file(source / name)
