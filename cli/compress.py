@@ -11,6 +11,7 @@ from rich.table import Table
 from moequant.compression import CalibSettings
 from moequant.compression import compress as run_compress
 from moequant_cli.common import RichProgress, out, print_engine_limits, print_readers
+from moequant_cli.plan import CHOICES_HELP, KINDS_HELP, budget_of
 
 
 def compress(
@@ -29,6 +30,10 @@ def compress(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickled .bin weights (trusted files only)."),
     output_format: str = typer.Option("gptq", "--format", help="gptq (qweight/qzeros/scales/g_idx) or compressed-tensors (pack-quantized; 2/4/8-bit)."),
     layout: str = typer.Option(None, "--layout", help="Module names written: vllm (the family's published names; default) or gptqmodel (transformers' names, for GPTQModel 7)."),
+    bits: float = typer.Option(None, "--bits", help="Plan first: the recipe's modules average this many bits per weight, widths chosen by measurement."),
+    size: str = typer.Option(None, "--size", help="Plan first: the output folder takes at most this, e.g. 12GB or 11.5GiB."),
+    choices: str = typer.Option("2,3,4", "--choices", help=f"With --bits/--size: {CHOICES_HELP.lower()}"),
+    kinds: str = typer.Option(None, "--kinds", help=f"With --bits/--size: {KINDS_HELP[0].lower()}{KINDS_HELP[1:]}"),
 ) -> None:
     """Quantise MODEL layer by layer and write packed safetensors (GPTQ or compressed-tensors)."""
     result = run_compress(
@@ -36,6 +41,7 @@ def compress(
         calib=CalibSettings(source=calib, samples=samples, seqlen=seqlen, seed=seed),
         overwrite=overwrite, resume=resume, allow_pickle=allow_pickle, expert_batch=expert_batch,
         progress=RichProgress(), output_format=output_format, layout=layout,
+        budget=budget_of(bits, size, choices, kinds),
     )
     render_summary(result.record, result.path)
 
@@ -64,5 +70,10 @@ def render_summary(record: dict, path: Path) -> None:
         for s in starved:
             st.add_row(str(s["layer"]), str(s["expert"]), str(s["tokens"]), s["policy"])
         out.print(st)
+    if record.get("plan"):
+        p = record["plan"]
+        widths = ", ".join(f"{n} at {b} bits" for b, n in p["widths"].items() if n)
+        out.print(f"planned for {next(iter(p['budget'].values())):,} {next(iter(p['budget']))}: {p['modules']} "
+                  f"modules, {widths} ({p['bits']:.4f} bits on average; plan in {p['file']})", highlight=False)
     print_readers(record)
     print_engine_limits(record.get("engine_limits") or [])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from moequant_cli import compare, compress, demo, eval_cmd, generate, inspect, recipes
+from moequant_cli import compare, compress, demo, eval_cmd, generate, inspect, plan, recipes
 from moequant_cli.common import UserErrors
 
 app = typer.Typer(
@@ -16,6 +16,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("compress")(compress.compress)
+app.command("plan")(plan.plan)
 app.command("inspect")(inspect.inspect)
 app.command("recipes")(recipes.recipes)
 for _module in (eval_cmd, compare, generate, demo):

@@ -78,13 +78,22 @@ def make_family(path: Path, family: str, seed: int = 0, dtype: torch.dtype = tor
 
 
 class StopAfterLayers(Progress):
-    """Stops a run, as a kill would, once ``layers`` layers are written (leaving it resumable)."""
+    """Stops a run, as a kill would, once ``layers`` layers are written (leaving it resumable); a plan's
+    measuring pass before them runs through."""
 
     def __init__(self, layers: int) -> None:
         self.layers = layers
+        self.notes: list[str] = []
+        self.writing = True
+
+    def begin(self, total: int, title: str) -> None:
+        self.writing = title.startswith("compressing")
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
 
     def advance(self, step: int, info: dict | None = None) -> None:
-        if step + 1 == self.layers:
+        if self.writing and step + 1 == self.layers:
             raise MoequantError(f"stopped after {self.layers} layers; continue with --resume")
 
 

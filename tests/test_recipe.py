@@ -44,7 +44,7 @@ def test_rules_by_kind_and_role():
     assert bits["model.layers.0.block_sparse_moe.experts.0.w1"] == 8
     assert bits["model.layers.0.block_sparse_moe.experts.3.w3"] == 2
     assert bits["model.layers.0.self_attn.q_proj"] == 16
-    with pytest.raises(MoequantError, match=r"rules\[0\]: .*needs kind, role or match"):
+    with pytest.raises(MoequantError, match=r"rules\[0\]: .*needs kind, role, match or modules"):
         parse_recipe("name: k\nrules:\n  - bits: 4\n")
 
 
@@ -184,3 +184,12 @@ def test_any_recipe_document_is_a_recipe_or_one_line(tmp_path_factory, document)
     assert isinstance(recipe, Recipe)
     for rule in recipe.rules:
         re.compile(rule.match)
+
+
+def test_rules_listing_modules_by_name():
+    r = parse_recipe("name: p\nrules:\n  - modules: [model.layers.0.self_attn.q_proj, model.layers.1.self_attn.k_proj]\n"
+                     "    bits: 8\n  - kind: attention\n    bits: 4\n")
+    assert r.spec_for("model.layers.0.self_attn.q_proj").bits == 8
+    assert r.spec_for("model.layers.0.self_attn.k_proj") is None  # a bare name has no kind for the kind rule
+    assert parse_recipe(r.to_yaml()) == r
+    assert r.rules[0].describe() == "modules: 2 listed"

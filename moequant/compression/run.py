@@ -13,6 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -40,6 +41,9 @@ from moequant.memory import map_large_blocks, release_freed_memory
 from moequant.numeric import check_int
 from moequant.progress import Progress
 from moequant.recipe import Recipe, load_recipe
+
+if TYPE_CHECKING:
+    from moequant.budget.plan import Budget
 
 _GLOBALS_KEY = "globals"
 
@@ -78,6 +82,7 @@ def compress(
     progress: Progress | None = None,
     output_format: str = "gptq",
     layout: str | None = None,
+    budget: Budget | None = None,
 ) -> CompressResult:
     """Compress the MoE checkpoint ``model`` into ``out``.
 
@@ -95,6 +100,8 @@ def compress(
         progress: receives progress events.
         output_format: ``gptq`` or ``compressed-tensors`` (:data:`~moequant.checkpoint.output_form.FORMATS`).
         layout: the module names written (the family's ``layouts``; None: its first, the one vLLM reads).
+        budget: plan the widths of ``recipe``'s modules to fit it first (:func:`moequant.budget.make_plan`);
+            the plan is written beside the recipe as ``plan.yaml``, and a resumed run replays it.
     """
     progress = progress or Progress()
     calib = calib or CalibSettings()
@@ -120,9 +127,16 @@ def compress(
     arch = adapter_for(reader.config)
     check_tensors(reader, arch)
     recipe_obj = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    dev = resolve_device(device)
+    budget_plan = None
+    if budget is not None:
+        from moequant.budget.plan import PLAN_FILE, check_size, plan_run  # the planner builds on compression
+
+        budget_plan = plan_run(out_path, reader, arch, recipe_obj, budget, output_form(arch, output_format, layout),
+                               calib, dev, progress, resume)
+        recipe_obj = budget_plan.recipe
     specs = plan(arch, recipe_obj, method)
     form = output_form(arch, output_format, layout, specs)
-    dev = resolve_device(device)
     calibrate = any(s is not None and s.method == "gptq" for s in specs.values())
 
     run_fingerprint = fingerprint(reader, recipe_obj, method, calib if calibrate else None, form)
@@ -137,6 +151,8 @@ def compress(
         check_token_ids(ids, reader.shape(arch.embed_name)[0], arch.embed_name)
         hidden = reader.get(arch.embed_name, dtype=torch.float32, device=dev)[ids.to(dev)]
     writer = CheckpointWriter(out_path, shard_keys, fresh=state is None)
+    if budget_plan is not None:
+        budget_plan.save(writer.resume_dir)
     job = Job(reader, arch, recipe_obj, specs, dev, progress, windows=windows_per_chunk(calib, arch),
               expert_batch=expert_batch or arch.config.num_experts, form=form)
     record = Record()
@@ -178,6 +194,11 @@ def compress(
     writer.write_shard(_GLOBALS_KEY, stored_tensors(form, arch, specs, global_tensors(job, record, hidden)))
     out_bytes = sum(writer.shard_path(k).stat().st_size for k in shard_keys)
     result = finish_record(job, record, source, calib_info, method, out_bytes, time.perf_counter() - started)
+    if budget_plan is not None:
+        result["plan"] = {"file": PLAN_FILE, **budget_plan.summary}
+        writer.write_text(PLAN_FILE, budget_plan.text)
     write_metadata(job, writer, source, result)
+    if budget is not None and budget.size is not None:
+        check_size(writer.partial, budget.size)
     final = writer.finish(overwrite=overwrite)
     return CompressResult(path=final, record=result)
