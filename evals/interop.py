@@ -202,6 +202,31 @@ def family_rows(python: Path, work: Path) -> list[dict]:
     return rows
 
 
+def plan_rows(python: Path, bundled: Path, ids: torch.Tensor, work: Path) -> list[dict]:
+    """A plan's output, experts of one layer at 2 and 4 bits, read by GPTQModel and by compressed-tensors."""
+    from moequant.budget import Budget, plan_model
+    from moequant.compression import CalibSettings, compress
+
+    calib = CalibSettings(samples=32, seqlen=ids.shape[1])
+    plan = plan_model(bundled, Budget(bits=3.0, choices=(2, 4), kinds=("expert",)), calib=calib, device="cpu")
+    rows = []
+    for (fmt, layout), readers in FORMS.items():
+        if layout == "vllm" and fmt == "gptq":
+            continue
+        out = work / f"plan-{fmt}-{layout}"
+        compress(bundled, out, recipe=plan.recipe, output_format=fmt, layout=layout, calib=calib)
+        for reader, dtype in readers:
+            row = {"recipe": "plan --bits 3 --choices 2,4 --kinds expert", "format": fmt, "layout": layout,
+                   "reader": reader, "dtype": dtype}
+            logits_file = work / f"{out.name}-{reader}.safetensors"
+            row.update(run_reader(python, reader, out, work / "ids.safetensors", logits_file, dtype))
+            if "error" not in row:
+                row.update(compare(load_file(str(logits_file))["logits"], moequant_logits(out, ids, getattr(torch, dtype))))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--venv", type=Path, default=ROOT / ".interop-venv")
@@ -214,24 +239,26 @@ def main() -> None:
     ap.add_argument("--only-vllm", action="store_true", help="skip the CPU readers (with --vllm-python)")
     ap.add_argument("--only-families", action="store_true",
                     help="only the other families' tiny models (merged into an existing --output)")
+    ap.add_argument("--only-plans", action="store_true",
+                    help="only a size plan's output, experts at mixed widths (merged into an existing --output)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     from moequant.builtin_data import bundled_model_path
     from moequant.compression import CalibSettings, compress
 
     python = args.venv / "bin" / "python" if args.only_vllm else build_env(args.venv)
-    if args.only_families:
-        work = Path(tempfile.mkdtemp(prefix="moequant-interop-"))
-        rows = family_rows(python, work)
-        report = json.loads(args.output.read_text()) if args.output.is_file() else {"results": []}
-        report["results"] = [r for r in report["results"] if "family" not in r] + rows
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
-        shutil.rmtree(work, ignore_errors=True)
-        return
     bundled = bundled_model_path()
     ids = held_out_ids(bundled, args.windows, args.seqlen)
     work = Path(tempfile.mkdtemp(prefix="moequant-interop-"))
     save_file({"ids": ids.contiguous()}, str(work / "ids.safetensors"))
+    if args.only_families or args.only_plans:
+        rows = family_rows(python, work) if args.only_families else plan_rows(python, bundled, ids, work)
+        report = json.loads(args.output.read_text()) if args.output.is_file() else {"results": []}
+        replaced = "family" if args.only_families else "plan"
+        report["results"] = [r for r in report["results"] if not _is(r, replaced)] + rows
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
+        shutil.rmtree(work, ignore_errors=True)
+        return
     results = []
     for recipe in RECIPES:
         for (fmt, layout), readers in FORMS.items():
@@ -264,11 +291,16 @@ def main() -> None:
     if not args.only_vllm:
         results += gptqmodel_output_read_by_moequant(python, bundled, ids, work)
         results += family_rows(python, work)
+        results += plan_rows(python, bundled, ids, work)
     report = {"versions": versions(python) if python.exists() else {}, "method": args.method, "windows": args.windows,
               "seqlen": args.seqlen, "results": results}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _is(row: dict, kind: str) -> bool:
+    return "family" in row if kind == "family" else row["recipe"].startswith("plan")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,12 @@ _FUSED_BY_VLLM = (("q", "k", "v"), ("q_a", "kv_a"))
 """Attention projections vLLM runs as one matrix (``qkv_proj``; MLA's ``fused_qkv_a_proj``)."""
 
 
+def uneven_expert_layers(adapter: Architecture, stored: Mapping[str, Stored]) -> list[int]:
+    """The layers whose experts are stored in more than one setting (a size plan's output, for example)."""
+    return [layer for layer in range(adapter.config.num_layers) if not _one_setting(
+        [(stored.get(i.name), i.in_features) for i in adapter.layer_linears(layer) if i.kind == "expert"])]
+
+
 def engine_limits(adapter: Architecture, stored: Mapping[str, Stored]) -> list[str]:
     """One line per limit of fused-MoE GPTQ engines (vLLM) that the checkpoint runs into.
 
@@ -32,7 +38,7 @@ def engine_limits(adapter: Architecture, stored: Mapping[str, Stored]) -> list[s
     is stored; modules it lacks count as 16-bit. An empty list: nothing beyond those limits.
     """
     low_bits: dict[int, list[int]] = {}
-    uneven_experts, asym_experts, uneven_qkv, partial_groups = [], [], [], []
+    asym_experts, uneven_qkv, partial_groups = [], [], []
     for layer in range(adapter.config.num_layers):
         infos = adapter.layer_linears(layer)
         if any((s := stored.get(i.name)) is not None and s[1] != -1 and i.in_features % s[1] for i in infos):
@@ -41,8 +47,6 @@ def engine_limits(adapter: Architecture, stored: Mapping[str, Stored]) -> list[s
         quantised = [s for s, _ in experts if s is not None]
         for bits in sorted({s[0] for s in quantised} - set(ENGINE_EXPERT_BITS)):
             low_bits.setdefault(bits, []).append(layer)
-        if not _one_setting(experts):
-            uneven_experts.append(layer)
         if any(not s[2] for s in quantised):
             asym_experts.append(layer)
         for fused in _FUSED_BY_VLLM:
@@ -55,6 +59,7 @@ def engine_limits(adapter: Architecture, stored: Mapping[str, Stored]) -> list[s
         "4- and 8-bit experts"
         for bits, layers in sorted(low_bits.items())
     ]
+    uneven_experts = uneven_expert_layers(adapter, stored)
     if uneven_experts:
         notes.append(
             f"the experts of {_layers(uneven_experts)} differ in bits, group size or symmetry: vLLM needs "

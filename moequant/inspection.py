@@ -74,9 +74,7 @@ def describe(path: str | Path, allow_pickle: bool = False) -> dict:
     form = stored_form(reader, adapter)
     if form is not None:
         info["format"], info["layout"] = form.format, form.layout
-        dense = any(reader.has(i.name + ".qweight") for layer in range(c.num_layers)
-                    for i in adapter.layer_linears(layer) if i.kind == "dense_mlp")
-        info["readers"], info["not_read_by"] = readers_of(adapter, form, dense)
+        info["readers"], info["not_read_by"] = readers_of(adapter, form, stored)
     if quant is not None:
         info["quantization_config"] = {k: quant[k] for k in ("quant_method", "checkpoint_format", "bits",
                                                              "group_size", "sym", "desc_act") if k in quant}

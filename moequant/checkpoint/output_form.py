@@ -17,6 +17,7 @@ import torch
 from moequant.arch.base import Architecture
 from moequant.checkpoint import compressed_tensors as ct
 from moequant.checkpoint.gptq_config import quantization_config as gptq_quantization_config
+from moequant.engine_limits import Stored, uneven_expert_layers
 from moequant.errors import MoequantError
 from moequant.packed.shapes import stored_bits
 from moequant.quant.types import QuantSpec
@@ -36,20 +37,27 @@ _NOT_READ_BY = {
     ("gptq", "gptqmodel"): ["vLLM (use --layout vllm)", _TRANSFORMERS],
     ("compressed-tensors", "vllm"): [],
 }
+_TRANSFORMERS_UNEVEN = ("transformers 5 from_pretrained when the experts of a layer differ in bits (a size plan's "
+                        "output): it loads them wrong; load with moequant, or plan with --kinds attention")
 _GPTQMODEL_DENSE = ("GPTQModel 7.7 when dense MLP layers are quantised: it leaves them unloaded, at random; keep "
                     "them 16-bit for it (a rule {kind: dense_mlp, bits: 16})")
 
 
-def readers_of(arch: Architecture, form: OutputForm, dense_quantised: bool = False) -> tuple[list[str], list[str]]:
-    """Which readers take a checkpoint of ``form`` (verified with the readers themselves, see README's
-    interoperability section), and which do not; ``dense_quantised``: some dense MLP layer is packed."""
+def readers_of(arch: Architecture, form: OutputForm, stored: Mapping[str, Stored]) -> tuple[list[str], list[str]]:
+    """Which readers take a checkpoint of ``form`` whose modules are ``stored`` so (verified with the readers
+    themselves, see README's interoperability section), and which do not."""
     key = (form.format, form.layout)
     readers, not_read = list(_READERS.get(key, ["moequant"])), list(_NOT_READ_BY.get(key, []))
     if form.format == "gptq" and _layouts_alike(arch):
         readers = list(dict.fromkeys(_READERS["gptq", "vllm"][:-1] + _READERS["gptq", "gptqmodel"]))
         not_read = [_TRANSFORMERS]
-    if form.format == "gptq" and dense_quantised and "GPTQModel 7" in readers:
+    infos = [i for layer in range(arch.config.num_layers) for i in arch.layer_linears(layer)]
+    if form.format == "gptq" and "GPTQModel 7" in readers and any(
+            stored.get(i.name) is not None for i in infos if i.kind == "dense_mlp"):
         not_read.append(_GPTQMODEL_DENSE)
+    if form.format == "compressed-tensors" and uneven_expert_layers(arch, stored):
+        readers = [r for r in readers if not r.startswith("transformers")]
+        not_read.append(_TRANSFORMERS_UNEVEN)
     return readers, not_read
 
 

@@ -58,8 +58,8 @@ def finish_record(job: Job, record: Record, source: Path, calib_info: dict | Non
     """The whole ``moequant.json``: settings, totals, per-kind groups, starved experts, layers, modules, timing."""
     a = job.arch
     all_infos = [i for layer in range(a.config.num_layers) for i in a.layer_linears(layer)] + a.global_linears()
-    readers, not_read_by = readers_of(a, job.form, any(job.specs.get(i.name) is not None
-                                                       for i in all_infos if i.kind == "dense_mlp"))
+    stored = {n: (s.bits, s.group_size, s.sym) for n, s in job.specs.items() if s is not None}
+    readers, not_read_by = readers_of(a, job.form, stored)
     modules = record.modules
     for info in all_infos:
         if info.name not in modules and (info.kind != "lm_head" or job.reader.has(info.weight)):
@@ -100,8 +100,7 @@ def finish_record(job: Job, record: Record, source: Path, calib_info: dict | Non
         },
         "groups": _groups(job, modules, all_infos),
         "starved_experts": starved,
-        "engine_limits": engine_limits(a, {n: (s.bits, s.group_size, s.sym) for n, s in job.specs.items()
-                                           if s is not None}),
+        "engine_limits": engine_limits(a, stored),
         "layers": [{k: v for k, v in r.items() if k not in _TIMING_KEYS} for r in record.layers],
         "modules": dict(sorted(modules.items(), key=lambda kv: _natural(kv[0]))),
         "timing": {"total_s": round(total_s, 3), "device": str(job.device),

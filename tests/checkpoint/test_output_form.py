@@ -181,10 +181,27 @@ def test_families_named_alike_in_both_layouts_suit_both_readers(tmp_path):
     from tests.conftest import make_family
 
     arch = adapter_for(json.loads((make_family(tmp_path / "q", "qwen3_moe") / "config.json").read_text()))
-    readers, not_read = readers_of(arch, OutputForm("gptq", "vllm"))
+    readers, not_read = readers_of(arch, OutputForm("gptq", "vllm"), {})
     assert "GPTQModel 7" in readers and "vLLM (4- and 8-bit modules)" in readers
     assert not any("GPTQModel" in r for r in not_read)
-    assert any("dense MLP" in r for r in readers_of(arch, OutputForm("gptq", "vllm"), dense_quantised=True)[1])
+    dense = {"model.layers.1.mlp.gate_proj": (4, 128, True)}
+    assert any("dense MLP" in r for r in readers_of(arch, OutputForm("gptq", "vllm"), dense)[1])
+
+
+def test_experts_of_one_layer_at_two_widths_are_not_for_transformers(tmp_path):
+    from moequant.arch.registry import adapter_for
+    from moequant.checkpoint.output_form import OutputForm, readers_of
+    from tests.conftest import make_mixtral
+
+    arch = adapter_for(json.loads((make_mixtral(tmp_path / "m") / "config.json").read_text()))
+    experts = [i.name for i in arch.layer_linears(0) if i.kind == "expert"]
+    even = {n: (4, 128, True) for n in experts}
+    uneven = {**even, experts[0]: (2, 128, True)}
+    form = OutputForm("compressed-tensors", "vllm")
+    assert any(r.startswith("transformers") for r in readers_of(arch, form, even)[0])
+    readers, not_read = readers_of(arch, form, uneven)
+    assert not any(r.startswith("transformers") for r in readers)
+    assert any("differ in bits" in r for r in not_read)
 
 
 def test_reads_compressed_tensors_as_llm_compressor_writes_it(mixed_outputs, tmp_path):
