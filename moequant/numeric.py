@@ -1,9 +1,10 @@
-"""The rule for every whole-number setting: its type and its allowed range, in one line when broken."""
+"""The rule for every whole-number setting and size: its type and its allowed range, in one line when broken."""
 
 from __future__ import annotations
 
 import math
 import numbers
+import re
 
 from moequant.errors import MoequantError
 
@@ -41,3 +42,18 @@ def allowed(minimum: int, maximum: int | None) -> str:
 
 def _meaning(meaning: str) -> str:
     return f" ({meaning})" if meaning else ""
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str, option: str = "--size") -> int:
+    """Bytes from ``123456``, ``1.5GB`` (powers of 1000) or ``1.5GiB`` (powers of 1024)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m[2].lower() if m else ""
+    if m is None or unit not in _UNITS:
+        raise MoequantError(f"{option} {text!r} is not a size: give bytes, or a number with kB, MB, GB, TB "
+                            "(powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 12GB")
+    return int(float(m[1]) * _UNITS[unit])
+

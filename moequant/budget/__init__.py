@@ -5,6 +5,7 @@ width per module within the budget; ``sizes`` says what the output folder will w
 puts them together into a recipe.
 """
 
-from moequant.budget.plan import PLAN_FILE, Budget, Plan, make_plan, parse_size, parse_widths, plan_model
+from moequant.budget.plan import PLAN_FILE, Budget, Plan, make_plan, parse_widths, plan_model
+from moequant.numeric import parse_size
 
 __all__ = ["PLAN_FILE", "Budget", "Plan", "make_plan", "parse_size", "parse_widths", "plan_model"]

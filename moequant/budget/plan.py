@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -44,8 +43,6 @@ from moequant.recipe import Recipe, Rule, load_recipe, parse_recipe
 PLAN_FILE = "plan.yaml"
 _SAVED = "plan.json"
 BITS_TOLERANCE = 0.01
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 @dataclass(frozen=True)
@@ -78,16 +75,6 @@ class Budget:
 
     def describe(self) -> str:
         return f"{self.bits:g} bits" if self.bits is not None else f"{self.size:,} bytes"
-
-
-def parse_size(text: str) -> int:
-    """Bytes from ``123456``, ``1.5GB`` (powers of 1000) or ``1.5GiB`` (powers of 1024)."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m[2].lower() if m else ""
-    if m is None or unit not in _UNITS:
-        raise MoequantError(f"--size {text!r} is not a size: give bytes, or a number with kB, MB, GB, TB "
-                            "(powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 12GB")
-    return int(float(m[1]) * _UNITS[unit])
 
 
 def parse_widths(text: str) -> tuple[int, ...]:
