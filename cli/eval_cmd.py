@@ -38,6 +38,8 @@ def eval_command(
     batch: int = typer.Option(0, "--batch", help="Windows per forward chunk (0: automatic)."),
     engine: str = typer.Option("streamed", "--engine", help="streamed (one layer at a time) or memory."),
     dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16 or float16."),
+    expert_slots: int = typer.Option(None, "--expert-slots", help="With --engine memory: offload the experts "
+                                                                  "behind a cache of this many per layer."),
 ) -> None:
     """Score MODEL on held-out text; with --baseline also KL, top-1 and router agreement.
 
@@ -47,7 +49,8 @@ def eval_command(
     perplexity = exp(mean NLL of every predicted token).
     """
     report = evaluate(model, baseline=baseline, dataset=dataset, seqlen=seqlen, max_windows=max_windows,
-                      device=device, batch=batch, engine=engine, dtype=dtype, progress=EvalProgress())
+                      device=device, batch=batch, engine=engine, dtype=dtype, progress=EvalProgress(),
+                      expert_slots=expert_slots)
     target = output or Path(f"eval-{Path(report['model']).name}.json")
     paths = write_report(report, target)
     render_summary(report)
@@ -75,6 +78,10 @@ def render_summary(report: dict) -> None:
         table.add_row("top-1 agreement", f"{report['top1_agreement']:.4f}")
         table.add_row("router agreement", f"{report['router_agreement']:.4f}")
     table.add_row("time", f"{report['time_s']:.1f} s ({report['tokens_per_s']:.0f} tokens/s, {report['engine']})")
+    cache = report.get("expert_cache")
+    if cache:
+        table.add_row("expert cache", f"{cache['slots']} per layer: {cache['hit_rate']:.1%} hits, prefetch accuracy "
+                                      f"{cache['prefetch_accuracy']:.1%}")
     out.print(table)
 
 

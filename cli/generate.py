@@ -20,6 +20,9 @@ def generate(
                                                       "bfloat16, float16 or float32."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 for greedy decoding, else sampling temperature."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling."),
+    offload: bool = typer.Option(False, "--offload", help="Keep the experts in host memory behind a cache on the device."),
+    gpu_memory: str = typer.Option(None, "--gpu-memory", help="With --offload: device memory the weights may take, e.g. 10GiB."),
+    expert_slots: int = typer.Option(None, "--expert-slots", help="With --offload: experts cached per layer (instead of --gpu-memory)."),
 ) -> None:
     """Continue PROMPT with the model at PATH and report the decoding speed."""
     import torch
@@ -29,13 +32,15 @@ def generate(
     from moequant.errors import MoequantError
     from moequant.kernels.dispatch import resolve_backend
     from moequant.loading import load
+    from moequant.nn.offload import reset_stats, total_stats
     from moequant.numeric import SEED_MAX, check_float, check_int
 
     check_int(max_new_tokens, "--max-new-tokens", 1)
     check_float(temperature, "--temperature", 0.0, meaning="0: greedy decoding")
     check_int(seed, "--seed", 0, SEED_MAX)
     dev = resolve_device(device)
-    model = load(path, device=dev, dtype=dtype, backend=backend)
+    model = load(path, device=dev, dtype=dtype, backend=backend, offload="experts" if offload else None,
+                 gpu_memory=gpu_memory, expert_slots=expert_slots)
     tokenizer = load_tokenizer(Path(model.config._name_or_path))
     enc = tokenizer(prompt, return_tensors="pt")
     ids = enc["input_ids"].to(dev)
@@ -48,6 +53,7 @@ def generate(
     with torch.inference_mode():
         # a short warm-up run pays one-time costs (kernel compilation, layout checks) outside the timing
         model.generate(ids, max_new_tokens=min(2, max_new_tokens), **settings)
+        reset_stats(model)
         torch.manual_seed(seed)
         _sync(dev)
         start = time.perf_counter()
@@ -63,6 +69,10 @@ def generate(
         f"({dev}, {model.dtype}, {used} kernels)",
         highlight=False,
     )
+    stats = total_stats(model)
+    if stats is not None:
+        console.print(f"expert cache: {stats.hit_rate:.1%} hits, prefetch accuracy {stats.prefetch_accuracy:.1%}, "
+                      f"{stats.bytes / max(new.numel(), 1) / 2**20:.2f} MiB copied per token", highlight=False)
 
 
 def _sync(device) -> None:

@@ -56,5 +56,11 @@ def render(info: dict) -> None:
         bits = ", ".join(f"{b}-bit x{n}" for b, n in g["bits"].items())
         table.add_row(name, str(g["modules"]), f"{g['parameters']:,}", bits, filesize.decimal(g["stored_bytes"]))
     out.print(table)
+    mem = info.get("device_memory")
+    if mem:
+        out.print(f"device memory for the weights: {filesize.decimal(mem['full'])} fully loaded; with offloaded "
+                  f"experts {filesize.decimal(mem['offloaded'])} plus {filesize.decimal(mem['per_cached_expert'])} "
+                  f"per cached expert and layer ({filesize.decimal(mem['offloaded_top_k_cached'])} with "
+                  f"{info['experts_per_token']} per layer)", highlight=False)
     print_readers(info)
     print_engine_limits(info.get("engine_limits") or [])

@@ -18,11 +18,13 @@ def recipes(
     if model not in MODELS:
         raise MoequantError(f"unknown model {model!r}; sizes are estimated for {', '.join(MODELS)}")
     table = Table(title=f"built-in recipes (estimates for {model})")
-    for col in ("name", "attention", "experts", "bits/weight", "size", "description"):
+    for col in ("name", "attention", "experts", "bits/weight", "size", "offloaded", "description"):
         table.add_column(col)
     for name in builtin_names():
         recipe = load_recipe(name)
         est = estimate_bits(recipe, MODELS[model])
         table.add_row(name, est["attention"], est["expert"], f"{est['bits_per_weight']:.2f}",
-                      f"{est['bytes'] / 1e9:.1f} GB", recipe.description)
+                      f"{est['bytes'] / 1e9:.1f} GB", f"{est['offloaded_bytes'] / 1e9:.1f} GB", recipe.description)
     out.print(table)
+    out.print("offloaded: device memory with the experts in host memory and the top-k of every layer cached "
+              "(moequant.load(..., offload='experts'))", highlight=False)

@@ -4,12 +4,14 @@
 #   2. kernel speed against bf16, with a sweep of tile configurations (kernels-<device>.json),
 #   3. with RUN_GPTQ=1, GPTQ on one Mixtral-8x7B-shaped layer with 128 x 512 calibration tokens
 #      (gptq-cuda.json);
-#   4. where vLLM imports (VLLM_PYTHON, default $PYTHON), vLLM serves the bundled model's 4- and 8-bit
+#   4. offloaded experts: cache hits, prefetch accuracy and decode speed with 2, 4 and 6 experts cached per
+#      layer against the fully loaded bundled model (offload-cuda.json; tests/gpu checks their logits);
+#   5. where vLLM imports (VLLM_PYTHON, default $PYTHON), vLLM serves the bundled model's 4- and 8-bit
 #      outputs, GPTQ and compressed-tensors, against moequant's greedy tokens (interop-vllm.json).
 # Logs and JSON go to $RESULTS (default evals/results/gpu-run). Wheels of missing Python packages
 # may be put in .whl/ (installed into /tmp/site first). Each step has its own time limit.
 # Environment: SWEEP_BUDGET_S (default 120), RUN_GPTQ=1, SKIP_TESTS=1, BENCH_ARGS (extra arguments).
-# The step limits (240 + 300 s, and 130 s for GPTQ: then lower SWEEP_BUDGET_S or skip the tests)
+# The step limits (240 + 300 + 60 s, and 130 s for GPTQ: then lower SWEEP_BUDGET_S or skip the tests)
 # keep a run under ten minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +36,8 @@ if [ "${RUN_GPTQ:-0}" = 1 ]; then
     timeout 130 $PY evals/bench_gptq.py --parts layer --device cuda 2>&1 | tail -5 | tee "$RESULTS/gptq.log"
     cp evals/results/gptq-cuda.json "$RESULTS/" 2>/dev/null || true
 fi
+timeout 60 $PY evals/bench_offload.py --device cuda --windows 4 2>&1 | grep -v Warning | tail -4 | tee "$RESULTS/offload.log"
+cp evals/results/offload-cuda.json "$RESULTS/" 2>/dev/null || true
 VLLM_PY=${VLLM_PYTHON:-$PY}
 if $VLLM_PY -c "import vllm" 2>/dev/null; then
     timeout 240 $PY evals/interop.py --only-vllm --vllm-python "$(command -v "$VLLM_PY")" \

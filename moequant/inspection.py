@@ -69,6 +69,13 @@ def describe(path: str | Path, allow_pickle: bool = False) -> dict:
         "bits_per_weight": round(8 * size / max(params, 1), 4),
         "groups": {k: {**v, "bits": dict(sorted(v["bits"].items()))} for k, v in groups.items()},
     }
+    experts = groups.get("expert", {}).get("stored_bytes", 0)
+    moe_layers = sum(1 for layer in range(c.num_layers) if adapter.is_moe_layer(layer))
+    if experts and moe_layers:
+        per_expert = experts // (moe_layers * c.num_experts)
+        info["device_memory"] = {"full": size, "offloaded": size - experts, "per_cached_expert": per_expert,
+                                 "moe_layers": moe_layers,
+                                 "offloaded_top_k_cached": size - experts + moe_layers * c.top_k * per_expert}
     if stored:
         info["engine_limits"] = engine_limits(adapter, stored)
     form = stored_form(reader, adapter)

@@ -33,8 +33,10 @@ from moequant.checkpoint.weights import tensor_getter
 from moequant.device import resolve_device
 from moequant.errors import MoequantError
 from moequant.kernels import dispatch
+from moequant.nn.offload import offload_experts, slots_for
 from moequant.nn.quant_experts import LinearSpec, QuantExperts, stacked_specs
 from moequant.nn.quant_linear import QuantLinear
+from moequant.numeric import check_int, parse_size
 from moequant.packed.shapes import packed_shapes
 from moequant.packed.widths import PACKED_KEYS, stored_group_size
 
@@ -442,7 +444,8 @@ def _load_generation_config(model: nn.Module, source: Path) -> None:
 
 # -- public API -------------------------------------------------------------------------------
 def load(path: str | os.PathLike, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, backend: str = "auto") -> nn.Module:
+         dtype: str | torch.dtype | None = None, backend: str = "auto", offload: str | None = None,
+         gpu_memory: str | int | None = None, expert_slots: int | None = None) -> nn.Module:
     """A checkpoint folder (compressed by moequant, or an original MoE checkpoint) as a model.
 
     Args:
@@ -454,6 +457,11 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None,
             the dtype.
         backend: kernels for packed weights: ``torch`` (any device), ``triton`` (CUDA, or CPU
             under ``TRITON_INTERPRET=1``) or ``auto`` (Triton on CUDA when available).
+        offload: ``"experts"`` keeps the packed experts in host memory behind a per-layer cache of
+            experts on ``device`` (:mod:`moequant.nn.offload`); everything else goes to ``device``.
+        gpu_memory: with ``offload``, the device memory the weights may take (bytes, or ``"10GiB"``,
+            ``"12GB"``); the cache gets what is left after the other weights (leave room for activations).
+        expert_slots: with ``offload``, the experts cached per layer, instead of ``gpu_memory``.
 
     Returns:
         ``MixtralForCausalLM`` in eval mode: quantised attention projections (and ``lm_head``
@@ -466,7 +474,30 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None,
         MoequantError: missing or mis-shaped tensors (named), unsupported configs, or a backend
             that cannot run on ``device``.
     """
-    return _build(path, device, dtype, backend, dequantize=False)
+    if offload is None:
+        if gpu_memory is not None or expert_slots is not None:
+            raise MoequantError("gpu_memory and expert_slots size the cache of offload='experts'; pass that too")
+        return _build(path, device, dtype, backend, dequantize=False)
+    if offload != "experts":
+        raise MoequantError(f"offload={offload!r}: the one thing moequant offloads is 'experts'")
+    dev = resolve_device(device)
+    dispatch.resolve_backend(backend, dev)
+    raw = CheckpointReader(resolve_source(path)).config
+    model = _build(path, "cpu", resolve_dtype(dtype, raw, dev), "auto" if backend == "triton" else backend,
+                   dequantize=False)
+    if expert_slots is None:
+        if gpu_memory is None:
+            raise MoequantError("offload='experts' needs gpu_memory (e.g. '10GiB') or expert_slots")
+        budget = parse_size(gpu_memory, "gpu_memory") if isinstance(gpu_memory, str) else \
+            check_int(gpu_memory, "gpu_memory", 1, meaning="bytes")
+        expert_slots = slots_for(model, budget)
+        if expert_slots < 1:
+            raise MoequantError(f"gpu_memory {gpu_memory} holds the weights outside the experts but no expert per "
+                                "layer; give more, or load without offload on the CPU")
+    check_int(expert_slots, "expert_slots", 1, meaning="experts cached per layer")
+    offload_experts(model, dev, expert_slots, adapter_for(raw).config.top_k)
+    _reset_rotary(model, dev)
+    return model
 
 
 def dequantized_model(path: str | os.PathLike, device: str | torch.device | None = None,

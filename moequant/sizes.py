@@ -57,11 +57,13 @@ MODELS = {"mixtral-8x7b": MIXTRAL_8X7B, "qwen3-30b-a3b": QWEN3_30B_A3B, "qwen1.5
 def estimate_bits(recipe: Recipe, config: dict) -> dict:
     """Estimated size of ``config``'s model under ``recipe`` (16-bit for whatever stays unquantised).
 
-    Returns bits per weight overall, bytes, and a short description of attention and expert bits.
+    Returns bits per weight overall, bytes, a short description of attention and expert bits, and the
+    device bytes with the experts offloaded and the top-k of every layer cached (``offloaded_bytes``).
     """
     adapter = adapter_for(config)
     c = adapter.config
     total_bits = 0
+    expert_bits = 0
     params = 0
     seen: dict[str, set[int]] = {"attention": set(), "expert": set()}
     for layer in range(c.num_layers):
@@ -72,7 +74,9 @@ def estimate_bits(recipe: Recipe, config: dict) -> dict:
                 total_bits += 16 * info.numel
                 seen.setdefault(info.kind, set()).add(16)
             else:
-                total_bits += stored_bits(info.out_features, info.in_features, spec.bits, spec.group_size)
+                bits = stored_bits(info.out_features, info.in_features, spec.bits, spec.group_size)
+                total_bits += bits
+                expert_bits += bits if info.kind == "expert" else 0
                 seen.setdefault(info.kind, set()).add(spec.bits)
         vectors = sum(size for size, _ in adapter.layer_vectors(layer).values())
         params += vectors
@@ -88,5 +92,7 @@ def estimate_bits(recipe: Recipe, config: dict) -> dict:
     def describe(bits: set[int]) -> str:
         return "/".join(f"{b}-bit" for b in sorted(bits)) or "-"
 
+    cached = expert_bits / max(c.num_experts, 1) * c.top_k  # top-k experts of every MoE layer
     return {"bits_per_weight": total_bits / params, "bytes": total_bits / 8, "parameters": params,
-            "attention": describe(seen["attention"]), "expert": describe(seen["expert"])}
+            "attention": describe(seen["attention"]), "expert": describe(seen["expert"]),
+            "offloaded_bytes": (total_bits - expert_bits + cached) / 8}

@@ -80,6 +80,7 @@ def evaluate(
     dtype: str = "float32",
     windows: torch.Tensor | None = None,
     progress: Progress | None = None,
+    expert_slots: int | None = None,
 ) -> dict:
     """Evaluate ``model`` (against ``baseline``) and return the report (see :mod:`moequant.evals.report`).
 
@@ -95,6 +96,8 @@ def evaluate(
         windows: token windows ``[W, L]`` to score instead of tokenising ``dataset`` (which then only
             labels the report).
         progress: receives progress events.
+        expert_slots: with ``engine="memory"``, offload the compressed model's experts behind a cache of
+            this many per layer; the report gets the cache's statistics.
     """
     EvalSettings(seqlen, max_windows, batch, engine, dtype)
     source = resolve_source(model)
@@ -109,6 +112,8 @@ def evaluate(
     elif windows.shape[1] > max_positions:
         raise MoequantError(f"windows of {windows.shape[1]} tokens exceed the model's {max_positions} positions")
     result = evaluate_windows(source, windows, base_source, device=dev, dtype=DTYPES[dtype], batch=batch,
-                              engine=engine, progress=progress)
+                              engine=engine, progress=progress, expert_slots=expert_slots)
     extra = {"device": str(dev), "dtype": dtype}
+    if result.expert_cache is not None:
+        extra["expert_cache"] = result.expert_cache
     return build_report(result, source, base_source, dataset_label(dataset), extra)

@@ -43,6 +43,7 @@ from moequant.checkpoint.weights import tensor_getter
 from moequant.errors import MoequantError
 from moequant.evals.agreement import kl_divergence, top1_equal, topk_sets_equal
 from moequant.evals.perplexity import next_token_nll
+from moequant.nn.offload import total_stats
 from moequant.numeric import check_int
 from moequant.progress import Progress
 
@@ -64,6 +65,8 @@ class EvalResult:
             tokens agree. ``None`` without a baseline.
         hidden_error: per layer, ``||h_model - h_base|| / ||h_base||`` over all tokens of all windows.
         engine: ``streamed`` or ``memory``; time_s: wall time of the evaluation.
+        expert_cache: with offloaded experts, the model's cache statistics (hit rate, prefetch accuracy,
+            bytes copied).
     """
 
     windows: torch.Tensor
@@ -75,6 +78,7 @@ class EvalResult:
     base_topk_ids: torch.Tensor | None = None
     hidden_error: list[float] | None = None
     engine: str = "streamed"
+    expert_cache: dict | None = None
     time_s: float = 0.0
 
     @property
@@ -144,6 +148,7 @@ def evaluate_windows(
     batch: int = 0,
     engine: str = "streamed",
     progress: Progress | None = None,
+    expert_slots: int | None = None,
 ) -> EvalResult:
     """Score ``model`` (and compare it with ``baseline``) on token windows ``[W, L]``.
 
@@ -155,8 +160,12 @@ def evaluate_windows(
         batch: windows per forward chunk (0: chosen from the model's shape).
         engine: ``streamed`` (one layer at a time, the default) or ``memory`` (whole models).
         progress: receives one step per decoder layer, then one per scored chunk.
+        expert_slots: with the ``memory`` engine, run a compressed model with its experts offloaded to
+            host memory behind a cache of this many per layer (:mod:`moequant.nn.offload`).
     """
     check_engine(engine)
+    if expert_slots is not None and engine != "memory":
+        raise MoequantError("offloaded experts run in whole models: add --engine memory")
     if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
         raise MoequantError("evaluation needs at least one window of at least 2 tokens")
     check_batch(batch)
@@ -170,8 +179,10 @@ def evaluate_windows(
     check_token_ids(windows, m.adapter.config.vocab_size, m.adapter.embed_name)
     batch = batch or default_batch(m.adapter, windows.shape[1], windows.shape[0])
     sides = [m] if b is None else [m, b]
-    run = _streamed if engine == "streamed" else _in_memory
-    result = run(sides, windows.to(torch.int64), device, dtype, batch, progress)
+    if engine == "streamed":
+        result = _streamed(sides, windows.to(torch.int64), device, dtype, batch, progress)
+    else:
+        result = _in_memory(sides, windows.to(torch.int64), device, dtype, batch, progress, expert_slots)
     result.engine = engine
     result.time_s = time.perf_counter() - started
     return result
@@ -283,8 +294,8 @@ class _Scores:
 
 # -- in-memory engine ------------------------------------------------------------------------
 def _in_memory(sides: list[_Model], windows: torch.Tensor, device: torch.device, dtype: torch.dtype,
-               batch: int, progress: Progress) -> EvalResult:
-    models = [_load_model(s, dtype, device) for s in sides]
+               batch: int, progress: Progress, expert_slots: int | None = None) -> EvalResult:
+    models = [_load_model(s, dtype, device, expert_slots) for s in sides]
     n_layers = sides[0].adapter.config.num_layers
     top_k = sides[0].adapter.config.top_k
     two = len(sides) == 2
@@ -322,7 +333,12 @@ def _in_memory(sides: list[_Model], windows: torch.Tensor, device: torch.device,
     progress.end()
     hidden_error = [(e / max(n, 1e-300)) ** 0.5 for e, n in err_sq] if two else None
     stacked = [torch.stack([torch.cat(chunks) for chunks in per_side]) for per_side in routes]
-    return scored.result(windows, stacked, hidden_error)
+    result = scored.result(windows, stacked, hidden_error)
+    stats = total_stats(models[0])
+    if stats is not None:
+        result.expert_cache = {"slots": expert_slots, "hit_rate": round(stats.hit_rate, 4),
+                               "prefetch_accuracy": round(stats.prefetch_accuracy, 4), "bytes_copied": stats.bytes}
+    return result
 
 
 def _capture_choice(store: dict[int, torch.Tensor], layer: int):
@@ -341,12 +357,14 @@ def _capture(store: list[torch.Tensor]):
     return hook
 
 
-def _load_model(side: _Model, dtype: torch.dtype, device: torch.device):
-    """A whole ``transformers`` model: ``moequant.load`` (packed kernels) for compressed checkpoints."""
+def _load_model(side: _Model, dtype: torch.dtype, device: torch.device, expert_slots: int | None = None):
+    """A whole ``transformers`` model: ``moequant.load`` (packed kernels, experts offloaded behind a cache of
+    ``expert_slots`` where given) for compressed checkpoints."""
     if side.quantised:
         from moequant.loading import load
 
-        return load(side.path, device=device, dtype=dtype).eval()
+        offload = None if expert_slots is None else "experts"
+        return load(side.path, device=device, dtype=dtype, offload=offload, expert_slots=expert_slots).eval()
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(side.path), dtype=dtype).to(device).eval()

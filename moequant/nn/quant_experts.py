@@ -20,6 +20,7 @@ weights on the fly.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -251,19 +252,51 @@ class QuantExperts(nn.Module):
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on its tokens ``x [t, H]`` -> ``[t, H]`` in ``x.dtype``."""
         if self.stacked:
-            (s13, z13), (s2, z2) = self.layout()
-            gate_up = packed_matmul(x, self.w13_qweight[e], self.w13_qzeros[e], self.w13_scales[e],
-                                    self.w13_g_idx[e], self.w13_spec.bits,
-                                    effective_group_size(self.w13_spec.group_size, self.hidden_dim), s13, "torch",
-                                    z13)
-            gate, up = gate_up.chunk(2, dim=-1)
-            h = self.act_fn(gate) * up
-            return packed_matmul(h, self.w2_qweight[e], self.w2_qzeros[e], self.w2_scales[e], self.w2_g_idx[e],
-                                 self.w2_spec.bits,
-                                 effective_group_size(self.w2_spec.group_size, self.intermediate_dim), s2, "torch",
-                                 z2)
-        ex = self.experts[e]
-        return _linear(ex.w2, self.act_fn(_linear(ex.w1, x)) * _linear(ex.w3, x))
+            unit = self.host_expert(e)
+            return self._stacked_expert(unit["w13"], unit["w2"], x, "torch")
+        return self.run_expert(self.experts[e], x)
+
+    # -- one expert at a time, for offloading ---------------------------------------------------
+    def host_expert(self, e: int) -> object:
+        """Expert ``e``'s weights as one unit: views of its stacked tensors, or its per-expert module."""
+        if self.stacked:
+            return {p: {k: getattr(self, f"{p}_{k}")[e] for k in PACKED_KEYS} for p in ("w13", "w2")}
+        return self.experts[e]
+
+    def expert_bytes(self, e: int) -> int:
+        """Bytes of expert ``e``'s weights."""
+        return sum(t.numel() * t.element_size() for t in self.expert_tensors(self.host_expert(e)))
+
+    def expert_to(self, unit: object, device: torch.device, non_blocking: bool = False) -> object:
+        """A copy of an expert's unit (:meth:`host_expert`) on ``device``."""
+        if self.stacked:
+            return {p: {k: t.to(device, non_blocking=non_blocking) for k, t in part.items()} for p, part in unit.items()}
+        memo = {id(t): t.to(device, non_blocking=non_blocking) for t in unit.buffers()}
+        memo.update({id(p): nn.Parameter(p.to(device, non_blocking=non_blocking), requires_grad=False)
+                     for p in unit.parameters()})
+        return copy.deepcopy(unit, memo)
+
+    def expert_tensors(self, unit: object) -> list[torch.Tensor]:
+        """Every tensor of an expert's unit."""
+        if self.stacked:
+            return [t for part in unit.values() for t in part.values()]
+        return [*unit.parameters(), *unit.buffers()]
+
+    def run_expert(self, unit: object, x: torch.Tensor) -> torch.Tensor:
+        """An expert's unit (on ``x``'s device) on its tokens ``x [t, H]`` -> ``[t, H]`` in ``x.dtype``."""
+        if not self.stacked:
+            return _linear(unit.w2, self.act_fn(_linear(unit.w1, x)) * _linear(unit.w3, x))
+        return self._stacked_expert(unit["w13"], unit["w2"], x, self.resolved_backend(x.device))
+
+    def _stacked_expert(self, w13: Mapping[str, torch.Tensor], w2: Mapping[str, torch.Tensor], x: torch.Tensor,
+                        backend: str) -> torch.Tensor:
+        (s13, z13), (s2, z2) = self.layout()
+        gate_up = packed_matmul(x, w13["qweight"], w13["qzeros"], w13["scales"], w13["g_idx"], self.w13_spec.bits,
+                                effective_group_size(self.w13_spec.group_size, self.hidden_dim), s13, backend, z13)
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = self.act_fn(gate) * up
+        return packed_matmul(h, w2["qweight"], w2["qzeros"], w2["scales"], w2["g_idx"], self.w2_spec.bits,
+                             effective_group_size(self.w2_spec.group_size, self.intermediate_dim), s2, backend, z2)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         self._resolved = None
