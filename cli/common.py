@@ -41,11 +41,16 @@ class UserErrors(TyperGroup):
 
 
 def _one_line(exc: Exception) -> str:
-    """The message of a user error, or ``<path>: <reason>`` for an operating-system error."""
+    """The message of a user error, or ``<path>: <reason>`` for an operating-system error; under torchrun
+    it names the rank."""
     if isinstance(exc, OSError):
         reason = exc.strerror or str(exc)
-        return f"{exc.filename}: {reason}" if exc.filename else reason
-    return str(exc)
+        text = f"{exc.filename}: {reason}" if exc.filename else reason
+    else:
+        text = str(exc)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        text = f"rank {os.environ.get('RANK', '?')}: {text}"
+    return text
 
 
 def print_readers(info: dict) -> None:

@@ -43,7 +43,8 @@ def compress(
         progress=RichProgress(), output_format=output_format, layout=layout,
         budget=budget_of(bits, size, choices, kinds),
     )
-    render_summary(result.record, result.path)
+    if result.record:  # the other ranks of a torchrun leave the summary to rank 0
+        render_summary(result.record, result.path)
 
 
 def render_summary(record: dict, path: Path) -> None:

@@ -7,7 +7,13 @@
    interpreter of an environment with ``llmcompressor`` installed); target: at most half the peer's time;
 3. layer: one decoder layer with Mixtral-8x7B's real shapes and random weights, calibrated on
    random token ids (``--layer-samples`` x 512; 128 on a GPU, fewer on a CPU): seconds and peak
-   resident memory (target on a GPU: under 20 s per layer).
+   resident memory (target on a GPU: under 20 s per layer);
+4. parallel: two layers of a Mixtral shape (``mixtral-quarter`` on a CPU: a quarter of its widths;
+   ``mixtral-8x7b`` on GPUs) compressed by one process and by ``torchrun --nproc-per-node N``
+   (``--procs``, default 2; gloo with one thread each on a CPU, NCCL on GPUs): the time of the
+   experts' part (their Hessians, solve, packing and sharing) and of the whole command, their ratios (target for the
+   experts' part on 2 processes: at most 0.6x), the bytes sent between ranks per layer, and whether
+   the outputs are byte-identical.
 
 Prints each part and writes ``evals/results/gptq-<device>.json``.
 
@@ -17,6 +23,7 @@ Prints each part and writes ``evals/results/gptq-<device>.json``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -128,6 +135,42 @@ def part_layer(samples: int, seqlen: int, device: str, expert_batch: int, workdi
     return result
 
 
+def part_parallel(procs: int, samples: int, device: str, workdir: Path, shape: str) -> dict:
+    bench_memory = _load("bench_memory")
+    src = workdir / f"{shape}-2l"
+    if not (src / "config.json").is_file():
+        bench_memory.build(src, shape, 2)
+    args = ["compress", str(src), "--calib", "random", "--samples", str(samples), "--seqlen", "512",
+            "--device", device, "--overwrite"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for n in (1, procs):
+        out = workdir / f"out-{n}"
+        launcher = [sys.executable, "-m", "moequant"] if n == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), "-m", "moequant"]
+        t0 = time.perf_counter()
+        done = subprocess.run([*launcher, *args, "-o", str(out)], env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"{n} processes failed:\n{done.stderr[-2000:]}")
+        record = json.loads((out / "moequant.json").read_text())
+        phases = record["timing"]["layer_phases_s"]
+        runs[n] = {"command_s": round(time.perf_counter() - t0, 2),
+                   "experts_s": round(sum(record["timing"]["layer_experts_s"]), 2),
+                   "layer_phases_s": phases,
+                   "shared_bytes_per_layer": [r.get("shared_bytes", 0) for r in record["layers"]],
+                   "hashes": {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in out.glob("*.safetensors")}}
+    one, many = runs[1], runs[procs]
+    result = {"shape": shape, "procs": procs, "samples": samples, "seqlen": 512, "device": device,
+              "experts_ratio": round(many["experts_s"] / one["experts_s"], 3),
+              "command_ratio": round(many["command_s"] / one["command_s"], 3),
+              "identical": one["hashes"] == many["hashes"], "target": "experts_ratio <= 0.6 on 2 processes",
+              **{f"procs_{n}": {k: v for k, v in r.items() if k != "hashes"} for n, r in runs.items()}}
+    print(f"parallel: experts' part {one['experts_s']:.1f} s on 1 process, {many['experts_s']:.1f} s on {procs} "
+          f"(ratio {result['experts_ratio']}), whole command ratio {result['command_ratio']}, "
+          f"{many['shared_bytes_per_layer']} bytes shared per layer, identical output: {result['identical']}")
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="solver,peer,layer")
@@ -140,6 +183,7 @@ def main() -> None:
     ap.add_argument("--expert-batch", type=int, default=0, help="default: 8 on CUDA, 2 on CPU")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "moequant-bench-gptq")
     ap.add_argument("--shape", default="mixtral-8x7b", help="layer shape: mixtral-8x7b or qwen3-30b-a3b")
+    ap.add_argument("--procs", type=int, default=2, help="processes of the parallel part")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     parts = set(args.parts.split(","))
@@ -154,6 +198,11 @@ def main() -> None:
         key = "layer" if args.shape == "mixtral-8x7b" else f"layer-{args.shape}"
         report[key] = part_layer(args.layer_samples or (128 if cuda else 8), 512, args.device,
                                  args.expert_batch or (8 if cuda else 2), args.workdir, args.shape)
+        shutil.rmtree(args.workdir, ignore_errors=True)
+    if "parallel" in parts:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        report["parallel"] = part_parallel(args.procs, args.layer_samples or (128 if cuda else 16), args.device,
+                                           args.workdir, "mixtral-8x7b" if cuda else "mixtral-quarter")
         shutil.rmtree(args.workdir, ignore_errors=True)
     RESULTS.mkdir(exist_ok=True)
     dest = RESULTS / f"gptq-{'cuda' if cuda else 'cpu'}.json"

@@ -39,6 +39,11 @@ SHAPES = {
         "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
         "norm_topk_prob": True, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
     },
+    "mixtral-quarter": {  # Mixtral-8x7B with a quarter of its widths: expert-parallel timing on a CPU
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 1024,
+        "intermediate_size": 3584, "num_attention_heads": 8, "num_key_value_heads": 2, "num_local_experts": 8,
+        "num_experts_per_tok": 2, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+    },
 }
 
 

@@ -12,6 +12,7 @@ import torch
 from moequant.arch.base import Architecture, WeightGetter
 from moequant.checkpoint.output_form import OutputForm
 from moequant.checkpoint.reader import CheckpointReader
+from moequant.compression.parallel import Group
 from moequant.progress import Progress
 from moequant.quant.types import QuantSpec
 from moequant.recipe import Recipe
@@ -45,7 +46,9 @@ class Job:
     """One compression run's settings: the source, its family, the recipe and the spec of every module.
 
     ``windows`` is the number of calibration windows per forward chunk; ``expert_batch`` the
-    number of experts read and solved together; ``form`` how the output is stored.
+    number of experts read and solved together; ``form`` how the output is stored; ``group`` this
+    process's place among the ranks of an expert-parallel run; ``unread`` the weights the current
+    layer leaves to other ranks (read as uninitialised placeholders of their shape).
     """
 
     reader: CheckpointReader
@@ -57,6 +60,8 @@ class Job:
     windows: int
     expert_batch: int
     form: OutputForm = field(default_factory=OutputForm)
+    group: Group = field(default_factory=Group)
+    unread: set[str] = field(default_factory=set)
     phases: Phases = field(init=False)
 
     def __post_init__(self) -> None:
@@ -66,6 +71,8 @@ class Job:
         """``get(name)``: a source tensor in float32 on the job's device, refused if not finite (timed as read)."""
 
         def get(name: str) -> torch.Tensor:
+            if name in self.unread:
+                return torch.empty(self.reader.shape(name), dtype=torch.float32, device=self.device)
             with self.phases("read"):
                 return self.reader.get(name, dtype=torch.float32, device=self.device, check_finite=True)
 

@@ -18,6 +18,7 @@ import torch
 from moequant.arch.base import QUANTISABLE_KINDS, Chunking, ExpertWeights, LayerObserver
 from moequant.compression.experts import Routing, solve_experts
 from moequant.compression.job import Job
+from moequant.compression.parallel import deal, expert_cost, gather_records, share_experts
 from moequant.compression.record import Record, module_record
 from moequant.compression.solve import solve_modules
 from moequant.quant.hessian import HessianAccumulator
@@ -33,6 +34,9 @@ class Calibrator(LayerObserver):
     def __init__(self, job: Job, record: Record, layer: int, tensors: dict[str, torch.Tensor]) -> None:
         self.job, self.record, self.layer, self.tensors = job, record, layer, tensors
         self.routing: Routing | None = None
+        self.owner: dict[int, int] = {}  # the rank that solves each expert, in an expert-parallel run
+        self.shared_bytes = 0
+        self.experts_s = 0.0  # wall time of solving (and sharing) the experts
 
     def stage(self, name: str) -> None:
         self.job.progress.stage(self.layer, name)
@@ -50,20 +54,59 @@ class Calibrator(LayerObserver):
                 for name, w in zip(names, weights, strict=True)]
 
     def routed(self, h: torch.Tensor, probs: torch.Tensor, top_ids: torch.Tensor, top_w: torch.Tensor) -> None:
-        c = self.job.arch.config
+        job, c = self.job, self.job.arch.config
         counts = torch.bincount(top_ids.flatten(), minlength=c.num_experts).tolist()
-        starved = [e for e in range(c.num_experts) if counts[e] < self.job.recipe.min_tokens]
+        starved = [e for e in range(c.num_experts) if counts[e] < job.recipe.min_tokens]
         self.routing = Routing(h, probs, top_ids, top_w, counts, starved)
+        if job.group.world > 1:
+            rows = {e: counts[e] + (h.shape[0] if e in starved and job.recipe.expert_calibration != "routed" else 0)
+                    for e in range(c.num_experts)}
+            self.owner = deal({e: expert_cost(r, c.hidden_size, c.intermediate_size) for e, r in rows.items()},
+                              job.group.world)
+            job.unread = {job.arch.expert_name(self.layer, e, role) + ".weight" for e, rank in self.owner.items()
+                          if rank != job.group.rank for role in ("w1", "w3", "w2")
+                          if job.specs[job.arch.expert_name(self.layer, e, role)] is not None}
 
     def experts(self, experts: dict[int, ExpertWeights]) -> None:
-        solve_experts(self.job, self.record, self.layer, experts, self.routing, self.tensors)
+        started = time.perf_counter()
+        self._experts(experts)
+        self.experts_s += time.perf_counter() - started
+
+    def _experts(self, experts: dict[int, ExpertWeights]) -> None:
+        job = self.job
+        if job.group.world == 1:
+            solve_experts(job, self.record, self.layer, experts, self.routing, self.tensors)
+            return
+        mine = {e: w for e, w in experts.items() if self.owner[e] == job.group.rank}
+        if mine:
+            solve_experts(job, self.record, self.layer, mine, self.routing, self.tensors)
+        names = {e: {role: job.arch.expert_name(self.layer, e, role) for role in ("w1", "w3", "w2")} for e in experts}
+        shapes = {i.name: (i.out_features, i.in_features) for i in job.arch.layer_linears(self.layer)}
+        with job.phases("share"):
+            dequantised, sent = share_experts(job.group, {e: self.owner[e] for e in experts}, names, job.specs,
+                                              shapes, self.tensors)
+            self.shared_bytes += sent
+            solved = [n for e in mine for n in names[e].values()]
+            self.record.modules.update(gather_records(job.group, {n: self.record.modules[n] for n in solved}))
+        for e, w in experts.items():
+            if e in mine:
+                continue
+            for role, name in names[e].items():
+                if name in dequantised:
+                    setattr(w, role, dequantised[name].to(job.device))
+                else:  # kept 16-bit: as read
+                    self.tensors[name + ".weight"] = job.reader.get(name + ".weight")
 
     def layer_record(self) -> dict:
         r = self.routing
         if r is None:
             return {"layer": self.layer, "dense": True}
-        return {"layer": self.layer, "routing_histogram": r.counts, "starved_experts": r.starved,
-                "calibration_policy": self.job.recipe.expert_calibration if r.starved else "routed"}
+        out = {"layer": self.layer, "routing_histogram": r.counts, "starved_experts": r.starved,
+               "calibration_policy": self.job.recipe.expert_calibration if r.starved else "routed",
+               "experts_s": round(self.experts_s, 3)}
+        if self.job.group.world > 1:
+            out["shared_bytes"] = self.shared_bytes
+        return out
 
 
 def calibrated_layer(job: Job, record: Record, layer: int, x: torch.Tensor) -> tuple[dict, dict]:
@@ -72,6 +115,7 @@ def calibrated_layer(job: Job, record: Record, layer: int, x: torch.Tensor) -> t
     Returns the layer's tensors as they are written, and its record.
     """
     a = job.arch
+    job.unread = set()
     with job.phases("read"):
         tensors = passthrough(job, layer)
     cos, sin = a.rotary(x.shape[1], job.device)

@@ -18,7 +18,7 @@ RECORD_FILE = "moequant.json"
 RECIPE_FILE = "recipe.yaml"
 COPY_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
-_TIMING_KEYS = ("time_s", "phases_s")
+_TIMING_KEYS = ("time_s", "phases_s", "experts_s")
 
 
 @dataclass
@@ -105,7 +105,8 @@ def finish_record(job: Job, record: Record, source: Path, calib_info: dict | Non
         "modules": dict(sorted(modules.items(), key=lambda kv: _natural(kv[0]))),
         "timing": {"total_s": round(total_s, 3), "device": str(job.device),
                    "layers_s": [r.get("time_s") for r in record.layers],
-                   "layer_phases_s": [r.get("phases_s") for r in record.layers]},
+                   "layer_phases_s": [r.get("phases_s") for r in record.layers],
+                   "layer_experts_s": [r.get("experts_s") for r in record.layers]},
     }
 
 

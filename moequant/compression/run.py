@@ -29,6 +29,7 @@ from moequant.checkpoint.writer import (
     partial_dir_for,
     recover_output,
 )
+from moequant.compression import parallel
 from moequant.compression.calibration import CalibSettings, calibration_ids, windows_per_chunk
 from moequant.compression.job import Job
 from moequant.compression.layer import calibrated_layer, global_tensors, rounded_layer
@@ -57,10 +58,12 @@ class CompressResult:
 
 
 def _holding_output_lock(fn):
-    """Run ``fn(model, out, ...)`` holding the lock on writing ``out``."""
+    """Run ``fn(model, out, ...)`` holding the lock on writing ``out`` (rank 0 of an expert-parallel run)."""
 
     @functools.wraps(fn)
     def locked(model, out, *args, **kwargs):
+        if not parallel.current().leader:
+            return fn(model, out, *args, **kwargs)
         with output_lock(Path(out).expanduser().resolve()):
             return fn(model, out, *args, **kwargs)
 
@@ -102,8 +105,12 @@ def compress(
         layout: the module names written (the family's ``layouts``; None: its first, the one vLLM reads).
         budget: plan the widths of ``recipe``'s modules to fit it first (:func:`moequant.budget.make_plan`);
             the plan is written beside the recipe as ``plan.yaml``, and a resumed run replays it.
+
+    Under ``torchrun`` each rank solves its share of every layer's experts and rank 0 writes the
+    output (:mod:`moequant.compression.parallel`); the result is that of one process.
     """
-    progress = progress or Progress()
+    group = parallel.current()
+    progress = (progress or Progress()) if group.leader else Progress()
     calib = calib or CalibSettings()
     map_large_blocks()
     if method is not None and method not in ("gptq", "rtn"):
@@ -112,22 +119,23 @@ def compress(
     started = time.perf_counter()
     source = resolve_source(model)
     out_path = Path(out).expanduser().resolve()
-    note = recover_output(out_path)
-    if note:
-        progress.note(note)
-    check_output(out_path, source, overwrite, resume)
     partial = partial_dir_for(out_path)
-    if partial.exists() and not resume and not overwrite:
-        raise MoequantError(
-            f"a partial run of {out_path} exists at {partial}; pass --resume to continue it or --overwrite to start over"
-        )
+    if group.leader:
+        note = recover_output(out_path)
+        if note:
+            progress.note(note)
+        check_output(out_path, source, overwrite, resume)
+        if partial.exists() and not resume and not overwrite:
+            raise MoequantError(f"a partial run of {out_path} exists at {partial}; pass --resume to continue it or "
+                                "--overwrite to start over")
+    group.barrier()
     reader = CheckpointReader(source, allow_pickle=allow_pickle)
     if reader.config.get("quantization_config"):
         raise MoequantError(f"{source} is already quantised; compress the original 16-bit checkpoint")
     arch = adapter_for(reader.config)
     check_tensors(reader, arch)
     recipe_obj = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    dev = resolve_device(device)
+    dev = group.device(resolve_device(device))
     budget_plan = None
     if budget is not None:
         from moequant.budget.plan import PLAN_FILE, check_size, plan_run  # the planner builds on compression
@@ -150,11 +158,12 @@ def compress(
         ids, calib_info = calibration_ids(source, calib, arch, progress)
         check_token_ids(ids, reader.shape(arch.embed_name)[0], arch.embed_name)
         hidden = reader.get(arch.embed_name, dtype=torch.float32, device=dev)[ids.to(dev)]
-    writer = CheckpointWriter(out_path, shard_keys, fresh=state is None)
-    if budget_plan is not None:
+    group.barrier()  # every rank has read the resume state before rank 0 starts a fresh one
+    writer = CheckpointWriter(out_path, shard_keys, fresh=state is None) if group.leader else None
+    if budget_plan is not None and writer is not None:
         budget_plan.save(writer.resume_dir)
     job = Job(reader, arch, recipe_obj, specs, dev, progress, windows=windows_per_chunk(calib, arch),
-              expert_batch=expert_batch or arch.config.num_experts, form=form)
+              expert_batch=expert_batch or arch.config.num_experts, form=form, group=group)
     record = Record()
     if state is not None:
         start_layer = state["completed_layers"]
@@ -177,20 +186,25 @@ def compress(
             layer_record["time_s"] = round(time.perf_counter() - t0, 3)
             if job.phases.seconds:
                 layer_record["phases_s"] = {name: round(sec, 3) for name, sec in job.phases.seconds.items()}
-            writer.write_shard(layer_key(layer), stored_tensors(form, arch, specs, tensors))
+            if writer is not None:
+                writer.write_shard(layer_key(layer), stored_tensors(form, arch, specs, tensors))
             del tensors  # not held while the next layer is computed
             record.layers.append(layer_record)
-            save_state(writer, run_fingerprint, layer + 1, record, calib_info, hidden)
+            if writer is not None:
+                save_state(writer, run_fingerprint, layer + 1, record, calib_info, hidden)
             release_freed_memory()
             progress.advance(layer, layer_record)
     except BaseException:
-        if not record.layers:  # nothing worth resuming: leave no partial folder behind
+        if writer is not None and not record.layers:  # nothing worth resuming: leave no partial folder behind
             shutil.rmtree(writer.resume_dir, ignore_errors=True)
             shutil.rmtree(partial, ignore_errors=True)
         raise
     finally:
         progress.end()
 
+    if writer is None:  # the other ranks' part is done; rank 0 writes the rest
+        group.barrier()
+        return CompressResult(path=out_path, record={})
     writer.write_shard(_GLOBALS_KEY, stored_tensors(form, arch, specs, global_tensors(job, record, hidden)))
     out_bytes = sum(writer.shard_path(k).stat().st_size for k in shard_keys)
     result = finish_record(job, record, source, calib_info, method, out_bytes, time.perf_counter() - started)
@@ -201,4 +215,5 @@ def compress(
     if budget is not None and budget.size is not None:
         check_size(writer.partial, budget.size)
     final = writer.finish(overwrite=overwrite)
+    group.barrier()
     return CompressResult(path=final, record=result)

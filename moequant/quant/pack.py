@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moequant.packed.bitstream import pack_qweight, pack_qzeros
+from moequant.packed.bitstream import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
 from moequant.packed.shapes import check_packable
 from moequant.quant.types import QuantResult
 
@@ -43,3 +43,12 @@ def pack_result(result: QuantResult, bits: int) -> dict[str, torch.Tensor]:
         "scales": result.scales.to(torch.float16).contiguous(),
         "g_idx": g_idx.to(torch.int32).expand(*lead, k).contiguous(),
     }
+
+
+def unpack_result(packed: dict[str, torch.Tensor], bits: int) -> QuantResult:
+    """The codes, scales, zeros and ``g_idx`` that :func:`pack_result` packed (``[..., N, K]`` codes; no error):
+    its :meth:`~QuantResult.dequantize` gives the solver's weights bit for bit."""
+    return QuantResult(codes=unpack_qweight(packed["qweight"], bits).transpose(-1, -2).contiguous(),
+                       scales=packed["scales"], zeros=unpack_qzeros(packed["qzeros"], bits), g_idx=packed["g_idx"],
+                       error=torch.zeros(()))
+
