@@ -20,12 +20,10 @@ from pathlib import Path
 import torch
 
 from moequant.arch.base import QUANTISABLE_KINDS, Architecture, LinearInfo
-from moequant.arch.registry import adapter_for
 from moequant.budget import knapsack
 from moequant.budget.costs import WINDOW_TOKENS, measure_costs
 from moequant.budget.sizes import fixed_bytes, linears, plan_text_bytes
 from moequant.calib import check_token_ids
-from moequant.checkpoint.against_config import check_tensors
 from moequant.checkpoint.compressed_tensors import CT_BITS
 from moequant.checkpoint.output_form import OutputForm, module_bytes, output_form
 from moequant.checkpoint.reader import CheckpointReader, resolve_source
@@ -33,11 +31,11 @@ from moequant.checkpoint.writer import resume_dir_for, write_json_atomic, writin
 from moequant.compression.calibration import CalibSettings, calibration_ids, windows_per_chunk
 from moequant.compression.job import Job
 from moequant.compression.plan import plan as recipe_specs
+from moequant.compression.run import open_original
 from moequant.device import resolve_device
 from moequant.errors import MoequantError
 from moequant.packed.widths import BITS
 from moequant.progress import Progress
-from moequant.quant.types import QuantSpec
 from moequant.recipe import Recipe, Rule, load_recipe, parse_recipe
 
 PLAN_FILE = "plan.yaml"
@@ -114,14 +112,14 @@ def saved_plan(resume_dir: Path, key: str) -> Plan | None:
 
 
 def plan_run(out: Path, reader: CheckpointReader, arch: Architecture, base: Recipe, budget: Budget, form: OutputForm,
-             calib: CalibSettings, device: torch.device, progress: Progress, resume: bool) -> Plan:
+             calib: CalibSettings, device: torch.device, progress: Progress, resume: bool, expert_batch: int = 0) -> Plan:
     """The plan of a compression run into ``out``: the one its interrupted run saved when resuming, else a new one."""
     key = plan_key(reader, base, budget, calib, form)
     saved = saved_plan(resume_dir_for(out), key) if resume else None
     if saved is not None:
         progress.note("replaying the plan of the interrupted run")
         return saved
-    return make_plan(reader, arch, base, budget, form, calib, device, progress)
+    return make_plan(reader, arch, base, budget, form, calib, device, progress, expert_batch)
 
 
 def check_size(folder: Path, size: int) -> None:
@@ -138,9 +136,10 @@ def plan_key(reader: CheckpointReader, base: Recipe, budget: Budget, calib: Cali
 
 
 def make_plan(reader: CheckpointReader, arch: Architecture, base: Recipe, budget: Budget, form: OutputForm,
-              calib: CalibSettings, device: torch.device, progress: Progress | None = None) -> Plan:
+              calib: CalibSettings, device: torch.device, progress: Progress | None = None,
+              expert_batch: int = 0) -> Plan:
     """The recipe that fits ``budget`` at the least measured cost, from ``base`` (its settings, and the width of
-    every module it quantises but does not plan)."""
+    every module it quantises but does not plan); ``expert_batch`` experts are read at a time (0: a layer's)."""
     progress = progress or Progress()
     started = time.perf_counter()
     base_specs = recipe_specs(arch, base)
@@ -167,7 +166,8 @@ def make_plan(reader: CheckpointReader, arch: Architecture, base: Recipe, budget
         capacity = budget.size - fixed
     _check_reachable(budget, items_size, capacity, fixed, len(names))
 
-    job = _measuring_job(reader, arch, base, base_specs, device, progress, calib)
+    job = Job(reader, arch, base, base_specs, device, progress, windows=windows_per_chunk(calib, arch),
+              expert_batch=expert_batch or arch.config.num_experts)
     ids, calib_info = calibration_ids(reader.path, calib, arch, progress)
     check_token_ids(ids, reader.shape(arch.embed_name)[0], arch.embed_name)
     ids = ids[:max(1, WINDOW_TOKENS // ids.shape[1])]
@@ -185,12 +185,6 @@ def make_plan(reader: CheckpointReader, arch: Architecture, base: Recipe, budget
     summary = _summary(budget, base, chosen, infos, solution, fixed, calib_info, time.perf_counter() - started)
     text = _comment_block(reader, budget, summary, costs, chosen) + recipe.to_yaml()
     return Plan(recipe, text, summary, plan_key(reader, base, budget, calib, form))
-
-
-def _measuring_job(reader: CheckpointReader, arch: Architecture, base: Recipe, specs: dict[str, QuantSpec | None],
-                   device: torch.device, progress: Progress, calib: CalibSettings) -> Job:
-    return Job(reader, arch, base, specs, device, progress, windows=windows_per_chunk(calib, arch),
-               expert_batch=arch.config.num_experts)
 
 
 def _check_reachable(budget: Budget, items: Sequence[Sequence[int]], capacity: int, fixed: int, count: int) -> None:
@@ -279,12 +273,7 @@ def plan_model(model: str | Path, budget: Budget, recipe: str | Path | Recipe = 
                layout: str | None = None, allow_pickle: bool = False, progress: Progress | None = None) -> Plan:
     """The plan of the checkpoint ``model`` (folder or hub id) for ``budget``, from ``recipe``; sizes are those of
     ``output_format`` and ``layout``."""
-    source = resolve_source(model)
-    reader = CheckpointReader(source, allow_pickle=allow_pickle)
-    if reader.config.get("quantization_config"):
-        raise MoequantError(f"{source} is already quantised; plan from the original 16-bit checkpoint")
-    arch = adapter_for(reader.config)
-    check_tensors(reader, arch)
+    reader, arch = open_original(resolve_source(model), allow_pickle)
     base = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     form = output_form(arch, output_format, layout)
     return make_plan(reader, arch, base, budget, form, calib or CalibSettings(), resolve_device(device), progress)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moequant.arch.base import Architecture
 from moequant.arch.registry import adapter_for
 from moequant.calib import check_token_ids
 from moequant.checkpoint.against_config import check_tensors
@@ -55,6 +56,16 @@ class CompressResult:
 
     path: Path
     record: dict
+
+
+def open_original(source: Path, allow_pickle: bool = False) -> tuple[CheckpointReader, Architecture]:
+    """The 16-bit checkpoint at ``source``, read and checked against its config, and its family."""
+    reader = CheckpointReader(source, allow_pickle=allow_pickle)
+    if reader.config.get("quantization_config"):
+        raise MoequantError(f"{source} is already quantised; start from the original 16-bit checkpoint")
+    arch = adapter_for(reader.config)
+    check_tensors(reader, arch)
+    return reader, arch
 
 
 def _holding_output_lock(fn):
@@ -129,11 +140,7 @@ def compress(
             raise MoequantError(f"a partial run of {out_path} exists at {partial}; pass --resume to continue it or "
                                 "--overwrite to start over")
     group.barrier()
-    reader = CheckpointReader(source, allow_pickle=allow_pickle)
-    if reader.config.get("quantization_config"):
-        raise MoequantError(f"{source} is already quantised; compress the original 16-bit checkpoint")
-    arch = adapter_for(reader.config)
-    check_tensors(reader, arch)
+    reader, arch = open_original(source, allow_pickle)
     recipe_obj = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     dev = group.device(resolve_device(device))
     budget_plan = None
@@ -141,7 +148,7 @@ def compress(
         from moequant.budget.plan import PLAN_FILE, check_size, plan_run  # the planner builds on compression
 
         budget_plan = plan_run(out_path, reader, arch, recipe_obj, budget, output_form(arch, output_format, layout),
-                               calib, dev, progress, resume)
+                               calib, dev, progress, resume, expert_batch)
         recipe_obj = budget_plan.recipe
     specs = plan(arch, recipe_obj, method)
     form = output_form(arch, output_format, layout, specs)
