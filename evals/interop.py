@@ -193,13 +193,18 @@ def family_rows(python: Path, work: Path) -> list[dict]:
                      calib=CalibSettings(source="random", samples=16, seqlen=64))
             row = {"recipe": "a4e4", "family": label, "format": fmt, "layout": layout, "reader": reader,
                    "dtype": dtype}
-            logits = work / f"{out.name}-{reader}.safetensors"
-            row.update(run_reader(python, reader, out, work / "family-ids.safetensors", logits, dtype))
-            if "error" not in row:
-                row.update(compare(load_file(str(logits))["logits"], moequant_logits(out, ids, getattr(torch, dtype))))
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            rows.append(read_and_compare(python, row, out, ids, work / "family-ids.safetensors"))
     return rows
+
+
+def read_and_compare(python: Path, row: dict, out: Path, ids: torch.Tensor, ids_file: Path) -> dict:
+    """``row`` (its reader and dtype) with what the reader made of ``out`` on ``ids`` against moequant's logits."""
+    logits = out.parent / f"{out.name}-{row['reader']}.safetensors"
+    row.update(run_reader(python, row["reader"], out, ids_file, logits, row["dtype"]))
+    if "error" not in row:
+        row.update(compare(load_file(str(logits))["logits"], moequant_logits(out, ids, getattr(torch, row["dtype"]))))
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def plan_rows(python: Path, bundled: Path, ids: torch.Tensor, work: Path) -> list[dict]:
@@ -218,12 +223,7 @@ def plan_rows(python: Path, bundled: Path, ids: torch.Tensor, work: Path) -> lis
         for reader, dtype in readers:
             row = {"recipe": "plan --bits 3 --choices 2,4 --kinds expert", "format": fmt, "layout": layout,
                    "reader": reader, "dtype": dtype}
-            logits_file = work / f"{out.name}-{reader}.safetensors"
-            row.update(run_reader(python, reader, out, work / "ids.safetensors", logits_file, dtype))
-            if "error" not in row:
-                row.update(compare(load_file(str(logits_file))["logits"], moequant_logits(out, ids, getattr(torch, dtype))))
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            rows.append(read_and_compare(python, row, out, ids, work / "ids.safetensors"))
     return rows
 
 
