@@ -194,22 +194,36 @@ def table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(description: str, seeds: bool = True) -> argparse.Namespace:
+    """The options this bench shares with ``budget_oracle.py``."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--budgets", default="2.25,2.5,2.75,3.0")
-    ap.add_argument("--seeds", default="0,1,2")
+    if seeds:
+        ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--no-readme", action="store_true")
-    args = ap.parse_args()
-    calib = CalibSettings(samples=args.samples, seqlen=args.seqlen)
-    tables = []
-    for name in args.models.split(","):
+    return ap.parse_args()
+
+
+def models(names: str) -> list[tuple[str, Path]]:
+    """The models named (comma-separated), each checked to be there."""
+    out = []
+    for name in names.split(","):
         model = MODELS[name]
         if not (model / "config.json").is_file():
             sys.exit(f"{model} is missing; make it with: python evals/train_bundled.py --family qwen3_moe")
+        out.append((name, model))
+    return out
+
+
+def main() -> None:
+    args = arguments(__doc__.splitlines()[0])
+    calib = CalibSettings(samples=args.samples, seqlen=args.seqlen)
+    tables = []
+    for name, model in models(args.models):
         with tempfile.TemporaryDirectory() as work:
             rows = study(name, model, [float(b) for b in args.budgets.split(",")],
                          [int(s) for s in args.seeds.split(",")], calib, args.max_windows, Path(work))

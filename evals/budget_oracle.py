@@ -16,7 +16,6 @@ the table in ``README.md``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -26,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from evals.bench_budget import BASE, MODELS, RESULTS, run  # noqa: E402
+from evals.bench_budget import BASE, RESULTS, arguments, models, run  # noqa: E402
 from evals.run_matrix import replace_block  # noqa: E402
 from moequant.arch.registry import adapter_for  # noqa: E402
 from moequant.budget import knapsack  # noqa: E402
@@ -98,20 +97,10 @@ def table(rows: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--budgets", default="2.25,2.5,2.75,3.0")
-    ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--seqlen", type=int, default=128)
-    ap.add_argument("--max-windows", type=int, default=None)
-    ap.add_argument("--no-readme", action="store_true")
-    args = ap.parse_args()
+    args = arguments(__doc__.splitlines()[0], seeds=False)
     calib = CalibSettings(samples=args.samples, seqlen=args.seqlen)
     tables = []
-    for name in args.models.split(","):
-        model = MODELS[name]
-        if not (model / "config.json").is_file():
-            sys.exit(f"{model} is missing; make it with: python evals/train_bundled.py --family qwen3_moe")
+    for name, model in models(args.models):
         with tempfile.TemporaryDirectory() as work:
             rows = study(name, model, [float(b) for b in args.budgets.split(",")], calib, args.max_windows, Path(work))
         (RESULTS / f"budget-oracle-{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
