@@ -219,6 +219,12 @@ def models(names: str) -> list[tuple[str, Path]]:
     return out
 
 
+def into_readme(begin: str, end: str, tables: list[str]) -> None:
+    """Replace the block between ``begin`` and ``end`` of ``README.md`` with ``tables``."""
+    readme = HERE / "README.md"
+    readme.write_text(replace_block(readme.read_text(), begin, end, "\n\n".join(tables)))
+
+
 def main() -> None:
     args = arguments(__doc__.splitlines()[0])
     calib = CalibSettings(samples=args.samples, seqlen=args.seqlen)
@@ -232,8 +238,7 @@ def main() -> None:
         print(json.dumps(rows["checks"], indent=2))
         tables.append(table(rows))
     if not args.no_readme:
-        readme = HERE / "README.md"
-        readme.write_text(replace_block(readme.read_text(), BEGIN, END, "\n\n".join(tables)))
+        into_readme(BEGIN, END, tables)
 
 
 if __name__ == "__main__":

@@ -25,15 +25,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from evals.bench_budget import BASE, RESULTS, arguments, models, run  # noqa: E402
-from evals.run_matrix import replace_block  # noqa: E402
+from evals.bench_budget import BASE, RESULTS, arguments, into_readme, models, run  # noqa: E402
 from moequant.arch.registry import adapter_for  # noqa: E402
 from moequant.budget import knapsack  # noqa: E402
 from moequant.checkpoint.reader import CheckpointReader  # noqa: E402
 from moequant.compression import CalibSettings  # noqa: E402
 from moequant.recipe import Recipe, Rule, load_recipe  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- budget-oracle:begin -->", "<!-- budget-oracle:end -->"
 WIDTHS = (2, 3, 4)
 ROLE_NAMES = {"w1": "gate", "w3": "up", "w2": "down"}
@@ -106,8 +104,7 @@ def main() -> None:
         (RESULTS / f"budget-oracle-{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
         tables.append(table(rows))
     if not args.no_readme:
-        readme = HERE / "README.md"
-        readme.write_text(replace_block(readme.read_text(), BEGIN, END, "\n\n".join(tables)))
+        into_readme(BEGIN, END, tables)
 
 
 if __name__ == "__main__":
