@@ -6,9 +6,9 @@ bits as in a4e3, every other expert kept 16-bit), by GPTQ on the same calibratio
 evaluated against the original; the group's cost at a width is that KL less the KL of attention
 alone. The multiple-choice knapsack over the groups (the solver ``moequant plan`` uses) then
 chooses one width per group for each average expert width of ``bench_budget.py``, and each
-choice is compressed and evaluated like the plans there. It says what any cost estimate, ranking
-groups as well as their measured quality does, can reach; it costs a compress run per group and
-width, so it is a yardstick, not a way to plan. Writes ``results/budget-oracle-<name>.json`` and
+choice is compressed and evaluated like the plans there. This is the best a cost estimate can do
+when it knows each group's real cost; it takes a compress run per group and width, so it is a
+yardstick for estimates, not a way to plan. Writes ``results/budget-oracle-<name>.json`` and
 the table in ``README.md``.
 
     python evals/budget_oracle.py                 # both models, ~8 min on two CPU cores
@@ -81,8 +81,9 @@ def study(name: str, model: Path, budgets: list[float], calib: CalibSettings, wi
 def table(rows: dict) -> str:
     """The oracle's KL beside the plan's and the uniform a4e3's, from ``results/budget-<name>.json`` when present."""
     bench = RESULTS / f"budget-{rows['model']}.json"
-    plans = {b["bits"]: b for b in json.loads(bench.read_text())["budgets"]} if bench.is_file() else {}
-    uniform = json.loads(bench.read_text())["uniform"]["a4e3"]["kl"] if bench.is_file() else None
+    measured = json.loads(bench.read_text()) if bench.is_file() else {"budgets": [], "uniform": {}}
+    plans = {b["bits"]: b for b in measured["budgets"]}
+    uniform = measured["uniform"].get("a4e3", {}).get("kl")
     lines = [f"**{rows['model']}** (a4e3: KL {uniform:.5f})" if uniform is not None else f"**{rows['model']}**", "",
              "| expert bits | KL by measured groups | KL plan | widths by group (layer.role: bits) |",
              "|---|---|---|---|"]
