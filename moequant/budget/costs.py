@@ -1,42 +1,85 @@
 """What each candidate width would cost each module: measured layer by layer on the 16-bit model.
 
-The cost of module ``m`` at ``b`` bits is the error it adds to the residual stream when it alone
-is rounded to ``b`` bits (RTN on the recipe's grid), summed over the calibration tokens::
+The cost of module ``m`` at ``b`` bits is the error it alone adds to the model's output when
+rounded to ``b`` bits (RTN on the recipe's grid), times the part of it GPTQ would leave::
 
-    c_m(b) = sum_t g_t^2 ||y_t(Q_b(W_m)) - y_t(W_m)||^2
+    c_m(b) = rho_m(b) * sum_t g_t^2 ||D d_t||^2 / r_t^2,     d_t = y_t(Q_b(W_m)) - y_t(W_m)
 
 ``y_t`` is the output of the block that holds ``m`` (the attention block for q/k/v/o, the expert or
-MLP for gate/up/down) for token ``t`` and ``g_t`` the router's weight of the expert for that token
-(1 for attention and dense or shared MLPs), so an expert's cost counts how often and how strongly
-the router uses it, and every module's cost is in the one currency of the residual stream.
+MLP for gate/up/down) for token ``t``; ``g_t`` the router's weight of the expert for that token (1
+for attention and dense or shared MLPs), so an expert's cost counts how often and how strongly the
+router uses it. An error joins the residual stream and stays there to the final norm, which
+divides it by ``r_t`` (the root mean square of the token's last hidden state) before the
+unembedding ``W_U [V, H]`` reads it: ``D = (W_U - mean row) diag(w_norm)``, its rows centred
+because the softmax ignores what moves every logit alike, so errors in directions the output
+does not read cost little. ``rho_m(b)`` is GPTQ's expected error over rounding's
+(:mod:`moequant.budget.gain`) from the module's Hessian over its tokens, the error counted by
+``g_t^2`` over the token's mean square entering the layer (standing for ``r_t^2``, not known
+until the last layer); 1 for modules the recipe rounds.
+
 Experts routed fewer than the recipe's ``min_tokens`` also take every token weighted by the
 router's probability for them. The model runs on the first calibration windows, up to
-``WINDOW_TOKENS`` tokens (every layer sees the 16-bit model's hidden states), and each block's
-errors are measured on at most ``SAMPLE_TOKENS`` of its tokens, scaled to all of them.
+``WINDOW_TOKENS`` tokens (every layer sees the 16-bit model's hidden states); each block's errors
+are measured on at most ``SAMPLE_TOKENS`` of its tokens, scaled to all of them, and its Hessians
+take all of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from moequant.arch.base import Chunking, ExpertWeights, LayerObserver
+from moequant.budget.gain import gptq_factor, gptq_gain, shrunk, step_squares
 from moequant.compression.job import Job
 from moequant.quant.rtn import rtn
-from moequant.quant.types import QuantSpec
+from moequant.quant.types import QuantResult, QuantSpec
 
 SAMPLE_TOKENS = 512
 WINDOW_TOKENS = 8192
 _MLP_KINDS = ("dense_mlp", "shared_expert")
+_ROW_CHUNK = 8192
 
 
-def rounded(weight: torch.Tensor, spec: QuantSpec, bits: int) -> torch.Tensor:
-    """``weight [..., N, K]`` rounded to ``bits`` on ``spec``'s grid, dequantised (float32)."""
-    return rtn(weight, bits, spec.group_size, spec.sym, spec.clip_grid).dequantize()
+@dataclass
+class _Errors:
+    """The planned modules' errors as measured, read at the end: for each module the flat indices ``[t]`` of the
+    tokens it was measured on, its output-read errors ``[t]`` at each width, the tokens each stands for and
+    ``rho`` at each width."""
+
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)
+    errors: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    spread: dict[str, float] = field(default_factory=dict)
+    gain: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    def costs(self, last_hidden: torch.Tensor, eps: float) -> dict[str, dict[int, float]]:
+        """``c_m(b)`` from the model's last hidden states ``[S, L, H]`` (before the final norm)."""
+        ms = last_hidden.reshape(-1, last_hidden.shape[-1]).float().pow(2).mean(-1) + eps
+        return {name: {b: self.gain.get(name, {}).get(b, 1.0) * self.spread[name]
+                       * float((err / ms[self.tokens[name]]).sum()) for b, err in by_width.items()}
+                for name, by_width in self.errors.items()}
+
+
+def rounded(weight: torch.Tensor, spec: QuantSpec, bits: int) -> QuantResult:
+    """``weight [..., N, K]`` rounded to ``bits`` on ``spec``'s grid."""
+    return rtn(weight, bits, spec.group_size, spec.sym, spec.clip_grid)
+
+
+def output_reader(job: Job) -> torch.Tensor:
+    """``D^T D [H, H]``: how the unembedding reads an error of the final norm's output, rows of ``W_U`` centred."""
+    arch, reader = job.arch, job.reader
+    norm = reader.get(arch.final_norm_name, dtype=torch.float32, device=job.device)
+    unembed = reader.get(arch.lm_head_name, dtype=torch.float32, device=job.device)
+    mean = unembed.mean(0)
+    gram = torch.zeros(norm.numel(), norm.numel(), dtype=torch.float32, device=job.device)
+    for start in range(0, unembed.shape[0], _ROW_CHUNK):
+        rows = (unembed[start:start + _ROW_CHUNK] - mean) * norm
+        gram += rows.T @ rows
+    return gram
 
 
 def measure_costs(job: Job, hidden: torch.Tensor, planned: dict[str, QuantSpec], widths: Iterable[int],
@@ -47,20 +90,27 @@ def measure_costs(job: Job, hidden: torch.Tensor, planned: dict[str, QuantSpec],
     layer's output in turn (in place).
     """
     arch, widths = job.arch, tuple(widths)
-    costs: dict[str, dict[int, float]] = {}
+    found = _Errors()
+    read = output_reader(job)
     cos, sin = arch.rotary(hidden.shape[1], job.device)
     n_layers = arch.config.num_layers
     job.progress.begin(n_layers, "measuring widths")
     try:
         for layer in range(n_layers):
             job.progress.stage(layer, "attention")
-            _attention_costs(job, layer, hidden, cos, sin, planned, widths, sample_tokens, costs)
-            meter = _Meter(job, layer, planned, widths, sample_tokens, costs)
+            _attention_costs(job, layer, hidden, cos, sin, planned, widths, sample_tokens, read, found)
+            entering = hidden.reshape(-1, hidden.shape[-1]).pow(2).mean(-1) + arch.config.rms_norm_eps
+            meter = _Meter(job, layer, planned, widths, sample_tokens, read, found, entering)
             arch.layer_forward(hidden, layer, job.weights(), cos, sin, Chunking(job.windows), job.expert_batch, meter)
             job.progress.advance(layer)
     finally:
         job.progress.end()
-    return costs
+    return found.costs(hidden, arch.config.rms_norm_eps)
+
+
+def _read_errors(diff: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+    """``||D d_t||^2 [t]`` for ``diff [t, H]``."""
+    return ((diff @ read) * diff).sum(-1)
 
 
 class _Swap(LayerObserver):
@@ -73,12 +123,13 @@ class _Swap(LayerObserver):
 
     def shared_input(self, names: list[str], weights: list[torch.Tensor],
                      inputs: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-        return [rounded(w, *self.swaps[n]) if n in self.swaps else w for n, w in zip(names, weights, strict=True)]
+        return [rounded(w, *self.swaps[n]).dequantize() if n in self.swaps else w
+                for n, w in zip(names, weights, strict=True)]
 
 
 def _attention_costs(job: Job, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      planned: dict[str, QuantSpec], widths: tuple[int, ...], sample_tokens: int,
-                     costs: dict[str, dict[int, float]]) -> None:
+                     read: torch.Tensor, found: _Errors) -> None:
     """Each planned attention linear of ``layer`` rounded alone: the change of the attention block's output on
     the first windows of ``hidden [S, L, H]``, scaled to all windows."""
     arch = job.arch
@@ -97,32 +148,37 @@ def _attention_costs(job: Job, layer: int, hidden: torch.Tensor, cos: torch.Tens
 
     with job.phases("measure"):
         base = attend(_Swap({}))
+        tokens = torch.arange(windows * hidden.shape[1], device=hidden.device)
         for name in names:
-            costs[name] = {b: float((attend(_Swap({name: (planned[name], b)})) - base).pow(2).sum())
-                           * hidden.shape[0] / windows for b in widths}
+            found.tokens[name], found.spread[name] = tokens, hidden.shape[0] / windows
+            found.errors[name] = {b: _read_errors((attend(_Swap({name: (planned[name], b)})) - base)
+                                                  .reshape(-1, hidden.shape[-1]), read) for b in widths}
 
 
 @dataclass
 class _Mlp:
-    """One gated MLP to measure: its linears' names by role, weights, a sample of its inputs ``x [t, H]``, the
-    gain ``[t]`` its outputs join the residual with, and the tokens each sampled row stands for."""
+    """One gated MLP to measure: its linears' names by role, weights, a sample of its inputs ``x [t, H]``, their
+    flat token indices ``[t]``, the gain ``[t]`` its outputs join the residual with, and the tokens each
+    sampled row stands for."""
 
     names: dict[str, str]
     w: ExpertWeights
     x: torch.Tensor
+    tokens: torch.Tensor
     gain: torch.Tensor
     spread: float
 
 
 class _Meter(LayerObserver):
-    """Measures the planned MLP linears of one layer as its forward reaches them, changing nothing."""
+    """Measures the planned linears of one layer as its forward reaches them, changing nothing: the errors of
+    the MLP linears, and every planned linear's ``rho`` from its inputs."""
 
     settles_weights = True  # shows o_proj, down_proj and every expert
 
     def __init__(self, job: Job, layer: int, planned: dict[str, QuantSpec], widths: tuple[int, ...],
-                 sample_tokens: int, costs: dict[str, dict[int, float]]) -> None:
+                 sample_tokens: int, read: torch.Tensor, found: _Errors, entering: torch.Tensor) -> None:
         self.job, self.layer, self.planned, self.widths = job, layer, planned, widths
-        self.sample_tokens, self.costs = sample_tokens, costs
+        self.sample_tokens, self.read, self.found, self.entering = sample_tokens, read, found, entering
         dense: dict[str, dict[str, str]] = {}
         for info in job.arch.layer_linears(layer):
             if info.kind in _MLP_KINDS:
@@ -130,19 +186,22 @@ class _Meter(LayerObserver):
         # a dense or shared MLP's gate name -> its names by role, for those with a planned linear
         self.dense = {m["w1"]: m for m in dense.values() if any(n in planned for n in m.values())}
         self.routing: tuple[torch.Tensor, ...] | None = None
-        self.held: tuple[dict[str, str], list[torch.Tensor], torch.Tensor, int] | None = None
+        self.held: tuple[dict[str, str], list[torch.Tensor], torch.Tensor, torch.Tensor, int] | None = None
 
     def shared_input(self, names: list[str], weights: list[torch.Tensor],
                      inputs: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        if not any(n in self.planned for n in names) and names[0] not in self.dense:
+            return weights
+        x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs])
+        self._gains(names, weights, x, 1 / self.entering)
         if self.held is not None and names[0] == self.held[0]["w2"]:  # down, after gate and up
-            mlp, (w1, w3), x, total = self.held
+            mlp, (w1, w3), sample, tokens, total = self.held
             self.held = None
-            self._measure([_Mlp(mlp, ExpertWeights(w1, w3, weights[0]), x, torch.ones(x.shape[0], device=x.device),
-                                total / x.shape[0])])
+            self._measure([_Mlp(mlp, ExpertWeights(w1, w3, weights[0]), sample, tokens,
+                                torch.ones(sample.shape[0], device=x.device), total / sample.shape[0])])
         elif names[0] in self.dense:  # gate and up: a sample of their input, held until down
-            x = torch.cat(list(inputs))
-            self.held = (self.dense[names[0]], weights, x[_spread(x.shape[0], self.sample_tokens, x.device)],
-                         x.shape[0])
+            rows = _spread(x.shape[0], self.sample_tokens, x.device)
+            self.held = (self.dense[names[0]], weights, x[rows], rows, x.shape[0])
         return weights
 
     def routed(self, h: torch.Tensor, probs: torch.Tensor, top_ids: torch.Tensor, top_w: torch.Tensor) -> None:
@@ -161,18 +220,44 @@ class _Meter(LayerObserver):
             if token.numel() < self.job.recipe.min_tokens:  # starved: what the router would send it elsewhere
                 everyone = torch.arange(h.shape[0], device=h.device)
                 token, gain = torch.cat([token, everyone]), torch.cat([gain, probs[:, e]])
+            with self.job.phases("measure"):
+                x, counted = h[token], gain.float().pow(2) / self.entering[token]
+                self._gains([names["w1"], names["w3"]], [w.w1, w.w3], x, counted)
+                self._gains([names["w2"]], [w.w2], arch.gated(F.linear(x, w.w1), F.linear(x, w.w3)), counted)
             rows = _spread(token.numel(), self.sample_tokens, h.device)
-            mlps.append(_Mlp(names, w, h[token[rows]], gain[rows], token.numel() / max(rows.numel(), 1)))
+            mlps.append(_Mlp(names, w, h[token[rows]], token[rows], gain[rows], token.numel() / max(rows.numel(), 1)))
         self._measure(mlps)
 
+    def _gains(self, names: list[str], weights: list[torch.Tensor], x: torch.Tensor, counted: torch.Tensor) -> None:
+        """``rho`` at each width of the planned ``names`` among linears taking ``x [t, K]`` with ``weights``, their
+        errors counted by ``counted [t]`` (the router's weight squared over the token's mean square entering the
+        layer, which stands for the final one)."""
+        if x.shape[0] == 0:
+            return
+        with self.job.phases("measure"):
+            x = x.float()
+            moment = shrunk((x * counted[:, None]).T @ x, x.shape[0])
+            hessian = x.T @ x
+            factors = {}
+            for name, w in zip(names, weights, strict=True):
+                spec = self.planned.get(name)
+                if spec is None or spec.method != "gptq":
+                    continue
+                key = (spec.damp, spec.act_order)
+                if key not in factors:
+                    factors[key] = gptq_factor(hessian, *key)
+                self.found.gain[name] = {b: gptq_gain(factors[key], moment,
+                                                      step_squares((r := rounded(w, spec, b)).scales, r.g_idx))
+                                         for b in self.widths}
+
     def _measure(self, mlps: list[_Mlp]) -> None:
-        """The costs of the planned linears of ``mlps``: each role rounded at each width, all MLPs at once."""
+        """The errors of the planned linears of ``mlps``: each role rounded at each width, all MLPs at once."""
         gated = self.job.arch.gated
         with self.job.phases("measure"):
             gate = [F.linear(m.x, m.w.w1) for m in mlps]
             up = [F.linear(m.x, m.w.w3) for m in mlps]
             act = [gated(g, u) for g, u in zip(gate, up, strict=True)]
-            weight = [m.gain.float().pow(2)[:, None] for m in mlps]
+            weight = [m.gain.float().pow(2) for m in mlps]
             for role in ("w1", "w3", "w2"):
                 by_spec: dict[QuantSpec, list[int]] = {}
                 for i, m in enumerate(mlps):
@@ -181,7 +266,7 @@ class _Meter(LayerObserver):
                 for spec, members in by_spec.items():
                     stacked = torch.stack([getattr(mlps[i].w, role) for i in members])
                     for b in self.widths:
-                        q = rounded(stacked, spec, b)
+                        q = rounded(stacked, spec, b).dequantize()
                         for j, i in enumerate(members):
                             m = mlps[i]
                             if role == "w2":
@@ -190,8 +275,9 @@ class _Meter(LayerObserver):
                                 changed = gated(F.linear(m.x, q[j]), up[i]) if role == "w1" else \
                                     gated(gate[i], F.linear(m.x, q[j]))
                                 diff = F.linear(changed - act[i], m.w.w2)
-                            self.costs.setdefault(m.names[role], {})[b] = \
-                                float((diff.pow(2) * weight[i]).sum()) * m.spread
+                            name = m.names[role]
+                            self.found.tokens[name], self.found.spread[name] = m.tokens, m.spread
+                            self.found.errors.setdefault(name, {})[b] = _read_errors(diff, self.read) * weight[i]
                         del q
 
 

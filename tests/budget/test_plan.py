@@ -39,6 +39,32 @@ def loud_expert(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def unread_expert(tmp_path_factory):
+    """A tiny Mixtral whose final norm reads only the first half of the hidden state, and whose expert 1 of the
+    last layer writes 30x louder, into the second half only."""
+    path = make_mixtral(tmp_path_factory.mktemp("ckpt") / "unread", seed=3)
+    add_tokenizer(path)
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    half = tensors["model.norm.weight"].shape[0] // 2
+    tensors["model.norm.weight"][half:] = 0
+    down = "model.layers.1.block_sparse_moe.experts.1.w2.weight"
+    tensors[down] *= 30
+    tensors[down][:half] = 0
+    save_file(tensors, file, metadata={"format": "pt"})
+    return path
+
+
+def test_errors_the_output_cannot_read_cost_nothing(unread_expert):
+    plan = plan_model(unread_expert, Budget(bits=2.25, kinds=EXPERTS), calib=CALIB)
+    arch = adapter_for(CheckpointReader(unread_expert).config)
+    chosen = {n: s.bits for n, s in recipe_specs(arch, plan.recipe).items() if s is not None}
+    assert chosen["model.layers.1.block_sparse_moe.experts.1.w2"] == 2, "its error never reaches the logits"
+    line = next(x for x in plan.text.splitlines() if "layers.1.block_sparse_moe.experts.1.w2 " in x)
+    assert all(float(part.split(": ")[1]) == 0 for part in line.split("  ") if part[:2] in ("2:", "3:", "4:"))
+
+
 def test_bits_budget_met_and_replayed_by_compress(tmp_path, loud_expert):
     plan = plan_model(loud_expert, Budget(bits=2.25, kinds=EXPERTS), calib=CALIB)
     arch = adapter_for(CheckpointReader(loud_expert).config)
