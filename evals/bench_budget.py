@@ -194,13 +194,15 @@ def table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def arguments(description: str, seeds: bool = True) -> argparse.Namespace:
-    """The options this bench shares with ``budget_oracle.py``."""
+def arguments(description: str, seeds: bool = True, calib_seeds: bool = False) -> argparse.Namespace:
+    """The options this bench shares with ``budget_oracle.py`` and ``budget_seeds.py``."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--budgets", default="2.25,2.5,2.75,3.0")
     if seeds:
-        ap.add_argument("--seeds", default="0,1,2")
+        ap.add_argument("--seeds", default="0,1,2", help="seeds of the random allocations")
+    if calib_seeds:
+        ap.add_argument("--calib-seeds", default="0,1,2,3", help="seeds of the calibration windows")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--max-windows", type=int, default=None)

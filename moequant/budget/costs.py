@@ -3,7 +3,7 @@
 The cost of module ``m`` at ``b`` bits is the error it alone adds to the model's output when
 rounded to ``b`` bits (RTN on the recipe's grid), times the part of it GPTQ would leave::
 
-    c_m(b) = rho_m(b) * sum_t g_t^2 ||D d_t||^2 / r_t^2,     d_t = y_t(Q_b(W_m)) - y_t(W_m)
+    c_m(b) = rho_m * sum_t g_t^2 ||D d_t||^2 / r_t^2,     d_t = y_t(Q_b(W_m)) - y_t(W_m)
 
 ``y_t`` is the output of the block that holds ``m`` (the attention block for q/k/v/o, the expert or
 MLP for gate/up/down) for token ``t``; ``g_t`` the router's weight of the expert for that token (1
@@ -12,14 +12,17 @@ router uses it. An error joins the residual stream and stays there to the final 
 divides it by ``r_t`` (the root mean square of the token's last hidden state) before the
 unembedding ``W_U [V, H]`` reads it: ``D = (W_U - mean row) diag(w_norm)``, its rows centred
 because the softmax ignores what moves every logit alike, so errors in directions the output
-does not read cost little. ``rho_m(b)`` is GPTQ's expected error over rounding's
+does not read cost little. ``rho_m`` is GPTQ's expected error over rounding's
 (:mod:`moequant.budget.gain`) from the module's Hessian over its tokens, the error counted by
 ``g_t^2`` over the token's mean square entering the layer (standing for ``r_t^2``, not known
-until the last layer); 1 for modules the recipe rounds.
+until the last layer); 1 for modules the recipe rounds. One ``rho_m``, taken at the narrowest
+width, serves them all: a grid's steps scale alike in all its groups from one width to the next
+(but for what a clipping search changes).
 
 Experts routed fewer than the recipe's ``min_tokens`` also take every token weighted by the
-router's probability for them. The model runs on the first calibration windows, up to
-``WINDOW_TOKENS`` tokens (every layer sees the 16-bit model's hidden states); each block's errors
+router's probability for them. The model runs on the first calibration windows, at most
+``WINDOW_TOKENS`` tokens and at most ``1 / WINDOW_SHARE`` of the windows, so that planning costs a
+fraction of the compress run (every layer sees the 16-bit model's hidden states); each block's errors
 are measured on at most ``SAMPLE_TOKENS`` of its tokens, scaled to all of them, and its Hessians
 take all of them.
 """
@@ -34,13 +37,14 @@ import torch
 import torch.nn.functional as F
 
 from moequant.arch.base import Chunking, ExpertWeights, LayerObserver
-from moequant.budget.gain import gptq_factor, gptq_gain, shrunk, step_squares
+from moequant.budget.gain import Factor, gptq_factor, gptq_gain, shrunk, step_squares
 from moequant.compression.job import Job
 from moequant.quant.rtn import rtn
 from moequant.quant.types import QuantResult, QuantSpec
 
-SAMPLE_TOKENS = 512
+SAMPLE_TOKENS = 256
 WINDOW_TOKENS = 8192
+WINDOW_SHARE = 4
 _MLP_KINDS = ("dense_mlp", "shared_expert")
 _ROW_CHUNK = 8192
 
@@ -49,17 +53,17 @@ _ROW_CHUNK = 8192
 class _Errors:
     """The planned modules' errors as measured, read at the end: for each module the flat indices ``[t]`` of the
     tokens it was measured on, its output-read errors ``[t]`` at each width, the tokens each stands for and
-    ``rho`` at each width."""
+    its ``rho``."""
 
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)
     errors: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
     spread: dict[str, float] = field(default_factory=dict)
-    gain: dict[str, dict[int, float]] = field(default_factory=dict)
+    gain: dict[str, float] = field(default_factory=dict)
 
     def costs(self, last_hidden: torch.Tensor, eps: float) -> dict[str, dict[int, float]]:
         """``c_m(b)`` from the model's last hidden states ``[S, L, H]`` (before the final norm)."""
         ms = last_hidden.reshape(-1, last_hidden.shape[-1]).float().pow(2).mean(-1) + eps
-        return {name: {b: self.gain.get(name, {}).get(b, 1.0) * self.spread[name]
+        return {name: {b: self.gain.get(name, 1.0) * self.spread[name]
                        * float((err / ms[self.tokens[name]]).sum()) for b, err in by_width.items()}
                 for name, by_width in self.errors.items()}
 
@@ -109,7 +113,7 @@ def measure_costs(job: Job, hidden: torch.Tensor, planned: dict[str, QuantSpec],
 
 
 def _read_errors(diff: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
-    """``||D d_t||^2 [t]`` for ``diff [t, H]``."""
+    """``||D d_t||^2 [..., t]`` for ``diff [..., t, H]``."""
     return ((diff @ read) * diff).sum(-1)
 
 
@@ -193,7 +197,9 @@ class _Meter(LayerObserver):
         if not any(n in self.planned for n in names) and names[0] not in self.dense:
             return weights
         x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs])
-        self._gains(names, weights, x, 1 / self.entering)
+        with self.job.phases("measure"):
+            self._gains([[n] for n in names], [wt[None] for wt in weights], x[None],
+                        torch.tensor([x.shape[0]], device=x.device), (1 / self.entering)[None])
         if self.held is not None and names[0] == self.held[0]["w2"]:  # down, after gate and up
             mlp, (w1, w3), sample, tokens, total = self.held
             self.held = None
@@ -210,7 +216,7 @@ class _Meter(LayerObserver):
     def experts(self, experts: dict[int, ExpertWeights]) -> None:
         h, probs, top_ids, top_w = self.routing
         arch = self.job.arch
-        mlps = []
+        mlps, inputs, counted = [], [], []
         for e, w in experts.items():
             names = {role: arch.expert_name(self.layer, e, role) for role in ("w1", "w3", "w2")}
             if not any(n in self.planned for n in names.values()):
@@ -220,65 +226,89 @@ class _Meter(LayerObserver):
             if token.numel() < self.job.recipe.min_tokens:  # starved: what the router would send it elsewhere
                 everyone = torch.arange(h.shape[0], device=h.device)
                 token, gain = torch.cat([token, everyone]), torch.cat([gain, probs[:, e]])
-            with self.job.phases("measure"):
-                x, counted = h[token], gain.float().pow(2) / self.entering[token]
-                self._gains([names["w1"], names["w3"]], [w.w1, w.w3], x, counted)
-                self._gains([names["w2"]], [w.w2], arch.gated(F.linear(x, w.w1), F.linear(x, w.w3)), counted)
+            inputs.append(h[token])
+            counted.append(gain.float().pow(2) / self.entering[token])
             rows = _spread(token.numel(), self.sample_tokens, h.device)
             mlps.append(_Mlp(names, w, h[token[rows]], token[rows], gain[rows], token.numel() / max(rows.numel(), 1)))
-        self._measure(mlps)
-
-    def _gains(self, names: list[str], weights: list[torch.Tensor], x: torch.Tensor, counted: torch.Tensor) -> None:
-        """``rho`` at each width of the planned ``names`` among linears taking ``x [t, K]`` with ``weights``, their
-        errors counted by ``counted [t]`` (the router's weight squared over the token's mean square entering the
-        layer, which stands for the final one)."""
-        if x.shape[0] == 0:
+        if not mlps:
             return
         with self.job.phases("measure"):
-            x = x.float()
-            moment = shrunk((x * counted[:, None]).T @ x, x.shape[0])
-            hessian = x.T @ x
-            factors = {}
-            for name, w in zip(names, weights, strict=True):
+            rows = torch.tensor([x.shape[0] for x in inputs], device=h.device)
+            x = _padded(inputs)
+            c = _padded(counted)
+            w = {role: torch.stack([getattr(m.w, role) for m in mlps]) for role in ("w1", "w3", "w2")}
+            names = {role: [m.names[role] for m in mlps] for role in w}
+            self._gains([names["w1"], names["w3"]], [w["w1"], w["w3"]], x, rows, c)
+            act = arch.gated(x @ w["w1"].transpose(1, 2), x @ w["w3"].transpose(1, 2))
+            self._gains([names["w2"]], [w["w2"]], act, rows, c)
+            del x, act
+        self._measure(mlps)
+
+    def _gains(self, names: list[list[str]], weights: list[torch.Tensor], x: torch.Tensor, rows: torch.Tensor,
+               counted: torch.Tensor) -> None:
+        """``rho`` of the planned ``names[i][e]`` among the linears ``weights[i] [E, N, K]`` that take the inputs
+        ``x [E, T, K]`` (the first ``rows [E]`` of each), their errors counted by ``counted [E, T]`` (the router's
+        weight squared over the token's mean square entering the layer, standing for the final one)."""
+        x = x.float()
+        hessian = x.transpose(1, 2) @ x
+        moment = shrunk((x * counted[..., None]).transpose(1, 2) @ x, rows)
+        factors: dict[tuple[float, bool], tuple[list[int], Factor]] = {}
+        for role_names, weight in zip(names, weights, strict=True):
+            by_spec: dict[QuantSpec, list[int]] = {}
+            for e, name in enumerate(role_names):
                 spec = self.planned.get(name)
-                if spec is None or spec.method != "gptq":
-                    continue
+                if spec is not None and spec.method == "gptq":
+                    by_spec.setdefault(spec, []).append(e)
+            for spec, members in by_spec.items():
                 key = (spec.damp, spec.act_order)
-                if key not in factors:
-                    factors[key] = gptq_factor(hessian, *key)
-                self.found.gain[name] = {b: gptq_gain(factors[key], moment,
-                                                      step_squares((r := rounded(w, spec, b)).scales, r.g_idx))
-                                         for b in self.widths}
+                if key not in factors or factors[key][0] != members:
+                    factors[key] = (members, gptq_factor(hessian[members], *key))
+                r = rounded(weight[members], spec, self.widths[0])
+                rho = gptq_gain(factors[key][1], moment[members], step_squares(r.scales, r.g_idx)).tolist()
+                for e, value in zip(members, rho, strict=True):
+                    self.found.gain[role_names[e]] = value
 
     def _measure(self, mlps: list[_Mlp]) -> None:
-        """The errors of the planned linears of ``mlps``: each role rounded at each width, all MLPs at once."""
+        """The errors of the planned linears of ``mlps``: each role rounded at each width, all MLPs at once (their
+        samples padded with rows that weigh nothing)."""
+        if not mlps:
+            return
         gated = self.job.arch.gated
         with self.job.phases("measure"):
-            gate = [F.linear(m.x, m.w.w1) for m in mlps]
-            up = [F.linear(m.x, m.w.w3) for m in mlps]
-            act = [gated(g, u) for g, u in zip(gate, up, strict=True)]
-            weight = [m.gain.float().pow(2) for m in mlps]
+            rows = max(m.x.shape[0] for m in mlps)
+            x = torch.stack([F.pad(m.x, (0, 0, 0, rows - m.x.shape[0])) for m in mlps])  # [M, T, H]
+            weight = torch.stack([F.pad(m.gain.float().pow(2), (0, rows - m.x.shape[0])) for m in mlps])  # [M, T]
+            w = {role: torch.stack([getattr(m.w, role) for m in mlps]) for role in ("w1", "w3", "w2")}
+            gate, up = x @ w["w1"].transpose(1, 2), x @ w["w3"].transpose(1, 2)
+            act = gated(gate, up)
             for role in ("w1", "w3", "w2"):
                 by_spec: dict[QuantSpec, list[int]] = {}
                 for i, m in enumerate(mlps):
                     if m.names[role] in self.planned:
                         by_spec.setdefault(self.planned[m.names[role]], []).append(i)
                 for spec, members in by_spec.items():
-                    stacked = torch.stack([getattr(mlps[i].w, role) for i in members])
+                    at = torch.tensor(members, device=x.device)
+                    down = w["w2"][at].transpose(1, 2)
                     for b in self.widths:
-                        q = rounded(stacked, spec, b).dequantize()
+                        q = rounded(w[role][at], spec, b).dequantize().transpose(1, 2)
+                        if role == "w2":
+                            diff = act[at] @ (q - down)
+                        else:
+                            changed = gated(x[at] @ q, up[at]) if role == "w1" else gated(gate[at], x[at] @ q)
+                            diff = (changed - act[at]) @ down
+                        errors = _read_errors(diff, self.read) * weight[at]
                         for j, i in enumerate(members):
                             m = mlps[i]
-                            if role == "w2":
-                                diff = F.linear(act[i], q[j] - m.w.w2)
-                            else:
-                                changed = gated(F.linear(m.x, q[j]), up[i]) if role == "w1" else \
-                                    gated(gate[i], F.linear(m.x, q[j]))
-                                diff = F.linear(changed - act[i], m.w.w2)
                             name = m.names[role]
                             self.found.tokens[name], self.found.spread[name] = m.tokens, m.spread
-                            self.found.errors.setdefault(name, {})[b] = _read_errors(diff, self.read) * weight[i]
-                        del q
+                            self.found.errors.setdefault(name, {})[b] = errors[j, :m.x.shape[0]]
+                        del q, diff
+
+
+def _padded(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``[E, T, ...]`` of tensors ``[t_e, ...]``, each padded with zeros to the longest."""
+    longest = max(r.shape[0] for r in rows)
+    return torch.stack([torch.cat([r, r.new_zeros((longest - r.shape[0], *r.shape[1:]))]) for r in rows])
 
 
 def _spread(n: int, most: int, device: torch.device) -> torch.Tensor:

@@ -27,50 +27,61 @@ import torch
 
 @dataclass
 class Factor:
-    """GPTQ's order of the input columns ``[K]`` and ``U [K, K]`` in that order (``None``: no factor exists)."""
+    """GPTQ's order of the input columns ``[..., K]``, ``U [..., K, K]`` in that order, and whether it exists
+    ``[...]`` (the damped Hessian positive definite)."""
 
     order: torch.Tensor
-    u: torch.Tensor | None
+    u: torch.Tensor
+    ok: torch.Tensor
 
 
 def gptq_factor(hessian: torch.Tensor, damp: float, act_order: bool) -> Factor:
-    """``U`` of ``hessian [K, K]`` as GPTQ takes it: dead columns set to 1, ``damp`` times the mean diagonal added."""
+    """``U`` of each ``hessian [..., K, K]`` as GPTQ takes it: dead columns set to 1, ``damp`` times the mean
+    diagonal added."""
     h = hessian.float().clone()
-    k = h.shape[0]
-    dead = h.diagonal() <= 0
-    h[dead, dead] = 1.0
-    h += damp * float(h.diagonal().mean()) * torch.eye(k, dtype=h.dtype, device=h.device)
-    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order \
-        else torch.arange(k, device=h.device)
-    h = h[order][:, order]
-    try:
-        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    except RuntimeError:  # not positive definite even damped
-        u = None
-    return Factor(order, u)
+    k = h.shape[-1]
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    diag[diag <= 0] = 1.0
+    diag += damp * diag.mean(-1, keepdim=True)
+    if act_order:
+        order = torch.argsort(diag, dim=-1, descending=True, stable=True)
+    else:
+        order = torch.arange(k, device=h.device).expand(h.shape[:-1])
+    lower, info = torch.linalg.cholesky_ex(_permuted(h, order))
+    ok = info == 0
+    lower[~ok] = torch.eye(k, dtype=h.dtype, device=h.device)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+    return Factor(order, u, ok)
 
 
-def shrunk(moment: torch.Tensor, rows: int) -> torch.Tensor:
-    """``moment [K, K]`` of ``rows`` rows shrunk toward its diagonal by ``K / (rows + K)``."""
-    k = moment.shape[0]
-    shrink = k / (rows + k)
-    return (1 - shrink) * moment.float() + shrink * torch.diag(moment.float().diagonal())
+def shrunk(moment: torch.Tensor, rows: int | torch.Tensor) -> torch.Tensor:
+    """Each ``moment [..., K, K]`` of ``rows`` (``int`` or ``[...]``) rows shrunk toward its diagonal by
+    ``K / (rows + K)``."""
+    m = moment.float()
+    k = m.shape[-1]
+    shrink = k / (torch.as_tensor(rows, dtype=m.dtype, device=m.device) + k)
+    shrink = shrink[..., None, None]
+    return (1 - shrink) * m + shrink * torch.diag_embed(m.diagonal(dim1=-2, dim2=-1))
 
 
 def step_squares(scales: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
-    """``s_j^2 [K]``: the mean over rows of the squared step of each column's group (``scales [G, N]``)."""
-    return scales.float().pow(2).mean(-1).index_select(0, g_idx.long())
+    """``s_j^2 [..., K]``: the mean over rows of the squared step of each column's group (``scales [..., G, N]``)."""
+    return scales.float().pow(2).mean(-1).index_select(-1, g_idx.long())
 
 
-def gptq_gain(factor: Factor, moment: torch.Tensor, steps: torch.Tensor) -> float:
-    """``rho`` from GPTQ's :class:`Factor`, the second moment ``moment [K, K]`` the error is counted against and
-    :func:`step_squares` ``[K]``; 1 where the module sees no input or no factor exists, at most 1."""
-    o = factor.order
-    m = moment.float()[o][:, o]
-    s = steps.float()[o]
-    rounding = float((s * m.diagonal().clamp_min(0)).sum())
-    if rounding <= 0 or factor.u is None:
-        return 1.0
+def gptq_gain(factor: Factor, moment: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """``rho [...]`` from GPTQ's :class:`Factor`, the second moment ``moment [..., K, K]`` the error is counted
+    against and :func:`step_squares` ``[..., K]``: at most 1, and 1 where a module sees no input or has no factor."""
+    m = _permuted(moment.float(), factor.order)
+    s = steps.float().gather(-1, factor.order)
     u = factor.u
-    left = ((u @ m) * u).sum(-1) / u.diagonal().pow(2)
-    return min(1.0, float((s * left).sum()) / rounding)
+    rounding = (s * m.diagonal(dim1=-2, dim2=-1).clamp_min(0)).sum(-1)
+    left = ((u @ m) * u).sum(-1) / u.diagonal(dim1=-2, dim2=-1).pow(2)
+    rho = (s * left).sum(-1) / rounding.clamp_min(torch.finfo(rounding.dtype).tiny)
+    return torch.where((rounding > 0) & factor.ok, rho.clamp(max=1.0), torch.ones_like(rho))
+
+
+def _permuted(m: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``m[..., order, :][..., :, order]`` for ``m [..., K, K]`` and ``order [..., K]``."""
+    m = m.gather(-1, order[..., None, :].expand_as(m))
+    return m.gather(-2, order[..., :, None].expand_as(m))

@@ -21,7 +21,7 @@ import torch
 
 from moequant.arch.base import QUANTISABLE_KINDS, Architecture, LinearInfo
 from moequant.budget import knapsack
-from moequant.budget.costs import WINDOW_TOKENS, measure_costs
+from moequant.budget.costs import WINDOW_SHARE, WINDOW_TOKENS, measure_costs
 from moequant.budget.sizes import fixed_bytes, linears, plan_text_bytes
 from moequant.calib import check_token_ids
 from moequant.checkpoint.compressed_tensors import CT_BITS
@@ -170,7 +170,7 @@ def make_plan(reader: CheckpointReader, arch: Architecture, base: Recipe, budget
               expert_batch=expert_batch or arch.config.num_experts)
     ids, calib_info = calibration_ids(reader.path, calib, arch, progress)
     check_token_ids(ids, reader.shape(arch.embed_name)[0], arch.embed_name)
-    ids = ids[:max(1, WINDOW_TOKENS // ids.shape[1])]
+    ids = ids[:max(1, min(WINDOW_TOKENS, ids.numel() // WINDOW_SHARE) // ids.shape[1])]
     hidden = reader.get(arch.embed_name, dtype=torch.float32, device=device)[ids.to(device)]
     costs = measure_costs(job, hidden, planned, budget.choices)
     del hidden
