@@ -259,8 +259,8 @@ def _comment_block(reader: CheckpointReader, budget: Budget, summary: dict, cost
         f"estimated cost {summary['cost']:.6g}; no choice within the budget costs less than "
         f"{summary['lower_bound']:.6g} ({gap:.2%} below)",
         "cost of each module at each width: the error it alone adds to the model's output when rounded to that",
-        "width, less what GPTQ removes, summed over the calibration tokens (see moequant.budget.costs); -> the width",
-        "chosen",
+        "width, times the share of it GPTQ leaves, summed over the calibration tokens (see moequant.budget.costs);",
+        "-> the width chosen",
     ]
     width = max(len(n) for n in chosen)
     for name, bits in chosen.items():
