@@ -14,7 +14,7 @@ a chart ``results/budget-<name>.png`` and the table in ``README.md``; also times
 the compress run it precedes (``compress --bits B`` against ``compress --recipe`` of its plan, the
 fastest of three runs each).
 
-    python evals/bench_budget.py                  # both models, ~25 min on two CPU cores
+    python evals/bench_budget.py                  # both models, ~12 min on two CPU cores
     python evals/bench_budget.py --models bundled
 """
 
