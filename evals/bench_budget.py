@@ -26,6 +26,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -227,20 +228,35 @@ def into_readme(begin: str, end: str, tables: list[str]) -> None:
     readme.write_text(replace_block(readme.read_text(), begin, end, "\n\n".join(tables)))
 
 
-def main() -> None:
-    args = arguments(__doc__.splitlines()[0])
-    calib = CalibSettings(samples=args.samples, seqlen=args.seqlen)
+def each_model(args: argparse.Namespace, results: str, study_one: Callable[[str, Path, Path], dict],
+               table_of: Callable[[dict], str], begin: str, end: str,
+               after: Callable[[str, dict], None] | None = None) -> None:
+    """``study_one(name, model, scratch folder)`` for each model of ``--models``: its rows written to
+    ``results/<results>-<name>.json`` (and shown to ``after``), its table into ``README.md`` between ``begin`` and
+    ``end`` unless ``--no-readme``."""
     tables = []
     for name, model in models(args.models):
         with tempfile.TemporaryDirectory() as work:
-            rows = study(name, model, [float(b) for b in args.budgets.split(",")],
-                         [int(s) for s in args.seeds.split(",")], calib, args.max_windows, Path(work))
-        (RESULTS / f"budget-{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+            rows = study_one(name, model, Path(work))
+        (RESULTS / f"{results}-{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+        if after is not None:
+            after(name, rows)
+        tables.append(table_of(rows))
+    if not args.no_readme:
+        into_readme(begin, end, tables)
+
+
+def main() -> None:
+    args = arguments(__doc__.splitlines()[0])
+    calib = CalibSettings(samples=args.samples, seqlen=args.seqlen)
+
+    def report(name: str, rows: dict) -> None:
         chart(rows, RESULTS / f"budget-{name}.png")
         print(json.dumps(rows["checks"], indent=2))
-        tables.append(table(rows))
-    if not args.no_readme:
-        into_readme(BEGIN, END, tables)
+
+    each_model(args, "budget", lambda name, model, work: study(
+        name, model, [float(b) for b in args.budgets.split(",")], [int(s) for s in args.seeds.split(",")], calib,
+        args.max_windows, work), table, BEGIN, END, report)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from evals.bench_budget import BASE, RESULTS, arguments, into_readme, models, run  # noqa: E402
+from evals.bench_budget import BASE, RESULTS, arguments, each_model, run  # noqa: E402
 from moequant.arch.registry import adapter_for  # noqa: E402
 from moequant.budget import knapsack  # noqa: E402
 from moequant.checkpoint.reader import CheckpointReader  # noqa: E402
@@ -98,14 +97,8 @@ def table(rows: dict) -> str:
 def main() -> None:
     args = arguments(__doc__.splitlines()[0], seeds=False)
     calib = CalibSettings(samples=args.samples, seqlen=args.seqlen)
-    tables = []
-    for name, model in models(args.models):
-        with tempfile.TemporaryDirectory() as work:
-            rows = study(name, model, [float(b) for b in args.budgets.split(",")], calib, args.max_windows, Path(work))
-        (RESULTS / f"budget-oracle-{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
-        tables.append(table(rows))
-    if not args.no_readme:
-        into_readme(BEGIN, END, tables)
+    each_model(args, "budget-oracle", lambda name, model, work: study(
+        name, model, [float(b) for b in args.budgets.split(",")], calib, args.max_windows, work), table, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from evals.bench_budget import BASE, RESULTS, arguments, into_readme, models, run, unmeasured  # noqa: E402
+from evals.bench_budget import BASE, arguments, each_model, run, unmeasured  # noqa: E402
 from moequant.arch.registry import adapter_for  # noqa: E402
 from moequant.budget import PLAN_FILE, Budget  # noqa: E402
 from moequant.budget.plan import planned_recipe  # noqa: E402
@@ -79,16 +78,9 @@ def table(rows: dict) -> str:
 
 def main() -> None:
     args = arguments(__doc__.splitlines()[0], calib_seeds=True)
-    tables = []
-    for name, model in models(args.models):
-        with tempfile.TemporaryDirectory() as work:
-            rows = study(name, model, [float(b) for b in args.budgets.split(",")],
-                         [int(s) for s in args.seeds.split(",")], [int(s) for s in args.calib_seeds.split(",")],
-                         args, Path(work))
-        (RESULTS / f"budget-seeds-{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
-        tables.append(table(rows))
-    if not args.no_readme:
-        into_readme(BEGIN, END, tables)
+    each_model(args, "budget-seeds", lambda name, model, work: study(
+        name, model, [float(b) for b in args.budgets.split(",")], [int(s) for s in args.seeds.split(",")],
+        [int(s) for s in args.calib_seeds.split(",")], args, work), table, BEGIN, END)
 
 
 if __name__ == "__main__":
