@@ -197,14 +197,16 @@ class _Meter(LayerObserver):
         if not any(n in self.planned for n in names) and names[0] not in self.dense:
             return weights
         x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs])
-        with self.job.phases("measure"):
-            self._gains([[n] for n in names], [wt[None] for wt in weights], x[None],
-                        torch.tensor([x.shape[0]], device=x.device), (1 / self.entering)[None])
+        if any(n in self.planned for n in names):
+            with self.job.phases("measure"):
+                self._gains([[n] for n in names], [wt[None] for wt in weights], x[None],
+                            torch.tensor([x.shape[0]], device=x.device), (1 / self.entering)[None])
         if self.held is not None and names[0] == self.held[0]["w2"]:  # down, after gate and up
             mlp, (w1, w3), sample, tokens, total = self.held
             self.held = None
-            self._measure([_Mlp(mlp, ExpertWeights(w1, w3, weights[0]), sample, tokens,
-                                torch.ones(sample.shape[0], device=x.device), total / sample.shape[0])])
+            mlps = [_Mlp(mlp, ExpertWeights(w1, w3, weights[0]), sample, tokens,
+                         torch.ones(sample.shape[0], device=x.device), total / sample.shape[0])]
+            self._measure(mlps, _stacked(mlps))
         elif names[0] in self.dense:  # gate and up: a sample of their input, held until down
             rows = _spread(x.shape[0], self.sample_tokens, x.device)
             self.held = (self.dense[names[0]], weights, x[rows], rows, x.shape[0])
@@ -236,13 +238,13 @@ class _Meter(LayerObserver):
             rows = torch.tensor([x.shape[0] for x in inputs], device=h.device)
             x = _padded(inputs)
             c = _padded(counted)
-            w = {role: torch.stack([getattr(m.w, role) for m in mlps]) for role in ("w1", "w3", "w2")}
+            w = _stacked(mlps)
             names = {role: [m.names[role] for m in mlps] for role in w}
             self._gains([names["w1"], names["w3"]], [w["w1"], w["w3"]], x, rows, c)
             act = arch.gated(x @ w["w1"].transpose(1, 2), x @ w["w3"].transpose(1, 2))
             self._gains([names["w2"]], [w["w2"]], act, rows, c)
             del x, act
-        self._measure(mlps)
+        self._measure(mlps, w)
 
     def _gains(self, names: list[list[str]], weights: list[torch.Tensor], x: torch.Tensor, rows: torch.Tensor,
                counted: torch.Tensor) -> None:
@@ -268,17 +270,14 @@ class _Meter(LayerObserver):
                 for e, value in zip(members, rho, strict=True):
                     self.found.gain[role_names[e]] = value
 
-    def _measure(self, mlps: list[_Mlp]) -> None:
-        """The errors of the planned linears of ``mlps``: each role rounded at each width, all MLPs at once (their
-        samples padded with rows that weigh nothing)."""
-        if not mlps:
-            return
+    def _measure(self, mlps: list[_Mlp], w: dict[str, torch.Tensor]) -> None:
+        """The errors of the planned linears of ``mlps`` (their weights ``w`` by role, :func:`_stacked`): each role
+        rounded at each width, all MLPs at once (their samples padded with rows that weigh nothing)."""
         gated = self.job.arch.gated
         with self.job.phases("measure"):
             rows = max(m.x.shape[0] for m in mlps)
             x = torch.stack([F.pad(m.x, (0, 0, 0, rows - m.x.shape[0])) for m in mlps])  # [M, T, H]
             weight = torch.stack([F.pad(m.gain.float().pow(2), (0, rows - m.x.shape[0])) for m in mlps])  # [M, T]
-            w = {role: torch.stack([getattr(m.w, role) for m in mlps]) for role in ("w1", "w3", "w2")}
             gate, up = x @ w["w1"].transpose(1, 2), x @ w["w3"].transpose(1, 2)
             act = gated(gate, up)
             for role in ("w1", "w3", "w2"):
@@ -303,6 +302,11 @@ class _Meter(LayerObserver):
                             self.found.tokens[name], self.found.spread[name] = m.tokens, m.spread
                             self.found.errors.setdefault(name, {})[b] = errors[j, :m.x.shape[0]]
                         del q, diff
+
+
+def _stacked(mlps: list[_Mlp]) -> dict[str, torch.Tensor]:
+    """The weights of ``mlps`` by role, each ``[M, N, K]``."""
+    return {role: torch.stack([getattr(m.w, role) for m in mlps]) for role in ("w1", "w3", "w2")}
 
 
 def _padded(rows: list[torch.Tensor]) -> torch.Tensor:
