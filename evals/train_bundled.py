@@ -14,7 +14,9 @@ the best-on-calib state keep the model from memorising it.
 
 ``--family qwen3_moe`` trains a second, differently shaped MoE the same way: a
 ``Qwen3MoeForCausalLM`` (16 experts, top-4, one KV head, per-head q/k norms) with the same tokenizer
-and hyperparameters, saved by default to ``evals/models/tiny-qwen3-moe``.
+and hyperparameters, saved by default to ``evals/models/tiny-qwen3-moe``. ``--balance 0`` trains
+without the router's balance loss, so that experts end up used very unequally (the size-budget
+evals' third model: ``--balance 0 --out evals/models/tiny-mixtral-unbalanced``).
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="1 reproduces the bundled model bit for bit")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument(
+        "--balance", type=float, default=0.02, help="router balance-loss coefficient; 0 trains the router unbalanced"
+    )
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--dropout", type=float, default=0.25, help="train-only residual/embedding dropout")
@@ -281,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     config = build_config(args.family)
+    config.router_aux_loss_coef = args.balance
     model = model_class(args.family)(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
