@@ -1,23 +1,28 @@
 """What each candidate width would cost each module: measured layer by layer on the 16-bit model.
 
-The cost of module ``m`` at ``b`` bits is the error it alone adds to the model's output when
-rounded to ``b`` bits (RTN on the recipe's grid), times the part of it GPTQ would leave::
+The cost of module ``m`` at ``b`` bits is the error GPTQ is expected to leave in the model's
+output when it quantises ``m`` alone to ``b`` bits on the recipe's grid::
 
-    c_m(b) = rho_m * sum_t g_t^2 ||D d_t||^2 / r_t^2,     d_t = y_t(Q_b(W_m)) - y_t(W_m)
+    c_m(b) = sum_t g_t^2 E||D d_t||^2 / r_t^2
 
-``y_t`` is the output of the block that holds ``m`` (the attention block for q/k/v/o, the expert or
-MLP for gate/up/down) for token ``t``; ``g_t`` the router's weight of the expert for that token (1
-for attention and dense or shared MLPs), so an expert's cost counts how often and how strongly the
-router uses it. An error joins the residual stream and stays there to the final norm, which
-divides it by ``r_t`` (the root mean square of the token's last hidden state) before the
-unembedding ``W_U [V, H]`` reads it: ``D = (W_U - mean row) diag(w_norm)``, its rows centred
-because the softmax ignores what moves every logit alike, so errors in directions the output
-does not read cost little. ``rho_m`` is GPTQ's expected error over rounding's
-(:mod:`moequant.budget.gain`) from the module's Hessian over its tokens, the error counted by
-``g_t^2`` over the token's mean square entering the layer (standing for ``r_t^2``, not known
-until the last layer); 1 for modules the recipe rounds. One ``rho_m``, taken at the narrowest
-width, serves them all: a grid's steps scale alike in all its groups from one width to the next
-(but for what a clipping search changes).
+``d_t`` is the change of the output of the block that holds ``m`` (the attention block for
+q/k/v/o, the expert or MLP for gate/up/down) for token ``t``; ``g_t`` the router's weight of the
+expert for that token (1 for attention and dense or shared MLPs), so an expert's cost counts how
+often and how strongly the router uses it. An error joins the residual stream and stays there to
+the final norm, which divides it by ``r_t`` (the root mean square of the token's last hidden
+state) before the unembedding ``W_U [V, H]`` reads it: ``D = (W_U - mean row) diag(w_norm)``, its
+rows centred because the softmax ignores what moves every logit alike, so errors in directions
+the output does not read cost little.
+
+For expert and MLP linears the expectation is taken in closed form
+(:func:`moequant.budget.gain.expected_errors`): each weight's rounding error independent, of the
+mean square rounding leaves in its group and row at ``b`` bits, moved by GPTQ along the Cholesky
+factor of the module's Hessian (over all its tokens), and carried to first order through the
+gated activation and the down projection. What a particular rounding happens to leave in the few
+directions its inputs use is not measured: GPTQ rounds differently anyway. For attention
+linears ``d_t`` is what rounding changes in the block's output, times ``rho_m``, GPTQ's expected
+error over rounding's (:func:`moequant.budget.gain.gptq_gain`), the error counted by the token's
+mean square entering the layer (standing for ``r_t^2``, not known until the last layer).
 
 Experts routed fewer than the recipe's ``min_tokens`` also take every token weighted by the
 router's probability for them. The model runs on the first calibration windows, at most
@@ -37,7 +42,16 @@ import torch
 import torch.nn.functional as F
 
 from moequant.arch.base import Chunking, ExpertWeights, LayerObserver
-from moequant.budget.gain import Factor, gptq_factor, gptq_gain, shrunk, step_squares
+from moequant.budget.gain import (
+    Factor,
+    expected_errors,
+    gptq_factor,
+    gptq_gain,
+    group_variance,
+    identity_factor,
+    shrunk,
+    step_squares,
+)
 from moequant.compression.job import Job
 from moequant.quant.rtn import rtn
 from moequant.quant.types import QuantResult, QuantSpec
@@ -53,7 +67,7 @@ _ROW_CHUNK = 8192
 class _Errors:
     """The planned modules' errors as measured, read at the end: for each module the flat indices ``[t]`` of the
     tokens it was measured on, its output-read errors ``[t]`` at each width, the tokens each stands for and
-    its ``rho``."""
+    (attention linears) its ``rho``."""
 
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)
     errors: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
@@ -174,8 +188,8 @@ class _Mlp:
 
 
 class _Meter(LayerObserver):
-    """Measures the planned linears of one layer as its forward reaches them, changing nothing: the errors of
-    the MLP linears, and every planned linear's ``rho`` from its inputs."""
+    """Measures the planned linears of one layer as its forward reaches them, changing nothing: the expected errors
+    of the MLP linears, and the attention linears' ``rho`` from their inputs."""
 
     settles_weights = True  # shows o_proj, down_proj and every expert
 
@@ -190,26 +204,23 @@ class _Meter(LayerObserver):
         # a dense or shared MLP's gate name -> its names by role, for those with a planned linear
         self.dense = {m["w1"]: m for m in dense.values() if any(n in planned for n in m.values())}
         self.routing: tuple[torch.Tensor, ...] | None = None
-        self.held: tuple[dict[str, str], list[torch.Tensor], torch.Tensor, torch.Tensor, int] | None = None
+        self.held: tuple[dict[str, str], list[torch.Tensor], torch.Tensor] | None = None
 
     def shared_input(self, names: list[str], weights: list[torch.Tensor],
                      inputs: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-        if not any(n in self.planned for n in names) and names[0] not in self.dense:
-            return weights
-        x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs])
-        if any(n in self.planned for n in names):
-            with self.job.phases("measure"):
-                self._gains([[n] for n in names], [wt[None] for wt in weights], x[None],
-                            torch.tensor([x.shape[0]], device=x.device), (1 / self.entering)[None])
         if self.held is not None and names[0] == self.held[0]["w2"]:  # down, after gate and up
-            mlp, (w1, w3), sample, tokens, total = self.held
+            mlp, (w1, w3), x = self.held
             self.held = None
-            mlps = [_Mlp(mlp, ExpertWeights(w1, w3, weights[0]), sample, tokens,
-                         torch.ones(sample.shape[0], device=x.device), total / sample.shape[0])]
-            self._measure(mlps, _stacked(mlps))
-        elif names[0] in self.dense:  # gate and up: a sample of their input, held until down
             rows = _spread(x.shape[0], self.sample_tokens, x.device)
-            self.held = (self.dense[names[0]], weights, x[rows], rows, x.shape[0])
+            mlps = [_Mlp(mlp, ExpertWeights(w1, w3, weights[0]), x[rows], rows,
+                         torch.ones(rows.numel(), device=x.device), x.shape[0] / rows.numel())]
+            self._expect(mlps, x[None])
+        elif names[0] in self.dense:  # gate and up: their input, held until down
+            self.held = (self.dense[names[0]], weights, torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs]))
+        elif any(n in self.planned for n in names):  # attention
+            x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs])
+            with self.job.phases("measure"):
+                self._gains(names, weights, x)
         return weights
 
     def routed(self, h: torch.Tensor, probs: torch.Tensor, top_ids: torch.Tensor, top_w: torch.Tensor) -> None:
@@ -218,7 +229,7 @@ class _Meter(LayerObserver):
     def experts(self, experts: dict[int, ExpertWeights]) -> None:
         h, probs, top_ids, top_w = self.routing
         arch = self.job.arch
-        mlps, inputs, counted = [], [], []
+        mlps, inputs = [], []
         for e, w in experts.items():
             names = {role: arch.expert_name(self.layer, e, role) for role in ("w1", "w3", "w2")}
             if not any(n in self.planned for n in names.values()):
@@ -229,57 +240,24 @@ class _Meter(LayerObserver):
                 everyone = torch.arange(h.shape[0], device=h.device)
                 token, gain = torch.cat([token, everyone]), torch.cat([gain, probs[:, e]])
             inputs.append(h[token])
-            counted.append(gain.float().pow(2) / self.entering[token])
             rows = _spread(token.numel(), self.sample_tokens, h.device)
             mlps.append(_Mlp(names, w, h[token[rows]], token[rows], gain[rows], token.numel() / max(rows.numel(), 1)))
-        if not mlps:
-            return
-        with self.job.phases("measure"):
-            rows = torch.tensor([x.shape[0] for x in inputs], device=h.device)
-            x = _padded(inputs)
-            c = _padded(counted)
-            w = _stacked(mlps)
-            names = {role: [m.names[role] for m in mlps] for role in w}
-            self._gains([names["w1"], names["w3"]], [w["w1"], w["w3"]], x, rows, c)
-            act = arch.gated(x @ w["w1"].transpose(1, 2), x @ w["w3"].transpose(1, 2))
-            self._gains([names["w2"]], [w["w2"]], act, rows, c)
-            del x, act
-        self._measure(mlps, w)
+        if mlps:
+            self._expect(mlps, _padded(inputs))
 
-    def _gains(self, names: list[list[str]], weights: list[torch.Tensor], x: torch.Tensor, rows: torch.Tensor,
-               counted: torch.Tensor) -> None:
-        """``rho`` of the planned ``names[i][e]`` among the linears ``weights[i] [E, N, K]`` that take the inputs
-        ``x [E, T, K]`` (the first ``rows [E]`` of each), their errors counted by ``counted [E, T]`` (the router's
-        weight squared over the token's mean square entering the layer, standing for the final one)."""
-        x = x.float()
-        hessian = x.transpose(1, 2) @ x
-        moment = shrunk((x * counted[..., None]).transpose(1, 2) @ x, rows)
-        factors: dict[tuple[float, bool], tuple[list[int], Factor]] = {}
-        for role_names, weight in zip(names, weights, strict=True):
-            by_spec: dict[QuantSpec, list[int]] = {}
-            for e, name in enumerate(role_names):
-                spec = self.planned.get(name)
-                if spec is not None and spec.method == "gptq":
-                    by_spec.setdefault(spec, []).append(e)
-            for spec, members in by_spec.items():
-                key = (spec.damp, spec.act_order)
-                if key not in factors or factors[key][0] != members:
-                    factors[key] = (members, gptq_factor(hessian[members], *key))
-                r = rounded(weight[members], spec, self.widths[0])
-                rho = gptq_gain(factors[key][1], moment[members], step_squares(r.scales, r.g_idx)).tolist()
-                for e, value in zip(members, rho, strict=True):
-                    self.found.gain[role_names[e]] = value
-
-    def _measure(self, mlps: list[_Mlp], w: dict[str, torch.Tensor]) -> None:
-        """The errors of the planned linears of ``mlps`` (their weights ``w`` by role, :func:`_stacked`): each role
-        rounded at each width, all MLPs at once (their samples padded with rows that weigh nothing)."""
-        gated = self.job.arch.gated
+    def _expect(self, mlps: list[_Mlp], x: torch.Tensor) -> None:
+        """The expected output-read errors of the planned linears of ``mlps`` on their sampled tokens at each width,
+        as GPTQ would leave them with the Hessians of all their inputs ``x [M, T, H]`` (padded with zero rows)."""
+        w = _stacked(mlps)
         with self.job.phases("measure"):
-            rows = max(m.x.shape[0] for m in mlps)
-            x = torch.stack([F.pad(m.x, (0, 0, 0, rows - m.x.shape[0])) for m in mlps])  # [M, T, H]
-            weight = torch.stack([F.pad(m.gain.float().pow(2), (0, rows - m.x.shape[0])) for m in mlps])  # [M, T]
-            gate, up = x @ w["w1"].transpose(1, 2), x @ w["w3"].transpose(1, 2)
-            act = gated(gate, up)
+            hessians = {"w1": x.transpose(1, 2) @ x}
+            hessians["w3"] = hessians["w1"]
+            act = self.job.arch.gated(x @ w["w1"].transpose(1, 2), x @ w["w3"].transpose(1, 2))
+            hessians["w2"] = act.transpose(1, 2) @ act
+            del act
+            inputs, reads, weight = self._reads(mlps, w)
+            rows = torch.tensor([m.spread * m.x.shape[0] for m in mlps], device=x.device)
+            factors: dict[tuple, Factor] = {}
             for role in ("w1", "w3", "w2"):
                 by_spec: dict[QuantSpec, list[int]] = {}
                 for i, m in enumerate(mlps):
@@ -287,21 +265,57 @@ class _Meter(LayerObserver):
                         by_spec.setdefault(self.planned[m.names[role]], []).append(i)
                 for spec, members in by_spec.items():
                     at = torch.tensor(members, device=x.device)
-                    down = w["w2"][at].transpose(1, 2)
+                    k = inputs[role].shape[-1]
+                    if spec.method == "gptq":  # gate and up share their input's factor
+                        key = (role == "w2", spec.damp, spec.act_order, tuple(members))
+                        if key not in factors:
+                            factors[key] = gptq_factor(hessians[role][at], spec.damp, spec.act_order)
+                        factor = factors[key]
+                    else:
+                        factor = identity_factor((len(members),), k, x.device)
+                    variance = []
                     for b in self.widths:
-                        q = rounded(w[role][at], spec, b).dequantize().transpose(1, 2)
-                        if role == "w2":
-                            diff = act[at] @ (q - down)
-                        else:
-                            changed = gated(x[at] @ q, up[at]) if role == "w1" else gated(gate[at], x[at] @ q)
-                            diff = (changed - act[at]) @ down
-                        errors = _read_errors(diff, self.read) * weight[at]
-                        for j, i in enumerate(members):
-                            m = mlps[i]
-                            name = m.names[role]
-                            self.found.tokens[name], self.found.spread[name] = m.tokens, m.spread
-                            self.found.errors.setdefault(name, {})[b] = errors[j, :m.x.shape[0]]
-                        del q, diff
+                        r = rounded(w[role][at], spec, b)
+                        variance.append(group_variance(r.dequantize() - w[role][at], r.g_idx))
+                    errors = expected_errors(factor, inputs[role][at], reads[role][at], torch.stack(variance),
+                                             r.g_idx, k / (rows[at] + k)) * weight[at]  # [widths, members, S]
+                    for j, i in enumerate(members):
+                        m = mlps[i]
+                        name = m.names[role]
+                        self.found.tokens[name], self.found.spread[name] = m.tokens, m.spread
+                        self.found.errors[name] = {b: errors[v, j, :m.x.shape[0]] for v, b in enumerate(self.widths)}
+
+    def _reads(self, mlps: list[_Mlp], w: dict[str, torch.Tensor]
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+        """On the sampled tokens of ``mlps`` (padded to ``S``), by role: the linear's inputs ``[M, S, K]``, how the
+        output reads each of its output channels ``[M, S, N]`` (its error carried on, to first order, through the
+        activation and the down projection), and the router's weight squared ``[M, S]`` (0 on padding)."""
+        longest = max(m.x.shape[0] for m in mlps)
+        x = torch.stack([F.pad(m.x.float(), (0, 0, 0, longest - m.x.shape[0])) for m in mlps])  # [M, S, H]
+        weight = torch.stack([F.pad(m.gain.float().pow(2), (0, longest - m.x.shape[0])) for m in mlps])
+        with torch.enable_grad():
+            gate = (x @ w["w1"].transpose(1, 2)).requires_grad_()
+            up = (x @ w["w3"].transpose(1, 2)).requires_grad_()
+            act = self.job.arch.gated(gate, up)
+            d_gate, d_up = torch.autograd.grad(act.sum(), (gate, up))
+        down = w["w2"].float()  # [M, H, N]
+        inner = ((self.read @ down) * down).sum(1)[:, None]  # [M, 1, N]: diag(W2^T D^T D W2)
+        reads = {"w1": d_gate.pow(2) * inner, "w3": d_up.pow(2) * inner,
+                 "w2": self.read.diagonal().expand(len(mlps), longest, -1)}
+        return {"w1": x, "w3": x, "w2": act.detach()}, reads, weight
+
+    def _gains(self, names: list[str], weights: list[torch.Tensor], x: torch.Tensor) -> None:
+        """``rho`` of each planned attention linear of ``names`` (weights ``[N, K]``) taking the inputs ``x [T, K]``,
+        their errors counted by each token's mean square entering the layer (standing for the final one)."""
+        x = x.float()
+        hessian = x.T @ x
+        moment = shrunk((x / self.entering[:, None]).T @ x, x.shape[0])
+        for name, weight in zip(names, weights, strict=True):
+            spec = self.planned.get(name)
+            if spec is not None and spec.method == "gptq":
+                r = rounded(weight, spec, self.widths[0])
+                factor = gptq_factor(hessian, spec.damp, spec.act_order)
+                self.found.gain[name] = float(gptq_gain(factor, moment, step_squares(r.scales, r.g_idx)))
 
 
 def _stacked(mlps: list[_Mlp]) -> dict[str, torch.Tensor]:

@@ -1,21 +1,23 @@
-"""How much smaller GPTQ's output error is than rounding's, from a module's Hessian alone.
+"""GPTQ's expected output error, from a module's Hessian and its rounding grid alone.
 
 GPTQ quantises the columns of ``W [N, K]`` one at a time, in its order (descending ``diag(H)``
 under act order), and moves each column's error onto the columns after it along the rows of
 ``U``, the upper Cholesky factor of its damped inverse Hessian (``(H + lambda I)^-1 = U^T U``).
 What it leaves is ``dW = E U`` with ``E_ij = r_ij / U_jj``, ``r_ij`` the rounding error at column
-``j``. Taking each ``r_ij`` as independent and uniform over its step, with ``s_j^2`` the mean
-over the rows of the squared step at column ``j``, the expected error against a second moment
-``M`` of the inputs is::
+``j``. Taking the ``r_ij`` as independent, of variance ``v_ij``, the expected error on an input
+``x`` (columns in GPTQ's order) is::
 
-    rounding:  sum_j s_j^2 M_jj
-    GPTQ:      sum_j s_j^2 (U M U^T)_jj / U_jj^2          (columns in GPTQ's order)
+    E (dW_i x)^2 = sum_j v_ij (U x)_j^2 / U_jj^2          rounding alone: sum_j v_ij x_j^2
 
-and :func:`gptq_gain` is their ratio ``rho``. ``M`` is the inputs' second moment weighted as the
-error will be counted (by the router's weight of each token, say). A sample of ``n`` rows shows
-GPTQ correlations that new inputs do not all share, so ``M`` is the sample's shrunk toward its
-diagonal by ``K / (n + K)`` (:func:`shrunk`): many rows, the sample itself; few, only its
-diagonal, which GPTQ's moves do not help.
+:func:`expected_errors` sums it over output channels weighed as the model's output reads them;
+:func:`gptq_gain` is GPTQ's over rounding's for a second moment ``M`` of the inputs and ``v_ij``
+alike in every row (``s_j^2``, the squared step)::
+
+    rho = sum_j s_j^2 (U M U^T)_jj / U_jj^2  /  sum_j s_j^2 M_jj
+
+A sample of ``n`` rows shows GPTQ correlations that new inputs do not all share, so ``M`` (or
+each token's ``x x^T``) is shrunk toward its diagonal by ``K / (n + K)`` (:func:`shrunk`): many
+rows, the sample itself; few, only its diagonal, which GPTQ's moves do not help.
 """
 
 from __future__ import annotations
@@ -85,3 +87,39 @@ def _permuted(m: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """``m[..., order, :][..., :, order]`` for ``m [..., K, K]`` and ``order [..., K]``."""
     m = m.gather(-1, order[..., None, :].expand_as(m))
     return m.gather(-2, order[..., :, None].expand_as(m))
+
+
+def expected_errors(factor: Factor, x: torch.Tensor, read: torch.Tensor, variance: torch.Tensor,
+                    g_idx: torch.Tensor, shrink: torch.Tensor) -> torch.Tensor:
+    """``E sum_i read_ti (dW_i x_t)^2 [..., t]``: GPTQ's expected output error of ``W [..., N, K]`` on each input
+    ``x [..., t, K]``, its output channels weighed by ``read [..., t, N]``.
+
+    The rounding errors are independent, of ``variance [..., G, N]`` in each group and row (:func:`group_variance`;
+    leading dimensions beyond the factor's, such as one per width, give a result each), ``g_idx [K]`` the group of
+    each column; each token's outer product is shrunk toward its diagonal by ``shrink [...]`` (as :func:`shrunk`).
+    The identity :class:`Factor` gives rounding's."""
+    order = factor.order[..., None, :]
+    xp = x.float().gather(-1, order.expand(*x.shape))
+    u = factor.u
+    z2 = (xp @ u.transpose(-1, -2)).pow(2)
+    diagonal = xp.pow(2) @ u.pow(2).transpose(-1, -2)
+    s = shrink[..., None, None]
+    moved = ((1 - s) * z2 + s * diagonal) / u.diagonal(dim1=-2, dim2=-1).pow(2)[..., None, :]
+    weighed = (read.float() @ variance.float().transpose(-1, -2)).index_select(-1, g_idx.long())  # [..., t, K]
+    return (weighed.gather(-1, order.expand(*weighed.shape)) * moved).sum(-1)
+
+
+def group_variance(error: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """``[..., G, N]``: the mean square of a rounding ``error [..., N, K]`` over each group's columns (``g_idx [K]``)."""
+    groups = int(g_idx.max()) + 1
+    g = g_idx.long().to(error.device)
+    sums = error.new_zeros(*error.shape[:-2], groups, error.shape[-2])
+    sums.index_add_(-2, g, error.float().pow(2).transpose(-1, -2))
+    return sums / torch.bincount(g, minlength=groups)[:, None]
+
+
+def identity_factor(batch: tuple[int, ...], k: int, device: torch.device) -> Factor:
+    """The :class:`Factor` of plain rounding (no error moved) for a batch of ``[*batch, K, K]``."""
+    order = torch.arange(k, device=device).expand(*batch, k)
+    u = torch.eye(k, device=device).expand(*batch, k, k)
+    return Factor(order, u, torch.ones(batch, dtype=torch.bool, device=device))

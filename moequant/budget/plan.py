@@ -258,8 +258,8 @@ def _comment_block(reader: CheckpointReader, budget: Budget, summary: dict, cost
         f"chosen: {summary['modules']} modules averaging {summary['bits']:.4f} bits{size}: {widths}",
         f"estimated cost {summary['cost']:.6g}; no choice within the budget costs less than "
         f"{summary['lower_bound']:.6g} ({gap:.2%} below)",
-        "cost of each module at each width: the error it alone adds to the model's output when rounded to that",
-        "width, times the share of it GPTQ leaves, summed over the calibration tokens (see moequant.budget.costs);",
+        "cost of each module at each width: the error quantising it alone to that width is expected to leave in",
+        "the model's output, summed over the calibration tokens (see moequant.budget.costs);",
         "-> the width chosen",
     ]
     width = max(len(n) for n in chosen)
