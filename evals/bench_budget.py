@@ -1,7 +1,10 @@
 """Size budgets: plans by measurement against uniform recipes and against allocations made without measurement.
 
-For each model (the bundled Mixtral and a differently shaped Qwen3-MoE trained by
-``python evals/train_bundled.py --family qwen3_moe``), attention at 4 bits (base recipe a4e3):
+For each model (the bundled Mixtral; a differently shaped Qwen3-MoE trained by
+``python evals/train_bundled.py --family qwen3_moe``; a Mixtral of the bundled shape trained without
+the router's balance loss, so that its experts are used very unequally, by
+``python evals/train_bundled.py --balance 0 --out evals/models/tiny-mixtral-unbalanced``), attention
+at 4 bits (base recipe a4e3):
 
 - uniform recipes a4e2, a4e3, a4e4;
 - for each average expert width B (2.25, 2.5, 2.75, 3.0): ``moequant compress --bits B --kinds expert``,
@@ -14,7 +17,7 @@ a chart ``results/budget-<name>.png`` and the table in ``README.md``; also times
 the compress run it precedes (``compress --bits B`` against ``compress --recipe`` of its plan, the
 fastest of three runs each).
 
-    python evals/bench_budget.py                  # both models, ~12 min on two CPU cores
+    python evals/bench_budget.py                  # the three models, ~18 min on two CPU cores
     python evals/bench_budget.py --models bundled
 """
 
@@ -46,7 +49,10 @@ from moequant.recipe import load_recipe  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-MODELS = {"bundled": bundled_model_path(), "tiny-qwen3-moe": HERE / "models" / "tiny-qwen3-moe"}
+MODELS = {"bundled": bundled_model_path(), "tiny-qwen3-moe": HERE / "models" / "tiny-qwen3-moe",
+          "tiny-mixtral-unbalanced": HERE / "models" / "tiny-mixtral-unbalanced"}
+MAKE = {"tiny-qwen3-moe": "python evals/train_bundled.py --family qwen3_moe",
+        "tiny-mixtral-unbalanced": "python evals/train_bundled.py --balance 0 --out evals/models/tiny-mixtral-unbalanced"}
 BEGIN, END = "<!-- budget:begin -->", "<!-- budget:end -->"
 BASE = "a4e3"
 
@@ -217,7 +223,7 @@ def models(names: str) -> list[tuple[str, Path]]:
     for name in names.split(","):
         model = MODELS[name]
         if not (model / "config.json").is_file():
-            sys.exit(f"{model} is missing; make it with: python evals/train_bundled.py --family qwen3_moe")
+            sys.exit(f"{model} is missing; make it with: {MAKE[name]}")
         out.append((name, model))
     return out
 

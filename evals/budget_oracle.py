@@ -11,7 +11,7 @@ when it knows each group's real cost; it takes a compress run per group and widt
 yardstick for estimates, not a way to plan. Writes ``results/budget-oracle-<name>.json`` and
 the table in ``README.md``.
 
-    python evals/budget_oracle.py                 # both models, ~8 min on two CPU cores
+    python evals/budget_oracle.py                 # the three models, ~12 min on two CPU cores
 """
 
 from __future__ import annotations

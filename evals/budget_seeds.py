@@ -9,7 +9,7 @@ the mean KL over calibration seeds and on how many seeds the plan is below every
 allocation (and, at 3.0 bits, below a4e3). Writes ``results/budget-seeds-<name>.json`` and the
 table in ``README.md``.
 
-    python evals/budget_seeds.py                  # both models, 4 calibration seeds, ~10 min
+    python evals/budget_seeds.py                  # the three models, 4 calibration seeds, ~30 min
 """
 
 from __future__ import annotations
