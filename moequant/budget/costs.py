@@ -310,12 +310,15 @@ class _Meter(LayerObserver):
         x = x.float()
         hessian = x.T @ x
         moment = shrunk((x / self.entering[:, None]).T @ x, x.shape[0])
+        factors: dict[tuple[float, bool], Factor] = {}  # q, k and v share their input's
         for name, weight in zip(names, weights, strict=True):
             spec = self.planned.get(name)
             if spec is not None and spec.method == "gptq":
+                key = (spec.damp, spec.act_order)
+                if key not in factors:
+                    factors[key] = gptq_factor(hessian, *key)
                 r = rounded(weight, spec, self.widths[0])
-                factor = gptq_factor(hessian, spec.damp, spec.act_order)
-                self.found.gain[name] = float(gptq_gain(factor, moment, step_squares(r.scales, r.g_idx)))
+                self.found.gain[name] = float(gptq_gain(factors[key], moment, step_squares(r.scales, r.g_idx)))
 
 
 def _stacked(mlps: list[_Mlp]) -> dict[str, torch.Tensor]:
